@@ -1,0 +1,1 @@
+"""em-sweep: one-shot entropy minimization experiments at sweep scale."""
