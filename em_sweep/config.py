@@ -1,0 +1,231 @@
+"""Structured configs: the one source of truth for every default and its meaning.
+
+Each group is a dataclass registered in Hydra's ConfigStore under the schema
+root ``em_sweep_schema``; the YAML files in ``conf/`` only set values, so a
+misspelt key or a wrong type fails at compose time naming the key.
+Cross-field checks that types cannot express live in :func:`validate`, which
+runs before anything is loaded or computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to post-train and how to load it."""
+
+    # Short name used in tables and presets.
+    name: str = MISSING
+    # HF hub id or local directory, passed to AutoModelForCausalLM.from_pretrained.
+    # "pkg://<asset>" points into em_sweep/assets (the shipped default model).
+    path: str = MISSING
+    # Learning rate for this model: small models degrade at the 7B rate (MISSION.md s7).
+    lr: float = 2e-5
+    # float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU).
+    dtype: str = "auto"
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    # Passed to from_pretrained; e.g. "sdpa", "flash_attention_2"; null = transformers' choice.
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    # Gradient checkpointing for the loss pass (sampling always runs in eval mode with a KV cache).
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class PromptConfig:
+    """The unlabeled prompt(s) EM trains on."""
+
+    name: str = MISSING
+    # JSONL pool (fields id, problem, answer); relative paths resolve against em_sweep/data/prompts.
+    pool: str = MISSING
+    # Ids from the pool; one id = one-shot EM, several = multi-shot (spread evenly over each batch).
+    ids: list[str] = field(default_factory=list)
+    # Optional system message; null = the user turn only.
+    system: str | None = None
+    # Apply the tokenizer's chat template (else: plain text + newline).
+    chat_template: bool = True
+    # How the prompt was chosen; printed with the results so the story stays honest.
+    note: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """One-shot EM training: sampling, loss and optimizer settings (MISSION.md s1)."""
+
+    # Number of optimizer updates (one step = one update, whatever the micro-batching).
+    steps: int = 10
+    # Sampled responses per optimizer step.
+    batch_size: int = 64
+    # Responses per forward/backward pass; batch_size must be a multiple of it.
+    micro_batch_size: int = 8
+    lr: float = II("model.lr")
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    # Sampling settings; the temperatures default to the top-level `temperature`.
+    sample_temperature: float = II("temperature")
+    top_p: float = 0.95
+    # 0 = off.
+    top_k: int = 0
+    # 1.0 = off.
+    repetition_penalty: float = 1.15
+    max_new_tokens: int = 512
+    # Responses sampled per generate call (memory knob; does not change the samples' distribution).
+    sample_batch_size: int = 64
+    # Temperature tau inside the entropy: p = softmax(logits / tau).
+    loss_temperature: float = II("temperature")
+    # Tokens per chunk in the entropy pass (bounds the fp32 softmax copy); 0 = all at once.
+    loss_chunk_tokens: int = 4096
+    # Save HF checkpoints at these steps (none by default).
+    save_at_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training."""
+
+    # Names from em_sweep.benchmarks.BENCHMARKS; default: the paper's four.
+    benchmarks: list[str] = field(default_factory=lambda: ["math500", "minerva_math", "olympiadbench", "amc23"])
+    # Steps at which to evaluate; 0 = before training. The last step is always included.
+    at_steps: list[int] = field(default_factory=lambda: [0])
+    # 0.0 = greedy.
+    temperatures: list[float] = field(default_factory=lambda: [0.0])
+    # Samples per problem when temperature > 0.
+    n_samples: int = 1
+    top_p: float = 1.0
+    max_new_tokens: int = 3072
+    batch_size: int = 64
+    # Limit problems per benchmark (null = all); for smoke tests only.
+    limit: int | None = None
+    # qwen25-math-cot | plain | chat (the model's chat template, user turn only).
+    template: str = "qwen25-math-cot"
+    # Seconds before a single grading call is abandoned (counted as wrong, logged).
+    grade_timeout_s: float = 5.0
+    # Seed for sampled evaluation; the same at every step so steps are comparable.
+    seed: int = 1234
+
+
+@dataclass
+class LoggerConfig:
+    """Weights & Biases mirror of the local files (which stay the source of truth)."""
+
+    # offline | online | disabled
+    mode: str = "offline"
+    project: str = "em-sweep"
+    entity: str | None = None
+    # Seconds allowed for wandb.init / finish before we carry on without W&B.
+    init_timeout_s: float = 60.0
+
+
+@dataclass
+class PathsConfig:
+    root: str = "outputs"
+    runs_dir: str = "${paths.root}/runs"
+
+
+@dataclass
+class Config:
+    """The root config of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Global seed: sampling, initialisation of anything random.
+    seed: int = 15
+    # Training temperature: default for both train.sample_temperature and train.loss_temperature.
+    temperature: float = 0.5
+    # Experiment / sweep name: the W&B group; not part of a run's identity.
+    name: str = "default"
+    # Pipeline stages, in order.
+    stages: list[str] = field(default_factory=lambda: ["em"])
+
+
+SCHEMA_NAME = "em_sweep_schema"
+
+
+def register() -> None:
+    """Register the schema so ``conf/config.yaml`` can list it first in its defaults."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+
+
+register()
+
+KNOWN_STAGES = ("em",)
+KNOWN_TEMPLATES = ("qwen25-math-cot", "plain", "chat")
+KNOWN_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Raise ConfigError (one line, naming the key) for any value the types cannot rule out."""
+    c: Any = cfg
+    t = c.train
+    _check(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    _check(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
+    _check(
+        t.batch_size % t.micro_batch_size == 0,
+        "train.batch_size",
+        f"{t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}",
+    )
+    _check(t.sample_batch_size > 0, "train.sample_batch_size", "must be > 0")
+    for key, value in (("train.sample_temperature", t.sample_temperature),
+                       ("train.loss_temperature", t.loss_temperature)):
+        _check(math.isfinite(value) and value > 0, key,
+               f"must be > 0, got {value} (for greedy evaluation use eval.temperatures=[0.0])")
+    _check(0 < t.top_p <= 1, "train.top_p", f"must be in (0, 1], got {t.top_p}")
+    _check(t.top_k >= 0, "train.top_k", f"must be >= 0 (0 = off), got {t.top_k}")
+    _check(t.repetition_penalty > 0, "train.repetition_penalty", "must be > 0 (1.0 = off)")
+    _check(t.max_new_tokens > 0, "train.max_new_tokens", "must be > 0")
+    _check(t.lr >= 0 and math.isfinite(t.lr), "train.lr", f"must be a finite number >= 0, got {t.lr}")
+    _check(t.grad_clip > 0, "train.grad_clip", "must be > 0")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0 = no chunking)")
+    _check(all(s >= 0 for s in t.save_at_steps), "train.save_at_steps", "steps must be >= 0")
+
+    e = c.eval
+    _check(all(s >= 0 for s in e.at_steps), "eval.at_steps", f"steps must be >= 0, got {list(e.at_steps)}")
+    _check(all(x >= 0 for x in e.temperatures), "eval.temperatures", "must be >= 0 (0 = greedy)")
+    _check(e.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    _check(e.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
+    _check(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    _check(e.limit is None or e.limit > 0, "eval.limit", "must be > 0 or null")
+    _check(e.template in KNOWN_TEMPLATES, "eval.template", f"unknown {e.template!r}; choose from {KNOWN_TEMPLATES}")
+    _check(e.grade_timeout_s > 0, "eval.grade_timeout_s", "must be > 0")
+
+    _check(c.model.dtype in KNOWN_DTYPES, "model.dtype", f"unknown {c.model.dtype!r}; choose from {KNOWN_DTYPES}")
+    _check(c.logger.mode in KNOWN_LOGGER_MODES, "logger.mode",
+           f"unknown {c.logger.mode!r}; choose from {KNOWN_LOGGER_MODES}")
+    _check(len(c.prompt.ids) > 0, "prompt.ids", "needs at least one prompt id")
+    unknown = [s for s in c.stages if s not in KNOWN_STAGES]
+    _check(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {KNOWN_STAGES}")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python data (what is written to config.yaml and W&B)."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]

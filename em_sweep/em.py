@@ -1,0 +1,133 @@
+"""One-shot entropy minimization: sample from the model, score the entropy, take a step.
+
+One step is one optimizer update: the batch of ``train.batch_size`` responses is split into
+micro-batches whose gradients accumulate to exactly the gradient of the batch's masked mean
+entropy (each micro-batch's entropy sum is divided by the batch's token count), so the update
+does not depend on the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from em_sweep.loss import entropy_sum_from_hidden, per_token_entropy
+from em_sweep.sample import SampleBatch, SamplingSettings, position_ids_for, sample_responses
+
+# Architectures whose logits are exactly lm_head(final hidden state): the loss can be computed
+# from hidden states in chunks without ever building the full [batch, seq, vocab] logits.
+HIDDEN_STATE_LOSS_MODELS = {"qwen2", "qwen3", "llama", "mistral"}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the run must stop and be recorded as failed."""
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float  # masked mean entropy of the batch, before the update
+    entropy: float  # the same quantity at the sampling temperature (what the model "feels")
+    response_length: float
+    eos_rate: float
+    grad_norm: float
+    lr: float
+    seconds_sample: float
+    seconds_loss: float
+    seconds_optim: float
+
+
+def make_optimizer(model: PreTrainedModel, train: Any) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
+    """AdamW with the configured betas/eps/decay, and the learning rate for each step (linear warm-up)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
+                            eps=train.adam_eps, weight_decay=train.weight_decay)
+
+    def lr_at(step: int) -> float:
+        return train.lr * min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else train.lr
+
+    return opt, lr_at
+
+
+def sampling_settings(train: Any) -> SamplingSettings:
+    return SamplingSettings(temperature=train.sample_temperature, top_p=train.top_p, top_k=train.top_k,
+                            repetition_penalty=train.repetition_penalty, max_new_tokens=train.max_new_tokens)
+
+
+def micro_batch_entropy_sum(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
+                            chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of entropies at tau, sum at tau (detached)) over the generated-token positions of ``rows``."""
+    ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
+    mask = batch.response_mask[rows].bool()
+    # Only columns from the last prompt position on can carry the loss; skip the prompt's logits.
+    first = batch.prompt_len - 1
+    if model.config.model_type in HIDDEN_STATE_LOSS_MODELS:
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
+                                     use_cache=False).last_hidden_state
+        selected = hidden[:, first:][mask[:, first:]]
+        head = model.get_output_embeddings()
+        total = entropy_sum_from_hidden(selected, head.weight, temperature, chunk_tokens, head.bias)
+    else:
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
+                       use_cache=False).logits[:, first:]
+        total = per_token_entropy(logits[mask[:, first:]], temperature).sum()
+    return total, total.detach()
+
+
+def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
+            prompt_texts: list[str], train: Any, step: int, lr: float, seed: int) -> StepMetrics:
+    """Sample ``len(prompt_texts)`` responses, minimise their mean token entropy: one update."""
+    t0 = time.perf_counter()
+    batch = sample_responses(model, tokenizer, prompt_texts, sampling_settings(train),
+                             batch_size=train.sample_batch_size, seed=seed)
+    t1 = time.perf_counter()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    n_tokens = batch.response_mask.sum().clamp(min=1)
+    loss_sum = 0.0
+    for start in range(0, batch.input_ids.shape[0], train.micro_batch_size):
+        rows = slice(start, start + train.micro_batch_size)
+        total, detached = micro_batch_entropy_sum(model, batch, rows, train.loss_temperature,
+                                                  train.loss_chunk_tokens)
+        (total / n_tokens).backward()
+        loss_sum += float(detached)
+    loss = loss_sum / float(n_tokens)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"step {step}: loss={loss} grad_norm={grad_norm}")
+    t2 = time.perf_counter()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    entropy = loss
+    if train.sample_temperature != train.loss_temperature:
+        with torch.no_grad():
+            entropy = sum(float(micro_batch_entropy_sum(model, batch, slice(s, s + train.micro_batch_size),
+                                                        train.sample_temperature, train.loss_chunk_tokens)[1])
+                          for s in range(0, batch.input_ids.shape[0], train.micro_batch_size)) / float(n_tokens)
+    return StepMetrics(step=step, loss=loss, entropy=entropy,
+                       response_length=float(batch.response_lengths.float().mean()),
+                       eos_rate=float(batch.hit_eos.float().mean()), grad_norm=grad_norm, lr=lr,
+                       seconds_sample=t1 - t0, seconds_loss=t2 - t1, seconds_optim=t3 - t2)
+
+
+def train_em(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], train: Any,
+             seed: int, on_step: Callable[[StepMetrics], None],
+             on_eval: Callable[[int], None] | None = None, start_step: int = 0) -> None:
+    """The EM loop: ``train.steps`` updates; ``on_eval(step)`` after each update (it decides
+    whether that step is evaluated), ``on_step`` with each step's metrics."""
+    optimizer, lr_at = make_optimizer(model, train)
+    for step in range(start_step, train.steps):
+        metrics = em_step(model, tokenizer, optimizer, prompt_texts, train, step + 1, lr_at(step),
+                          seed=seed * 1_000_003 + step)
+        on_step(metrics)
+        if on_eval is not None:
+            on_eval(step + 1)

@@ -1,0 +1,101 @@
+"""Prompt pools, prompt sets for EM, and the one path that turns a question into model input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+PROMPTS_DIR = Path(__file__).parent / "data" / "prompts"
+
+# The Qwen2.5-Math evaluation toolkit's "qwen25-math-cot" system message (MISSION.md s3).
+QWEN25_MATH_COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class PromptError(ValueError):
+    """A prompt pool or prompt id problem; the message names the file, line or id."""
+
+
+@dataclass(frozen=True)
+class PoolItem:
+    id: str
+    problem: str
+    answer: str | None
+
+
+def resolve_pool_path(pool: str) -> Path:
+    """A pool name (``pi1``), file name (``pi1.jsonl``) or path; names resolve in em_sweep/data/prompts."""
+    path = Path(pool).expanduser()
+    if path.is_file():
+        return path
+    for candidate in (PROMPTS_DIR / pool, PROMPTS_DIR / f"{pool}.jsonl"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in PROMPTS_DIR.glob("*.jsonl"))
+    raise PromptError(f"prompt.pool: no prompt file {pool!r} (shipped pools: {known})")
+
+
+@lru_cache(maxsize=32)
+def _load_pool_cached(path: str, mtime: float) -> tuple[PoolItem, ...]:
+    items = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                items.append(PoolItem(str(row["id"]), str(row["problem"]),
+                                      None if row.get("answer") is None else str(row["answer"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise PromptError(f"{path}:{lineno}: bad prompt row ({type(e).__name__}: {e}); "
+                                  "expected JSON with fields id, problem[, answer]") from None
+    return tuple(items)
+
+
+def load_pool(pool: str) -> dict[str, PoolItem]:
+    """All items of a pool by id."""
+    path = resolve_pool_path(pool)
+    return {item.id: item for item in _load_pool_cached(str(path), path.stat().st_mtime)}
+
+
+def select_prompts(prompt_cfg: Any) -> list[PoolItem]:
+    """The configured prompt set, in the configured order; unknown ids fail naming them."""
+    pool = load_pool(prompt_cfg.pool)
+    missing = [i for i in prompt_cfg.ids if i not in pool]
+    if missing:
+        sample = ", ".join(list(pool)[:5])
+        raise PromptError(f"prompt.ids: {missing} not in pool {prompt_cfg.pool!r} ({len(pool)} ids, e.g. {sample})")
+    return [pool[i] for i in prompt_cfg.ids]
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str | None = None,
+                  chat_template: bool = True) -> str:
+    """The text a model is conditioned on: chat template with an optional system turn, or plain."""
+    if not chat_template:
+        prefix = f"{system}\n\n" if system else ""
+        return f"{prefix}{question}\n"
+    if tokenizer.chat_template is None:
+        raise PromptError("the tokenizer has no chat template; set prompt.chat_template=false "
+                          "(or eval.template=plain)")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def format_eval_prompt(tokenizer: PreTrainedTokenizerBase, question: str, template: str) -> str:
+    """Evaluation prompt for ``eval.template``: qwen25-math-cot | chat | plain."""
+    if template == "qwen25-math-cot":
+        return format_prompt(tokenizer, question, QWEN25_MATH_COT_SYSTEM)
+    if template == "chat":
+        return format_prompt(tokenizer, question)
+    if template == "plain":
+        return format_prompt(tokenizer, question, QWEN25_MATH_COT_SYSTEM, chat_template=False)
+    raise PromptError(f"eval.template: unknown template {template!r}")
+
+
+def batch_prompts(prompts: list[PoolItem], batch_size: int) -> list[PoolItem]:
+    """Spread the prompt set evenly over a batch: prompt i fills slots i, i+n, i+2n, ..."""
+    return [prompts[i % len(prompts)] for i in range(batch_size)]

@@ -1,0 +1,199 @@
+"""One run: config -> run directory -> (skip if done) -> evaluate / train / evaluate -> results.json.
+
+Everything that can be checked without compute (config values, prompt ids, benchmark names,
+model path) is checked by :func:`preflight` before a directory is created or a model loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+from em_sweep import rundir
+from em_sweep.benchmarks import BenchmarkError, resolve_spec
+from em_sweep.config import ConfigError, to_container, validate
+from em_sweep.em import StepMetrics, train_em
+from em_sweep.evaluate import evaluate
+from em_sweep.models import ModelCache, ModelLoadError, resolve_model_path
+from em_sweep.prompts import PoolItem, PromptError, batch_prompts, format_prompt, select_prompts
+from em_sweep.record import RunRecorder, WandbMirror
+
+log = logging.getLogger("em_sweep")
+
+# Errors that mean "the input is wrong": reported as one line, before any compute.
+INPUT_ERRORS = (ConfigError, PromptError, BenchmarkError, ModelLoadError)
+
+
+class RunFailed(RuntimeError):
+    """The run started but did not finish; its status.json says why."""
+
+
+def eval_steps(cfg: Any) -> list[int]:
+    """Steps at which to evaluate: the configured ones plus the last step."""
+    return sorted(set(cfg.eval.at_steps) | {cfg.train.steps})
+
+
+def preflight(cfg: DictConfig) -> list[PoolItem]:
+    """Check everything checkable without compute; returns the prompt set. Raises INPUT_ERRORS."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as e:  # omegaconf's MissingMandatoryValue / InterpolationResolutionError
+        raise ConfigError(f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    too_late = [s for s in cfg.eval.at_steps if s > cfg.train.steps]
+    if too_late:
+        raise ConfigError(f"eval.at_steps: {too_late} are past train.steps={cfg.train.steps}")
+    late_saves = [s for s in cfg.train.save_at_steps if s > cfg.train.steps]
+    if late_saves:
+        raise ConfigError(f"train.save_at_steps: {late_saves} are past train.steps={cfg.train.steps}")
+    for name in cfg.eval.benchmarks:
+        resolve_spec(name)
+    resolve_model_path(cfg.model.path)
+    return select_prompts(cfg.prompt)
+
+
+def run(cfg: DictConfig, cache: ModelCache | None = None) -> dict[str, Any]:
+    """Run one experiment to completion and return its results (stored results if already done).
+
+    Raises one of INPUT_ERRORS for bad input (nothing written), RunFailed if the run started and
+    failed (status.json records the reason; no results.json).
+    """
+    prompts = preflight(cfg)
+    path = rundir.run_dir_for(cfg)
+    if rundir.is_complete(path):
+        log.info("run %s is already complete: %s", path.name, path)
+        return {**(rundir.read_results(path) or {}), "skipped": True}
+    with rundir.claimed(path) as ours:
+        if not ours:
+            raise RunFailed(f"run {path.name} is being run by another process ({path})")
+        if rundir.is_complete(path):  # finished while we waited for the claim
+            return {**(rundir.read_results(path) or {}), "skipped": True}
+        return _run_claimed(cfg, path, prompts, cache or ModelCache())
+
+
+def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelCache) -> dict[str, Any]:
+    config = to_container(cfg)
+    rundir.reset_partial(path)
+    rundir.write_text_atomic(path / rundir.CONFIG, OmegaConf.to_yaml(config))
+    rundir.write_status(path, "running")
+    mirror = WandbMirror(cfg.logger, path, path.name, cfg.name, config, tags=[cfg.model.name, cfg.prompt.name])
+    recorder = RunRecorder(path, mirror)
+    t_start = time.perf_counter()
+    try:
+        results = _execute(cfg, path, prompts, cache, recorder)
+    except BaseException as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+        rundir.write_status(path, "failed", reason=reason, traceback=traceback.format_exc(limit=20))
+        mirror.finish(exit_code=1)
+        if isinstance(e, KeyboardInterrupt | SystemExit):
+            raise
+        raise RunFailed(f"run {path.name} failed: {reason}") from e
+    results.update(run_id=path.name, run_dir=str(path), config=config, seconds=time.perf_counter() - t_start,
+                   versions={"python": platform.python_version(), "torch": torch.__version__,
+                             "transformers": transformers.__version__})
+    mirror.summary({f"final/{s['benchmark']}": s["accuracy"] for s in results["final_scores"]})
+    mirror.finish()
+    rundir.write_json_atomic(path / rundir.RESULTS, results)  # last: its presence means "done"
+    rundir.write_status(path, "done")
+    return results
+
+
+def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelCache,
+             recorder: RunRecorder) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = cache.get(cfg.model)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    texts = [format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
+             for p in batch_prompts(prompts, cfg.train.batch_size)]
+    at = set(eval_steps(cfg))
+    primary_t = float(cfg.eval.temperatures[0])
+    scores: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
+
+    def on_eval(step: int) -> None:
+        if step in cfg.train.save_at_steps:
+            save_checkpoint(model, tokenizer, path / "checkpoints" / f"step-{step}")
+        if step not in at:
+            return
+        t0 = time.perf_counter()
+        step_scores, records = evaluate(model, tokenizer, cfg.eval, step)
+        scores.extend(step_scores)
+        recorder.eval(step, step_scores, records, primary_t)
+        summary = "  ".join(f"{s['benchmark']}@T{s['temperature']:g}={100 * s['accuracy']:.1f}%" for s in step_scores)
+        log.info("eval  step %3d  %s  (%.1fs)", step, summary, time.perf_counter() - t0)
+
+    def on_step(m: StepMetrics) -> None:
+        record = vars(m).copy()
+        curve.append(record)
+        recorder.step(record)
+        log.info("train step %3d/%d  loss %.4f  entropy %.4f  len %.1f  grad %.3f  sample %.1fs  loss %.1fs",
+                 m.step, cfg.train.steps, m.loss, m.entropy, m.response_length, m.grad_norm,
+                 m.seconds_sample, m.seconds_loss)
+
+    on_eval(0)
+    train_em(model, tokenizer, texts, cfg.train, cfg.seed, on_step=on_step, on_eval=on_eval)
+    last = cfg.train.steps
+    return {
+        "prompt": {"name": cfg.prompt.name, "ids": list(cfg.prompt.ids), "note": cfg.prompt.note},
+        "scores": scores,
+        "initial_scores": [s for s in scores if s["step"] == 0],
+        "final_scores": [s for s in scores if s["step"] == last],
+        "loss_curve": [{k: r[k] for k in ("step", "loss", "entropy", "response_length", "grad_norm")} for r in curve],
+    }
+
+
+def save_checkpoint(model: Any, tokenizer: Any, out: Path) -> None:
+    """An HF-format checkpoint any tool (evaluation, analysis) accepts as ``model.path``."""
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    """The before/after table and loss-curve summary printed at the end of a run."""
+    lines = [f"run {results['run_id']}  ({results['seconds']:.1f}s)  {results['run_dir']}"]
+    before = {(s["benchmark"], s["temperature"]): s for s in results["initial_scores"]}
+    final = results["final_scores"]
+    steps = final[0]["step"] if final else 0
+    lines.append(f"{'benchmark':<14}{'eval T':>7}{'step 0':>9}{f'step {steps}':>10}{'change':>9}{'n':>6}")
+    for s in final:
+        b = before.get((s["benchmark"], s["temperature"]))
+        b_acc = f"{100 * b['accuracy']:.1f}%" if b else "-"
+        delta = f"{100 * (s['accuracy'] - b['accuracy']):+.1f}pp" if b else "-"
+        n = s.get("n_problems", "")
+        lines.append(f"{s['benchmark']:<14}{s['temperature']:>7g}{b_acc:>9}{100 * s['accuracy']:>9.1f}%{delta:>9}{n:>6}")
+    curve = results["loss_curve"]
+    if curve:
+        losses = [r["loss"] for r in curve]
+        lines.append(f"loss (mean token entropy at tau): step 1 {losses[0]:.4f} -> step {curve[-1]['step']} "
+                     f"{losses[-1]:.4f} (min {min(losses):.4f}); mean response length "
+                     f"{curve[0]['response_length']:.1f} -> {curve[-1]['response_length']:.1f} tokens")
+    prompt = results["prompt"]
+    lines.append(f"prompt {prompt['name']} {prompt['ids']}")
+    if prompt["note"]:
+        lines.append(f"  {prompt['note'].strip()}")
+    return "\n".join(lines)
+
+
+def main(cfg: DictConfig) -> None:
+    """Entry for launch.py: one run, a summary on stdout, exit status 1 on failure, 2 on bad input."""
+    try:
+        results = run(cfg)
+    except INPUT_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(format_summary(results))

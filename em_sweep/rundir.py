@@ -1,0 +1,156 @@
+"""Run directories: content-addressed ids, atomic writes, and the status file.
+
+A run is named by a hash of its resolved config (minus keys that do not change
+the science), so re-launching the same sweep finds the same directories. A run
+is complete exactly when ``results.json`` exists; it is written last, by
+rename, so a crash can never leave a complete-looking run behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Top-level keys that say where or how a run is recorded, not what it computes.
+NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
+
+RESULTS = "results.json"
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+
+
+def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config without the non-science keys: the part that identifies a run."""
+    if isinstance(cfg, DictConfig):
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    else:
+        data = dict(cfg)
+    assert isinstance(data, dict)
+    return {k: v for k, v in data.items() if k not in NON_SCIENCE_KEYS}
+
+
+def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """A stable 16-hex-digit id: sha256 of the canonical JSON of the science config."""
+    canonical = json.dumps(science_config(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    """``paths.runs_dir / run_id`` as an absolute path."""
+    return Path(str(cfg.paths.runs_dir)).expanduser().absolute() / run_id(cfg)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file in the same directory, fsync, then rename over ``path``."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Atomically replace ``path`` with ``text`` (readers see the old or the new file, never half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_line(record: Mapping[str, Any]) -> str:
+    """One canonical JSON line (sorted keys, newline-terminated)."""
+    return json.dumps(record, sort_keys=True, default=str) + "\n"
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line and flush it (metrics survive a crash up to the last full line)."""
+    with open(path, "a") as f:
+        f.write(json_line(record))
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete JSON lines of ``path`` (a torn last line from a crash is skipped)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def is_complete(path: Path) -> bool:
+    """True when the run's results were written (the only definition of done)."""
+    return (Path(path) / RESULTS).is_file()
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The run's status record, or None when it has none (never started)."""
+    try:
+        return json.loads((Path(path) / STATUS).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_status(path: Path, state: str, **fields: Any) -> None:
+    """Record ``state`` (pending | running | done | failed) with who/when, atomically."""
+    record = {
+        "state": state,
+        "time": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        **fields,
+    }
+    write_json_atomic(Path(path) / STATUS, record)
+
+
+def read_results(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(path) / RESULTS).read_text())
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def claimed(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on the run directory; yields False if another process holds it.
+
+    The lock is released when the holder exits or dies, so a crash never leaves a stale claim.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def reset_partial(path: Path) -> None:
+    """Clear what an interrupted attempt left (metrics, eval records) so a restart is clean."""
+    path = Path(path)
+    for name in (METRICS, "eval_records.jsonl"):
+        (path / name).unlink(missing_ok=True)

@@ -1,0 +1,77 @@
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from em_sweep.em import NonFiniteLoss, em_step, make_optimizer, micro_batch_entropy_sum
+from em_sweep.loss import token_entropy
+from em_sweep.prompts import format_prompt
+from em_sweep.sample import SamplingSettings, position_ids_for, sample_responses
+from tests.conftest import compose_config
+
+
+def train_cfg(**overrides):
+    cfg = compose_config([f"train.{k}={v}" for k, v in overrides.items()])
+    return cfg.train
+
+
+@pytest.fixture()
+def fresh(tiny):
+    model, tok = tiny
+    return copy.deepcopy(model), tok
+
+
+def test_entropy_pass_equals_token_entropy_on_full_logits(fresh):
+    model, tok = fresh
+    texts = [format_prompt(tok, q) for q in ("What is 3+4?", "What is 12+30-7+45?")] * 2
+    batch = sample_responses(model, tok, texts, SamplingSettings(temperature=1.0, max_new_tokens=30), 4, seed=0)
+    with torch.no_grad():
+        total, _ = micro_batch_entropy_sum(model, batch, slice(0, 4), 0.5, chunk_tokens=7)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=position_ids_for(batch.attention_mask)).logits
+    expected = token_entropy(logits, batch.response_mask, 0.5)
+    assert torch.allclose(total / batch.response_mask.sum(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("micro", [1, 2, 8])
+def test_one_step_is_one_update_whatever_the_micro_batch(fresh, micro):
+    """Same seed, different micro-batch sizes: one optimizer update each, same new weights."""
+    model, tok = fresh
+    texts = [format_prompt(tok, "What is 12+30-7+45?")] * 8
+    results = []
+    for mb in (8, micro):
+        m = copy.deepcopy(model)
+        train = train_cfg(micro_batch_size=mb, batch_size=8, max_new_tokens=32, lr=1e-3)
+        opt, lr_at = make_optimizer(m, train)
+        metrics = em_step(m, tok, opt, texts, train, step=1, lr=lr_at(0), seed=3)
+        steps_taken = {s["step"] for s in opt.state.values()}
+        assert steps_taken == {1}  # AdamW stepped exactly once per parameter
+        results.append((metrics.loss, m.state_dict()))
+    (loss_a, w_a), (loss_b, w_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for k in w_a:
+        assert torch.allclose(w_a[k], w_b[k], atol=1e-6), k
+
+
+def test_ten_em_steps_lower_the_entropy_of_sampled_responses(fresh):
+    model, tok = fresh
+    cfg = compose_config()  # the default run's settings (64 samples, T 0.5) at a faster rate
+    train = OmegaConf.merge(cfg.train, {"lr": 1e-3, "batch_size": 32, "micro_batch_size": 32})
+    texts = [format_prompt(tok, "What is 12+30-7+45?")] * 32
+    opt, lr_at = make_optimizer(model, train)
+    losses = [em_step(model, tok, opt, texts, train, step=s + 1, lr=lr_at(s), seed=100 + s).loss for s in range(10)]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_nonfinite_loss_raises(fresh):
+    model, tok = fresh
+    # A real model whose final norm outputs NaN in train mode only: sampling (eval mode) works,
+    # the loss pass produces NaN.
+    model.get_decoder().norm.register_forward_hook(lambda mod, inp, out: out * float("nan") if mod.training else out)
+    train = train_cfg(batch_size=4, micro_batch_size=4, max_new_tokens=16)
+    opt, lr_at = make_optimizer(model, train)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLoss, match="loss=nan"):
+        em_step(model, tok, opt, [format_prompt(tok, "What is 1+2?")] * 4, train, step=1, lr=1e-3, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update applied
