@@ -1,0 +1,80 @@
+"""``em-sweep status <sweep_dir>`` and ``em-sweep resubmit <sweep_dir>``.
+
+Wired into the ``em-sweep`` command by ``em_sweep.cli`` through :func:`add_subcommands`.
+Both read the sweep's manifest and each run's own files (plus one ``squeue`` call); neither
+composes configs nor polls accounting per job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from em_sweep.sweep import manifest
+from em_sweep.sweep.plan import SweepError
+
+
+def _sweep_dir(text: str) -> Path:
+    path = Path(text)
+    if not (path / manifest.MANIFEST).is_file():
+        raise SweepError(f"{path} is not a sweep directory (no {manifest.MANIFEST}; it is written when a sweep "
+                         "is submitted, under hydra.sweep.dir)")
+    return path
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print counts per state; with --resubmit, then resubmit failed, interrupted and missing runs."""
+    try:
+        sweep_dir = _sweep_dir(args.sweep_dir)
+        statuses = manifest.sweep_status(sweep_dir)
+        print(manifest.format_status(sweep_dir, statuses, max_reasons=args.reasons))
+        if args.resubmit:
+            return _resubmit(sweep_dir, statuses, dry_run=args.dry_run)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_resubmit(args: argparse.Namespace) -> int:
+    """Submit again only the runs that are failed, interrupted or missing."""
+    try:
+        sweep_dir = _sweep_dir(args.sweep_dir)
+        return _resubmit(sweep_dir, manifest.sweep_status(sweep_dir), dry_run=args.dry_run)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _resubmit(sweep_dir: Path, statuses: list[manifest.RunStatus], dry_run: bool) -> int:
+    from em_sweep.sweep.launcher import submit_to_slurm
+
+    runs = [s.entry.run for s in statuses if s.state in manifest.RESUBMITTABLE]
+    if not runs:
+        print("nothing to resubmit")
+        return 0
+    settings = manifest.read_launcher_settings(sweep_dir)
+    if settings.get("kind") != "slurm":
+        raise SweepError(f"{sweep_dir} was not submitted to SLURM (launcher {settings.get('kind')!r}); "
+                         "re-run its launch command instead: completed runs are skipped")
+    if dry_run:
+        print(f"dry run: would resubmit {len(runs)} runs")
+        return 0
+    array_ids = submit_to_slurm(sweep_dir, runs, settings)
+    print(f"resubmitted {len(runs)} runs as {len(array_ids)} arrays ({', '.join(array_ids)})")
+    return 0
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``status`` and ``resubmit`` to the ``em-sweep`` command's subparsers."""
+    p = subparsers.add_parser("status", help="counts of done / running / failed / pending runs of a sweep")
+    p.add_argument("sweep_dir", help="the sweep directory (hydra.sweep.dir; it holds manifest.jsonl)")
+    p.add_argument("--resubmit", action="store_true", help="then resubmit failed, interrupted and missing runs")
+    p.add_argument("--dry-run", action="store_true", help="with --resubmit: only say how many would be resubmitted")
+    p.add_argument("--reasons", type=int, default=10, help="distinct failure reasons to list (default 10)")
+    p.set_defaults(func=cmd_status)
+    p = subparsers.add_parser("resubmit", help="resubmit a sweep's failed, interrupted and never-started runs")
+    p.add_argument("sweep_dir", help="the sweep directory (hydra.sweep.dir; it holds manifest.jsonl)")
+    p.add_argument("--dry-run", action="store_true", help="only say how many runs would be resubmitted")
+    p.set_defaults(func=cmd_resubmit)

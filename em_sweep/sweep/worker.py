@@ -1,0 +1,149 @@
+"""What one array task runs: a pack of planned runs in one process, sharing one loaded model.
+
+Each run is composed here the stock Hydra way (``load_sweep_config``, as Hydra's own launchers
+do on their workers), checked against its planned run id, and run with ``em_sweep.run.run``.
+A failing run is recorded in its ``status.json`` and the pack moves on. On preemption or time
+limit, submitit signals the task (USR2) and calls :meth:`SweepTask.checkpoint`, which requeues
+the task with only its unfinished runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import setup_globals
+from hydra.types import HydraContext
+from omegaconf import DictConfig, open_dict, read_write
+
+from em_sweep import rundir
+from em_sweep.sweep.plan import PlannedRun
+
+log = logging.getLogger(__name__)
+
+
+class PackFailed(RuntimeError):
+    """Some runs of a packed task failed (each one's status.json says why); the others completed."""
+
+
+@dataclass
+class LaunchContext:
+    """What a worker needs to compose any run of a sweep, pickled once per sweep.
+
+    Hydra's submitit launcher pickles its launcher and Hydra's global state into every job
+    (~65 KB each); here it is written once to the sweep directory and each task only carries
+    its runs and this file's path.
+    """
+
+    hydra_context: HydraContext
+    master_config: DictConfig
+    singleton_state: dict[Any, Any]
+    # The launch directory: relative paths in configs (paths.root) are relative to it.
+    cwd: str
+
+    def save(self, path: Path) -> None:
+        import cloudpickle  # submitit's own dependency; pickles by value what a plain pickle cannot
+
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(cloudpickle.dumps(self))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(path: Path) -> LaunchContext:
+        context = pickle.loads(Path(path).read_bytes())
+        assert isinstance(context, LaunchContext)
+        return context
+
+    def activate(self) -> None:
+        """Install Hydra's global state and the launch directory in this process."""
+        Singleton.set_state(self.singleton_state)
+        setup_globals()
+        os.chdir(self.cwd)
+
+    def compose(self, overrides: Sequence[str]) -> DictConfig:
+        """The run's config as Hydra's launchers build it for a job (hydra node set globally, then removed)."""
+        config = self.hydra_context.config_loader.load_sweep_config(self.master_config, list(overrides))
+        with open_dict(config.hydra.job):
+            config.hydra.job.id = os.environ.get("SLURM_JOB_ID", "local")
+        HydraConfig.instance().set_config(config)
+        task_config = copy.deepcopy(config)
+        with read_write(task_config), open_dict(task_config):
+            del task_config["hydra"]
+        return task_config
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def run_packed(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, str]:
+    """Run ``runs`` in turn with one model cache; returns run id -> done | skipped | failed: reason.
+
+    Never stops at a failing run. Raises PackFailed at the end when any run failed, so SLURM
+    marks the task failed while every other run of the pack still completed.
+    KeyboardInterrupt / SystemExit (submitit's requeue path) propagate at once.
+    """
+    from em_sweep.models import ModelCache  # lazy: torch
+    from em_sweep.run import RunFailed, run
+
+    cache = ModelCache()
+    outcomes: dict[str, str] = {}
+    for planned in runs:
+        path = Path(planned.run_dir)
+        if rundir.is_complete(path):
+            outcomes[planned.run_id] = "skipped"
+            continue
+        log.info("run %s: %s", planned.run_id, " ".join(planned.overrides))
+        try:
+            cfg = context.compose(planned.overrides)
+            composed_dir = rundir.run_dir_for(cfg)
+            if composed_dir != path:
+                raise RuntimeError(f"planned run dir {path} but the composed config gives {composed_dir}; "
+                                   "the sweep planner and Hydra disagree (please report)")
+            run(cfg, cache=cache)
+            outcomes[planned.run_id] = "done"
+        except RunFailed as e:
+            # run() recorded the failure itself, or another process owns the run dir right now:
+            # either way its status.json is not ours to write.
+            outcomes[planned.run_id] = f"failed: {e}"
+            log.error("run %s failed: %s", planned.run_id, e)
+        except Exception as e:  # bad input, composition error: nothing recorded yet
+            reason = _one_line(e)
+            rundir.write_status(path, "failed", reason=reason)
+            outcomes[planned.run_id] = f"failed: {reason}"
+            log.error("run %s failed before starting: %s", planned.run_id, reason)
+    failed = {k: v for k, v in outcomes.items() if v.startswith("failed")}
+    if failed:
+        raise PackFailed(f"{len(failed)} of {len(runs)} runs failed: "
+                         + "; ".join(f"{k} {v}" for k, v in failed.items()))
+    return outcomes
+
+
+class SweepTask:
+    """The callable submitit runs in each array task: ``task(runs)`` runs a pack from the sweep's context file."""
+
+    def __init__(self, context_path: str) -> None:
+        self.context_path = context_path
+
+    def __call__(self, runs: Sequence[PlannedRun]) -> dict[str, str]:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+        context = LaunchContext.load(Path(self.context_path))
+        context.activate()
+        return run_packed(context, runs)
+
+    def checkpoint(self, runs: Sequence[PlannedRun]) -> Any:
+        """Called by submitit on USR2 (preemption, time limit): requeue with only the unfinished runs."""
+        import submitit
+
+        unfinished = [r for r in runs if not rundir.is_complete(Path(r.run_dir))]
+        log.warning("requeueing with %d of %d runs unfinished", len(unfinished), len(runs))
+        return submitit.helpers.DelayedSubmission(self, unfinished)
