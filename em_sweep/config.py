@@ -93,6 +93,14 @@ class TrainConfig:
     loss_chunk_tokens: int = 4096
     # Save HF checkpoints at these steps (none by default).
     save_at_steps: list[int] = field(default_factory=list)
+    # AdamW memory strategy (em_sweep/optim.py): auto | adamw | adamw_bf16_kahan | adamw_bf16_sr |
+    # adamw_8bit. auto: torch AdamW for fp32 models (unchanged); for bf16 models the most faithful
+    # variant that fits the device (exact fp32-master adamw, else Kahan, else stochastic rounding).
+    optimizer: str = "auto"
+    # How responses are generated (em_sweep/sample.py BACKENDS): auto | hf | static | static_eager |
+    # static_compile. auto: static KV cache replayed as CUDA graphs on CUDA for Qwen2/Llama-family
+    # models, HF generate otherwise (CPU unchanged). Greedy output is identical across backends.
+    generation_backend: str = "auto"
 
 
 @dataclass
@@ -172,6 +180,10 @@ KNOWN_STAGES = ("em",)
 KNOWN_TEMPLATES = ("qwen25-math-cot", "plain", "chat")
 KNOWN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
+# Kept in step with em_sweep.optim.OPTIMIZERS and em_sweep.sample.BACKENDS (tests/test_optim.py
+# checks); spelt out here so composing a config does not import torch.
+KNOWN_OPTIMIZERS = ("auto", "adamw", "adamw_bf16_sr", "adamw_bf16_kahan", "adamw_8bit")
+KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -205,6 +217,10 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0 = no chunking)")
     _check(all(s >= 0 for s in t.save_at_steps), "train.save_at_steps", "steps must be >= 0")
+    _check(t.optimizer in KNOWN_OPTIMIZERS, "train.optimizer",
+           f"unknown {t.optimizer!r}; choose from {KNOWN_OPTIMIZERS}")
+    _check(t.generation_backend in KNOWN_GENERATION_BACKENDS, "train.generation_backend",
+           f"unknown {t.generation_backend!r}; choose from {KNOWN_GENERATION_BACKENDS}")
 
     e = c.eval
     _check(all(s >= 0 for s in e.at_steps), "eval.at_steps", f"steps must be >= 0, got {list(e.at_steps)}")

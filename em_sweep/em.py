@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep.loss import entropy_sum_from_hidden, per_token_entropy
+from em_sweep.optim import make_adamw
 from em_sweep.sample import SampleBatch, SamplingSettings, position_ids_for, sample_responses
 
 # Architectures whose logits are exactly lm_head(final hidden state): the loss can be computed
@@ -44,9 +45,12 @@ class StepMetrics:
 
 
 def make_optimizer(model: PreTrainedModel, train: Any) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
-    """AdamW with the configured betas/eps/decay, and the learning rate for each step (linear warm-up)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
-                            eps=train.adam_eps, weight_decay=train.weight_decay)
+    """AdamW with the configured betas/eps/decay in the memory strategy ``train.optimizer``
+    (em_sweep.optim; ``auto`` = torch AdamW for fp32 models, as before), and the learning
+    rate for each step (linear warm-up). The strategy used is ``optimizer.em_name``."""
+    opt = make_adamw(model.parameters(), getattr(train, "optimizer", "auto"), lr=train.lr,
+                     betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+                     weight_decay=train.weight_decay)
 
     def lr_at(step: int) -> float:
         return train.lr * min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else train.lr
@@ -56,7 +60,8 @@ def make_optimizer(model: PreTrainedModel, train: Any) -> tuple[torch.optim.Opti
 
 def sampling_settings(train: Any) -> SamplingSettings:
     return SamplingSettings(temperature=train.sample_temperature, top_p=train.top_p, top_k=train.top_k,
-                            repetition_penalty=train.repetition_penalty, max_new_tokens=train.max_new_tokens)
+                            repetition_penalty=train.repetition_penalty, max_new_tokens=train.max_new_tokens,
+                            backend=getattr(train, "generation_backend", "auto"))
 
 
 def micro_batch_entropy_sum(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
@@ -79,6 +84,27 @@ def micro_batch_entropy_sum(model: PreTrainedModel, batch: SampleBatch, rows: sl
     return total, total.detach()
 
 
+def accumulate_entropy_gradients(model: PreTrainedModel, batch: SampleBatch, train: Any, denominator: torch.Tensor,
+                                 scale: float = 1.0,
+                                 entropy_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+                                 ) -> torch.Tensor:
+    """Backward ``scale * (entropy sum of each micro-batch) / denominator`` for every micro-batch of
+    ``batch``; returns the (detached) entropy sum over the whole batch.
+
+    With ``denominator`` = the batch's generated-token count, the accumulated gradient is
+    exactly that of the batch's masked mean entropy whatever ``train.micro_batch_size``; a
+    distributed step passes the global count and ``scale`` = world size (FSDP averages ranks).
+    """
+    entropy_fn = entropy_fn or micro_batch_entropy_sum
+    loss_sum = torch.zeros((), dtype=torch.float32, device=batch.input_ids.device)
+    for start in range(0, batch.input_ids.shape[0], train.micro_batch_size):
+        rows = slice(start, start + train.micro_batch_size)
+        total, detached = entropy_fn(model, batch, rows, train.loss_temperature, train.loss_chunk_tokens)
+        (total * (scale / denominator)).backward()
+        loss_sum += detached
+    return loss_sum
+
+
 def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
             prompt_texts: list[str], train: Any, step: int, lr: float, seed: int) -> StepMetrics:
     """Sample ``len(prompt_texts)`` responses, minimise their mean token entropy: one update."""
@@ -89,14 +115,7 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     model.train()
     optimizer.zero_grad(set_to_none=True)
     n_tokens = batch.response_mask.sum().clamp(min=1)
-    loss_sum = 0.0
-    for start in range(0, batch.input_ids.shape[0], train.micro_batch_size):
-        rows = slice(start, start + train.micro_batch_size)
-        total, detached = micro_batch_entropy_sum(model, batch, rows, train.loss_temperature,
-                                                  train.loss_chunk_tokens)
-        (total / n_tokens).backward()
-        loss_sum += float(detached)
-    loss = loss_sum / float(n_tokens)
+    loss = float(accumulate_entropy_gradients(model, batch, train, n_tokens)) / float(n_tokens)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)

@@ -7,13 +7,15 @@
 :func:`token_entropy` is the formula as written. :func:`entropy_sum_from_hidden`
 computes the same per-token entropies from the final hidden states chunk by chunk,
 so the fp32 softmax over a 152k vocabulary exists for one chunk of tokens at a
-time (and is recomputed in backward instead of stored).
+time, and nothing of the size [tokens, vocab] is kept for backward (each chunk's
+logits are recomputed there from the hidden states, with a hand-written gradient that
+needs about three fp32 [chunk, vocab] buffers where autograd through the formula
+keeps six or seven).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 EPS = 1e-12
 
@@ -37,18 +39,52 @@ def token_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float) 
     return (h * m).sum() / m.sum().clamp(min=1.0)
 
 
-def _chunk_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       temperature: float) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    return per_token_entropy(logits, temperature).sum()
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) for [N, V] inputs without an [N, V] temporary (a batched matmul)."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).reshape(a.shape[0])
+
+
+class _ChunkEntropy(torch.autograd.Function):
+    """Per-row entropy of softmax(linear(hidden) / tau); saves only the inputs for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                temperature: float) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.temperature = temperature
+        p = torch.softmax(torch.nn.functional.linear(hidden, weight, bias).float() / temperature, dim=-1)
+        log_p = p.add(EPS).log_()
+        return -_row_dot(p, log_p)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):  # type: ignore[override]
+        hidden, weight, bias = ctx.saved_tensors
+        tau = ctx.temperature
+        p = torch.softmax(torch.nn.functional.linear(hidden, weight, bias).float() / tau, dim=-1)
+        # H = -sum_i p_i log(p_i + eps);  a_i = -dH/dp_i = log(p_i + eps) + p_i / (p_i + eps);
+        # softmax backward: dH/dz_j = -p_j (a_j - sum_i p_i a_i), with z = logits / tau.
+        q = p.add(EPS)
+        a = torch.div(p, q)
+        a.add_(q.log_())
+        del q
+        mean_a = _row_dot(p, a)
+        grad_logits = a.sub_(mean_a[:, None]).mul_(p).mul_((-grad_h.float() / tau)[:, None])
+        del p
+        grad_logits = grad_logits.to(weight.dtype)
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
 
 
 def entropy_sum_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
                             chunk_tokens: int = 4096, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over rows of ``hidden`` [N, H] of the entropy of ``softmax(hidden @ weight.T / tau)``.
 
-    Equal to ``per_token_entropy(hidden @ weight.T, tau).sum()``; memory is bounded by one chunk
-    of ``chunk_tokens`` rows (0 = one chunk). Each chunk is checkpointed when gradients flow.
+    Equal to ``per_token_entropy(hidden @ weight.T, tau).sum()`` (fp32 softmax, the same EPS),
+    with the same gradient; memory is bounded by one chunk of ``chunk_tokens`` rows
+    (0 = one chunk): about three fp32 [chunk, vocab] buffers at a time, none kept between
+    forward and backward.
     """
     n = hidden.shape[0]
     if n == 0:
@@ -56,9 +92,5 @@ def entropy_sum_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, temperat
     step = n if chunk_tokens <= 0 else chunk_tokens
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, step):
-        chunk = hidden[start:start + step]
-        if torch.is_grad_enabled() and (chunk.requires_grad or weight.requires_grad) and step < n:
-            total = total + checkpoint(_chunk_entropy_sum, chunk, weight, bias, temperature, use_reentrant=False)
-        else:
-            total = total + _chunk_entropy_sum(chunk, weight, bias, temperature)
+        total = total + _ChunkEntropy.apply(hidden[start:start + step], weight, bias, temperature).sum()
     return total

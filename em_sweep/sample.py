@@ -1,7 +1,11 @@
 """Sampling responses from the current model, and the masks that say which tokens it generated.
 
 One generation path serves EM training and evaluation: eval mode, no gradient, KV cache on,
-batched, each sequence stopping at its own EOS. The result is laid out as
+batched, each sequence stopping at its own EOS. Two backends compute it (``SamplingSettings.backend``):
+HF ``generate`` (with a guard that fails fast if it ever runs without its KV cache, as HF
+does silently in train mode under gradient checkpointing), and :mod:`em_sweep.decode`'s
+static-cache decoder replayed as CUDA graphs (``auto`` picks it on CUDA for the
+architectures it supports; CPU stays on HF generate). The result is laid out as
 ``[left-padded prompt | response | right padding]`` with
 
 - ``attention_mask``: 1 on real tokens (prompt and generated, through the first EOS);
@@ -12,10 +16,19 @@ batched, each sequence stopping at its own EOS. The result is laid out as
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from em_sweep import decode
+
+# auto: "static" on CUDA where em_sweep.decode supports the model, else "hf".
+# static: static KV cache, each decoding step a replayed CUDA graph (eager off CUDA).
+# static_eager: the same decoder without graphs; static_compile: its step through torch.compile.
+BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile")
 
 
 @dataclass(frozen=True)
@@ -25,6 +38,9 @@ class SamplingSettings:
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
     max_new_tokens: int = 512
+    # How, not what: one of BACKENDS. The backends draw different samples for a seed (same
+    # distribution); greedy output is the same.
+    backend: str = "auto"
 
 
 @dataclass
@@ -75,6 +91,43 @@ def response_masks(responses: torch.Tensor, eos_ids: list[int], prompt_mask: tor
     return attention.long(), response.long(), lengths, hit_eos
 
 
+def resolve_backend(model: PreTrainedModel, backend: str) -> str:
+    """The concrete backend ``backend`` means for this model (see BACKENDS)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown generation backend {backend!r}; choose from {BACKENDS}")
+    if backend != "auto":
+        return backend
+    return "static" if model.device.type == "cuda" and decode.unsupported_reason(model) is None else "hf"
+
+
+class GenerationWithoutCache(RuntimeError):
+    """HF generate re-read the whole sequence at a decoding step: its KV cache was off."""
+
+
+@contextmanager
+def kv_cache_guard(model: PreTrainedModel) -> Iterator[None]:
+    """Fail at the second forward call of a ``generate`` whose decoding steps get more than one
+    new token, i.e. that runs without its KV cache (one step then costs a full forward, ~100x
+    slower for 512 tokens; HF turns the cache off silently when gradient checkpointing is on in
+    train mode)."""
+    calls = 0
+
+    def check(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        nonlocal calls
+        calls += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if calls > 1 and isinstance(ids, torch.Tensor) and ids.shape[1] != 1:
+            raise GenerationWithoutCache(
+                f"decoding step {calls - 1} fed {ids.shape[1]} tokens: generation runs without its KV cache "
+                f"(train mode with gradient checkpointing?)")
+
+    handle = model.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str],
                      settings: SamplingSettings, batch_size: int, seed: int | None = None) -> SampleBatch:
@@ -83,6 +136,7 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     Deterministic for a given ``seed`` on CPU. Runs in eval mode with the KV cache on and
     restores the model's previous train/eval mode.
     """
+    backend = resolve_backend(model, settings.backend)
     was_training = model.training
     model.eval()
     device = model.device
@@ -102,15 +156,23 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         pad_token_id=pad_id,
         use_cache=True,
     )
+    static = decode.decode_settings(greedy, settings.temperature, settings.top_p, settings.top_k,
+                                    settings.repetition_penalty, eos_ids, pad_id)
     if seed is not None:
         torch.manual_seed(seed)
     chunks = []
     try:
+        assert not model.training  # HF would silently drop the KV cache under gradient checkpointing
         for start in range(0, len(prompt_texts), batch_size):
-            ids = prompt_ids[start:start + batch_size]
-            out = model.generate(input_ids=ids, attention_mask=prompt_mask[start:start + batch_size],
-                                 generation_config=gen_cfg)
-            chunks.append(out[:, ids.shape[1]:])
+            ids, mask = prompt_ids[start:start + batch_size], prompt_mask[start:start + batch_size]
+            if backend == "hf":
+                with kv_cache_guard(model):
+                    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                chunks.append(out[:, ids.shape[1]:])
+            else:
+                chunks.append(decode.generate_static(model, ids, mask, static, settings.max_new_tokens,
+                                                     use_graphs=backend != "static_eager",
+                                                     compile_step=backend == "static_compile"))
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)

@@ -66,3 +66,40 @@ def test_chunked_hidden_state_entropy_equals_token_entropy(chunk):
     g_got = torch.autograd.grad(got, (hidden, weight))
     for a, b in zip(g_ref, g_got, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_entropy_with_bias_matches_and_keeps_nothing_vocab_sized_for_backward():
+    """Bias gradient too; and the memory promise: no [tokens, vocab] tensor is saved for backward."""
+    g = torch.Generator().manual_seed(2)
+    n, h, v = 12, 8, 301
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    bias = torch.randn(v, generator=g, requires_grad=True)
+    reference = token_entropy(hidden @ weight.T + bias, torch.ones(n), 0.7) * n
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = entropy_sum_from_hidden(hidden, weight, 0.7, chunk_tokens=5, bias=bias)
+    assert max(saved) <= max(hidden.numel(), weight.numel())  # inputs only, never n x v logits
+    assert torch.allclose(got, reference, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(reference, (hidden, weight, bias)),
+                    torch.autograd.grad(got, (hidden, weight, bias)), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_entropy_in_bfloat16_tracks_the_fp32_formula():
+    """The GPU path: bf16 hidden states and head, fp32 softmax inside."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(16, 32, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(500, 32, generator=g) * 0.3).bfloat16().requires_grad_()
+    reference = token_entropy((hidden @ weight.T).float(), torch.ones(16), 0.5) * 16
+    got = entropy_sum_from_hidden(hidden, weight, 0.5, chunk_tokens=7)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, reference, rtol=1e-4)
+    ref_grads = torch.autograd.grad(reference, (hidden, weight))
+    for a, b in zip(ref_grads, torch.autograd.grad(got, (hidden, weight)), strict=True):
+        assert ((a.float() - b.float()).norm() / a.float().norm()) < 2e-2

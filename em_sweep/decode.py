@@ -1,0 +1,361 @@
+"""Batched decoding with a static KV cache, each decoding step replayed as one CUDA graph.
+
+Why: HF ``generate`` runs one eager forward per token; at batch 64 the ~1,200 small kernel
+launches of a 28-layer model cost more CPU time (~10 ms) than the GPU needs to read the
+weights (1 ms for 1.5B, 5 ms for 7B), so sampling is launch-bound. Here the KV cache has a
+fixed shape, every per-step tensor lives in a fixed buffer, and the whole step (forward,
+sampling, bookkeeping) is captured once as a CUDA graph and replayed: the Python loop only
+calls ``replay()`` and checks for EOS every few steps.
+
+What it computes is HF generate's sampling, for the settings of
+:class:`em_sweep.sample.SamplingSettings` and nothing else (no hidden defaults from the
+model's generation_config): repetition penalty over prompt and generated tokens, then
+temperature, top-k, top-p (HF's processors, same order and semantics), then a draw from
+the remaining distribution, or argmax when greedy. Finished rows emit the pad token. The
+draw uses the exponential-race form (argmax of p / Exp(1) noise, an exact sample of p that
+a graph can capture) instead of ``torch.multinomial``, so a seed gives other samples than
+HF's. Greedy decoding matches HF token for token in fp32 (tests/test_sample.py).
+
+The forward is the model's own modules (embeddings, norms, projections, MLP, rotary
+tables) wired through a static cache; it supports decoder-only Qwen2/Qwen3/Llama/Mistral
+models with full attention (:func:`unsupported_reason` says why not otherwise; the caller
+then uses HF generate). Attention over the cache is bucketed (keys up to 256, 512, 1024,
+... columns), one graph per bucket, so a step reads only about the part of the cache in use.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+# Rope variants whose tables do not depend on the sequence length seen so far.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ALIGN = 128  # cache length and attention buckets are multiples of this (kernel alignment, reuse)
+FIRST_BUCKET = 256
+CHECK_EVERY = 16  # decoding steps between host checks for "all rows finished"
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """The sampling settings a captured graph bakes in (part of its cache key)."""
+
+    greedy: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """None when :func:`generate_static` can run this model, else why not (one line)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return "sliding-window attention layers"
+    if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if decoder is None or not all(hasattr(decoder, n) for n in needed):
+        return "decoder layout is not embed_tokens/layers/norm/rotary_emb"
+    rope_type = getattr(decoder.rotary_emb, "rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        return f"rope type {rope_type!r} depends on the sequence length"
+    for layer in decoder.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
+            return "attention layout is not q/k/v/o projections"
+        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp")):
+            return "decoder layer layout differs from Llama's"
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return "parameters are sharded (FSDP); unshard the model first"
+    return None
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def attention_buckets(cache_len: int) -> list[int]:
+    """Key lengths of the per-bucket graphs: 256, 512, 1024, ... below ``cache_len``, then it."""
+    buckets, b = [], FIRST_BUCKET
+    while b < cache_len:
+        buckets.append(b)
+        b *= 2
+    return buckets + [cache_len]
+
+
+def processed_scores(logits: torch.Tensor, seen: torch.Tensor | None, s: DecodeSettings) -> torch.Tensor:
+    """HF's processors on fp32 logits [B, V]: repetition penalty, then (sampling only)
+    temperature, top-k, top-p; filtered tokens get -inf.
+
+    ``seen`` [B, V] bool marks tokens already in each row (prompt and generated),
+    for the repetition penalty; None when the penalty is off.
+    """
+    if seen is not None and s.repetition_penalty != 1.0:
+        penalized = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if s.greedy:
+        return logits
+    if s.temperature != 1.0:
+        logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - s.top_p)
+        remove_sorted[:, -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, s: DecodeSettings) -> torch.Tensor:
+    """Next tokens [B] from fp32 logits [B, V]: argmax when greedy, else a draw from the
+    processed distribution."""
+    scores = processed_scores(logits, seen, s)
+    if s.greedy:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)
+    # argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with probability p_i, and unlike
+    # torch.multinomial it is plain kernels a CUDA graph can capture.
+    return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class StaticDecoder:
+    """Static buffers (cache, masks, token state) and captured step graphs for one shape.
+
+    One instance serves every batch with the same (batch, cache length, dtype, device,
+    settings): EM steps reuse it, so graphs are captured once per run. Parameters are read
+    in place, so optimizer updates between calls are seen.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, settings: DecodeSettings,
+                 use_graphs: bool, compile_step: bool = False) -> None:
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.batch, self.cache_len, self.settings = batch, cache_len, settings
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        shape = (batch, self.n_kv, cache_len, self.head_dim)
+        # zeros, not empty: masked columns must hold finite values (0 * -inf would be NaN).
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.decoder.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.decoder.layers]
+        positions = torch.arange(cache_len, device=self.device)[None]
+        with torch.no_grad():
+            cos, sin = self.decoder.rotary_emb(self.k[0], positions)
+        self.cos, self.sin = cos[0], sin[0]  # [L, head_dim] in the model dtype, as HF computes them
+        self.key_bias = torch.zeros(batch, 1, 1, cache_len, dtype=self.dtype, device=self.device)
+        vocab = self.head.weight.shape[0]
+        self.penalize = settings.repetition_penalty != 1.0
+        self.seen = torch.zeros(batch, vocab if self.penalize else 1, dtype=torch.bool, device=self.device)
+        self.eos = torch.tensor(settings.eos_ids or [-1], dtype=torch.long, device=self.device)
+        self.current = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.column = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.step = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        # Generated tokens; fixed for the graphs' sake, so sized for the longest possible run.
+        self.out = torch.full((batch, cache_len), settings.pad_id, dtype=torch.long, device=self.device)
+        self.key: tuple = ()
+        self.buckets = attention_buckets(cache_len)
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._step_fn = self._decode_step
+        if compile_step:
+            self._step_fn = torch.compile(self._decode_step, dynamic=False)
+
+    # -- the model, through the static cache -------------------------------------------
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                write: slice | torch.Tensor, kv_len: int) -> torch.Tensor:
+        b, q_len, _ = h.shape
+        rep = self.n_heads // self.n_kv
+        for i, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(b, q_len, self.n_heads, self.head_dim)
+            k = attn.k_proj(x).view(b, q_len, self.n_kv, self.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = _rotate(q.transpose(1, 2), cos, sin)
+            k = _rotate(k.transpose(1, 2), cos, sin)
+            v = attn.v_proj(x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
+            if isinstance(write, slice):
+                self.k[i][:, :, write] = k
+                self.v[i][:, :, write] = v
+            else:
+                self.k[i].index_copy_(2, write, k)
+                self.v[i].index_copy_(2, write, v)
+            # Grouped-query attention without copying K/V per query head: the query heads that
+            # share a KV head become extra query rows of that head.
+            qg = q.reshape(b, self.n_kv, rep * q_len, self.head_dim)
+            o = F.scaled_dot_product_attention(qg, self.k[i][:, :, :kv_len], self.v[i][:, :, :kv_len],
+                                               attn_mask=bias, scale=attn.scaling)
+            o = o.reshape(b, self.n_heads, q_len, self.head_dim).transpose(1, 2).reshape(b, q_len, -1)
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.decoder.norm(h)
+
+    def _append(self, logits: torch.Tensor) -> None:
+        """Choose, record and feed back the next token of every row (all in device tensors)."""
+        token = choose_tokens(logits.float(), self.seen if self.penalize else None, self.settings)
+        token = torch.where(self.finished, torch.full_like(token, self.settings.pad_id), token)
+        self.out.index_copy_(1, self.step, token[:, None])
+        self.finished |= (token[:, None] == self.eos).any(dim=-1)
+        if self.penalize:
+            self.seen.scatter_(1, token[:, None], True)
+        self.current.copy_(token)
+        self.step.add_(1)
+
+    def _decode_step(self, kv_len: int) -> None:
+        self.key_bias.index_fill_(3, self.column, 0.0)  # the fed token's own column becomes visible
+        h = self.decoder.embed_tokens(self.current[:, None])
+        cos = self.cos[self.position][:, None, None]  # [B, 1, 1, d]: heads, one position
+        sin = self.sin[self.position][:, None, None]
+        h = self._layers(h, cos, sin, self.key_bias[..., :kv_len], self.column, kv_len)
+        self._append(self.head(h[:, -1]))
+        self.position.add_(1)
+        self.column.add_(1)
+
+    # -- driving -----------------------------------------------------------------------
+    def _capture(self) -> None:
+        """Warm up and capture one graph per attention bucket (state is reset by prefill)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step_fn(self.buckets[0])
+                self.column.zero_()
+                self.step.zero_()
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = torch.cuda.graph_pool_handle()
+        for kv_len in self.buckets:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._step_fn(kv_len)
+            self.graphs[kv_len] = graph
+            self.column.zero_()
+            self.step.zero_()
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        b, width = input_ids.shape
+        valid = attention_mask.bool()
+        self.out.fill_(self.settings.pad_id)
+        for t in (*self.k, *self.v):
+            t.zero_()
+        self.key_bias.fill_(float("-inf"))
+        self.key_bias[:, 0, 0, :width].masked_fill_(valid, 0.0)
+        self.seen.zero_()
+        if self.penalize:  # prompt tokens count, left padding does not (as HF >= 5.2x does it)
+            counts = torch.zeros(self.seen.shape, dtype=torch.int32, device=self.device)
+            self.seen.copy_(counts.scatter_add_(1, input_ids, valid.int()) > 0)
+        self.finished.zero_()
+        self.step.zero_()
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        # A padding query sees itself only, so no attention row is empty (which would give NaN).
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)
+        rep = self.n_heads // self.n_kv
+        bias = torch.zeros(b, 1, width, width, dtype=self.dtype, device=self.device)
+        bias = bias.masked_fill(~allowed[:, None], float("-inf")).repeat(1, 1, rep, 1)
+        cos = self.cos[positions][:, None]  # [B, 1, P, d]
+        sin = self.sin[positions][:, None]
+        h = self._layers(self.decoder.embed_tokens(input_ids), cos, sin, bias, slice(0, width), width)
+        self._append(self.head(h[:, -1]))
+        self.position.copy_(valid.sum(-1))
+        self.column.fill_(width)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """New tokens [B, T] for left-padded prompts; T = steps until every row ended (or the budget)."""
+        width = input_ids.shape[1]
+        if width + max_new_tokens - 1 > self.cache_len:
+            raise ValueError(f"prompt {width} + {max_new_tokens} new tokens exceed the cache ({self.cache_len})")
+        if self.use_graphs and not self.graphs:
+            self._capture()
+        self._prefill(input_ids, attention_mask)
+        bucket = 0
+        for i in range(1, max_new_tokens):
+            if i % CHECK_EVERY == 0 and bool(self.finished.all()):
+                break
+            needed = width + i  # keys in use after this step writes column width + i - 1
+            while self.buckets[bucket] < needed:
+                bucket += 1
+            if self.graphs:
+                self.graphs[self.buckets[bucket]].replay()
+            else:
+                self._step_fn(self.buckets[bucket])
+        return self.out[:, :self._width(max_new_tokens)].clone()
+
+    def _width(self, max_new_tokens: int) -> int:
+        """HF's output width: the longest row through its first EOS, or the budget."""
+        if not bool(self.finished.all()):
+            return max_new_tokens
+        out = self.out[:, :max_new_tokens]
+        is_eos = (out[..., None] == self.eos).any(dim=-1)
+        first = torch.where(is_eos, torch.arange(out.shape[1], device=self.device), out.shape[1])
+        return int(first.min(dim=1).values.max()) + 1
+
+
+_DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, StaticDecoder] = weakref.WeakKeyDictionary()
+
+
+def release(model: torch.nn.Module) -> None:
+    """Free the static cache and graphs kept for ``model`` (they are rebuilt when needed)."""
+    _DECODERS.pop(model, None)
+
+
+def generate_static(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    settings: DecodeSettings, max_new_tokens: int, use_graphs: bool = True,
+                    compile_step: bool = False) -> torch.Tensor:
+    """Generated tokens [B, T] (pad after each row's first EOS) for left-padded prompts.
+
+    Keeps one :class:`StaticDecoder` per model (the latest shape): repeated calls with the same
+    batch size, a cache length in the same 128-bucket and the same settings reuse its buffers
+    and captured graphs; another shape frees it first. The model must be in eval mode.
+    """
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"static decoding unavailable: {reason}")
+    b, width = input_ids.shape
+    cache_len = _round_up(width + max_new_tokens, ALIGN)
+    p = next(model.parameters())
+    key = (b, cache_len, settings, p.dtype, p.device, use_graphs, compile_step)
+    dec = _DECODERS.get(model)
+    if dec is None or dec.key != key:
+        _DECODERS.pop(model, None)
+        dec = StaticDecoder(model, b, cache_len, settings, use_graphs, compile_step)
+        dec.key = key
+        _DECODERS[model] = dec
+    return dec.generate(input_ids, attention_mask, max_new_tokens)
+
+
+def decode_settings(greedy: bool, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+                    eos_ids: Sequence[int], pad_id: int) -> DecodeSettings:
+    """DecodeSettings with the sampling knobs made inert where greedy ignores them."""
+    if greedy:
+        temperature, top_p, top_k = 1.0, 1.0, 0
+    return DecodeSettings(greedy=greedy, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                          repetition_penalty=float(repetition_penalty), eos_ids=tuple(int(e) for e in eos_ids),
+                          pad_id=int(pad_id))

@@ -1,0 +1,126 @@
+"""The static-cache decoder (em_sweep/decode.py) against HF generate, and the KV-cache guard."""
+
+import pytest
+import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from em_sweep import decode
+from em_sweep.sample import (
+    GenerationWithoutCache,
+    SamplingSettings,
+    kv_cache_guard,
+    resolve_backend,
+    sample_responses,
+)
+from tests.tiny_models import EOS, PAD, prompts, random_qwen2, word_tokenizer
+
+
+def hf_greedy(model, ids, mask, new, eos, penalty=1.0):
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=new, eos_token_id=eos, pad_token_id=PAD,
+                           repetition_penalty=penalty, use_cache=True)
+    return model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_static_decoding_equals_hf_generate_with_ragged_prompts(penalty):
+    model, tok = random_qwen2(), word_tokenizer()
+    enc = tok(prompts(5), return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert len(set(mask.sum(1).tolist())) > 2  # ragged
+    ref = hf_greedy(model, ids, mask, 40, [EOS], penalty)
+    got = decode.generate_static(model, ids, mask, decode.decode_settings(True, 1, 1, 0, penalty, [EOS], PAD), 40)
+    assert torch.equal(ref, got)
+
+
+def test_rows_stop_at_their_own_eos_and_width_matches_hf():
+    model, tok = random_qwen2(seed=1), word_tokenizer()
+    enc = tok(prompts(6, seed=3), return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    free = hf_greedy(model, ids, mask, 30, [])
+    eos = int(free[0, 5])  # a token row 0 emits at step 5: make it the EOS
+    ref = hf_greedy(model, ids, mask, 30, [eos])
+    got = decode.generate_static(model, ids, mask, decode.decode_settings(True, 1, 1, 0, 1.0, [eos], PAD), 30)
+    assert torch.equal(ref, got)
+    assert (got == eos).any()
+
+
+def test_processed_scores_equal_hf_logits_processors():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 3
+    input_ids = torch.randint(0, 50, (4, 12), generator=g)
+    seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, input_ids, True)
+    for top_k, top_p in ((0, 0.95), (7, 1.0), (10, 0.8)):
+        s = decode.decode_settings(False, 0.5, top_p, top_k, 1.15, [EOS], PAD)
+        hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.15), TemperatureLogitsWarper(0.5)]
+                                 + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                 + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+        assert torch.equal(decode.processed_scores(logits, seen, s), hf(input_ids, logits.clone()))
+
+
+def test_exponential_race_draws_from_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    s = decode.decode_settings(False, 1.0, 1.0, 0, 1.0, [], PAD)
+    torch.manual_seed(0)
+    draws = decode.choose_tokens(probs.log().expand(40_000, 5).contiguous(), None, s)
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert torch.allclose(freq, probs, atol=0.01)
+    assert freq[4] == 0
+
+
+def test_sample_responses_backends_agree_on_greedy_and_masks():
+    model, tok = random_qwen2(seed=2), word_tokenizer()
+    texts = prompts(5, seed=4)
+    out = {b: sample_responses(model, tok, texts, SamplingSettings(temperature=0.0, max_new_tokens=20,
+                                                                    repetition_penalty=1.15, backend=b), 3)
+           for b in ("hf", "static_eager", "static")}  # "static" has no graphs on CPU: eager too
+    for b in ("static_eager", "static"):
+        assert out[b].texts == out["hf"].texts
+        assert torch.equal(out[b].response_mask, out["hf"].response_mask)
+        assert torch.equal(out[b].input_ids, out["hf"].input_ids)
+
+
+def test_sampling_with_the_static_decoder_is_seeded():
+    model, tok = random_qwen2(seed=2, peaky=1.0), word_tokenizer()
+    settings = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=15, backend="static_eager")
+    a = sample_responses(model, tok, prompts(4), settings, 4, seed=1)
+    b = sample_responses(model, tok, prompts(4), settings, 4, seed=1)
+    c = sample_responses(model, tok, prompts(4), settings, 4, seed=2)
+    assert a.texts == b.texts and a.texts != c.texts
+
+
+def test_auto_backend_is_hf_on_cpu_and_for_unsupported_models():
+    assert resolve_backend(random_qwen2(), "auto") == "hf"
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert decode.unsupported_reason(gpt2) is not None
+    assert decode.unsupported_reason(random_qwen2()) is None
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend(gpt2, "fast")
+
+
+def test_sampling_keeps_its_kv_cache_under_gradient_checkpointing_in_train_mode():
+    """HF drops the cache in train mode with gradient checkpointing; sample_responses must not."""
+    model, tok = random_qwen2(), word_tokenizer()
+    model.gradient_checkpointing_enable()
+    model.train()
+    batch = sample_responses(model, tok, prompts(3), SamplingSettings(temperature=0.0, max_new_tokens=12,
+                                                                      backend="hf"), 3)
+    assert batch.response_lengths.max() == 12
+    assert model.training  # restored
+
+
+def test_the_guard_fails_fast_when_generate_runs_without_cache():
+    model, tok = random_qwen2(), word_tokenizer()
+    enc = tok(prompts(2), return_tensors="pt", padding=True, add_special_tokens=False)
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=8, pad_token_id=PAD, use_cache=False)
+    with pytest.raises(GenerationWithoutCache, match="without its KV cache"), kv_cache_guard(model):
+        model.generate(**enc, generation_config=cfg)
+    with kv_cache_guard(model):  # with the cache: silent
+        model.generate(**enc, generation_config=GenerationConfig(do_sample=False, max_new_tokens=8,
+                                                                  pad_token_id=PAD, use_cache=True))
