@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_subcommands(sub)
+    from em_sweep import collect
+
+    collect.add_subcommands(sub)  # collect, report
     return parser
 
 

@@ -1,0 +1,388 @@
+"""Collect a sweep's run directories into one tidy table (parquet).
+
+``em-sweep collect <dir>`` accepts
+- a sweep directory (``hydra.sweep.dir``, holding ``manifest.jsonl``): every run the manifest lists,
+  including runs that never started (their state comes from :mod:`em_sweep.sweep.manifest`);
+- a ``paths.root`` (holding ``runs/``) or a ``runs/`` directory itself: every run directory in it.
+
+It writes two tables to ``<dir>/collected/`` (or ``--out``):
+
+``scores.parquet``: one row per run x step x benchmark x evaluation temperature. Columns:
+- run: ``run_id``, ``run_dir``, ``status`` (done | running | failed | interrupted | pending |
+  missing), ``reason`` (why it is not done; empty for done runs), ``seconds`` (run wall time);
+- config, flattened to dotted keys: always ``name``, ``model.name``, ``seed``, ``temperature``
+  (the training temperature), ``train.lr``, ``prompt.name``, ``prompt.ids``, ``prompt.n_ids``
+  (len(prompt.ids): 1 = one-shot), ``train.steps``, ``stages``; plus every other key whose value
+  differs between the collected runs. Lists are stored as comma-joined strings;
+- score: ``step``, ``benchmark``, ``eval_temperature``, ``accuracy``, ``pass_at_n``, ``n``,
+  ``n_problems``, ``boxed_rate``, ``grader_failures``, ``template``, ``max_new_tokens``.
+A run that is not done (failed, running, never started) has exactly one row, with empty scores:
+its scores are not mixed with complete runs', but it is never dropped.
+
+``train.parquet``: one row per done run x training step (``step``, ``loss``, ``entropy``,
+``response_length``, ``grad_norm``) with the same run and config columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from em_sweep import rundir
+from em_sweep.aggregate import KEY_CONFIG_COLUMNS, SCORE_COLUMNS
+
+SCORES_FILE = "scores.parquet"
+TRAIN_FILE = "train.parquet"
+COLLECTED_DIR = "collected"
+# Config subtrees that never make runs differ scientifically; not listed as varying columns.
+NOT_COMPARED_PREFIXES = tuple(f"{k}." for k in rundir.NON_SCIENCE_KEYS if k != "name")
+TRAIN_FIELDS = ("step", "loss", "entropy", "response_length", "grad_norm")
+INTEGER_COLUMNS = ("step", "n", "n_problems", "grader_failures", "max_new_tokens")
+NO_REASON = "(no reason recorded)"
+
+
+class CollectError(ValueError):
+    """The directory holds no runs em-sweep can read; the message says what was looked for."""
+
+
+@dataclass
+class RunRecord:
+    """What one run directory says: its state, config and (when done) scores and loss curve."""
+
+    run_id: str
+    run_dir: str
+    status: str
+    reason: str = ""
+    seconds: float = math.nan
+    config: dict[str, Any] = field(default_factory=dict)
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    loss_curve: list[dict[str, Any]] = field(default_factory=list)
+    # For a run that never wrote a config: {dotted key: value} parsed from its sweep overrides.
+    override_values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunRef:
+    """A run to read: its directory, and what a sweep manifest already knows about it."""
+
+    path: Path
+    state: str | None = None
+    reason: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Collected:
+    scores: pd.DataFrame
+    train: pd.DataFrame
+    source: str
+    seconds: float
+
+
+# ---------------------------------------------------------------- finding runs (I/O)
+
+def find_runs(source: Path) -> tuple[str, list[RunRef]]:
+    """(kind, runs) for a sweep dir ("sweep"), a paths.root ("root") or a runs dir ("runs").
+
+    Raises CollectError when ``source`` is none of these.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise CollectError(f"{source}: not a directory")
+    if (source / "manifest.jsonl").is_file():
+        return "sweep", _manifest_runs(source)
+    if (source / "runs").is_dir():
+        return "root", _listed_runs(source / "runs")
+    refs = _listed_runs(source)
+    if any((r.path / rundir.CONFIG).exists() or (r.path / rundir.STATUS).exists()
+           or (r.path / rundir.RESULTS).exists() for r in refs[:50]):
+        return "runs", refs
+    raise CollectError(f"{source}: no manifest.jsonl, no runs/ and no run directories "
+                       "(pass a sweep dir, a paths.root or its runs/ dir)")
+
+
+def _listed_runs(runs_dir: Path) -> list[RunRef]:
+    with os.scandir(runs_dir) as it:
+        names = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    return [RunRef(runs_dir / n) for n in names]
+
+
+def _manifest_runs(sweep_dir: Path) -> list[RunRef]:
+    from em_sweep.sweep import manifest
+
+    statuses = manifest.sweep_status(sweep_dir)
+    return [RunRef(Path(s.entry.run.run_dir), s.state, s.reason or manifest.STATE_MEANINGS.get(s.state),
+                   tuple(s.entry.run.overrides)) for s in statuses]
+
+
+# ---------------------------------------------------------------- reading one run (I/O)
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(text, Loader=loader)
+
+
+def read_run(ref: RunRef) -> RunRecord:
+    """Read one run directory: results.json when done (the only definition of done), else status + config."""
+    path = ref.path
+    results = _read_json(path / rundir.RESULTS)
+    if isinstance(results, dict):
+        return RunRecord(run_id=str(results.get("run_id", path.name)), run_dir=str(path), status="done",
+                         seconds=float(results.get("seconds", math.nan)), config=results.get("config") or {},
+                         scores=results.get("scores") or [], loss_curve=results.get("loss_curve") or [])
+    status = _read_json(path / rundir.STATUS) or {}
+    state = ref.state or status.get("state") or ("pending" if path.exists() else "missing")
+    if state == "done":  # status says done but results.json is absent: it died while finishing
+        state = "interrupted"
+    reason = ref.reason or status.get("reason") or (NO_REASON if state == "failed" else "")
+    config = _read_yaml(path / rundir.CONFIG)
+    if isinstance(config, dict):
+        return RunRecord(run_id=path.name, run_dir=str(path), status=state, reason=str(reason), config=config)
+    return RunRecord(run_id=path.name, run_dir=str(path), status=state, reason=str(reason),
+                     override_values=values_from_overrides(ref.overrides))
+
+
+_OVERRIDE_CACHE: dict[str, tuple[str, Any] | None] = {}
+
+
+def values_from_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """{dotted key: value} that a run's sweep overrides set (Hydra's own override parser).
+
+    Best effort for runs that never wrote a config; a group override (``model=qwen25_math_7b``)
+    gives its group name as the key, unparsable or delete overrides give nothing.
+    """
+    if not overrides:
+        return {}
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = None
+    out: dict[str, Any] = {}
+    for text in overrides:
+        if text not in _OVERRIDE_CACHE:
+            parser = parser or OverridesParser.create()
+            try:
+                o = parser.parse_override(text)
+                _OVERRIDE_CACHE[text] = None if o.is_delete() else (o.key_or_group, o.value())
+            except Exception:  # noqa: BLE001 - an unparsable override just gives no column
+                _OVERRIDE_CACHE[text] = None
+        parsed = _OVERRIDE_CACHE[text]
+        if parsed is not None:
+            out[parsed[0]] = parsed[1]
+    return out
+
+
+# ---------------------------------------------------------------- building tables (pure)
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {dotted key: scalar}; lists become comma-joined strings (lists of dicts: JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = _scalar(value)
+    return out
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        if all(not isinstance(v, Mapping | list | tuple) for v in value):
+            return ",".join(str(v) for v in value)
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+def _n_ids(record: RunRecord) -> int | None:
+    prompt = record.config.get("prompt")
+    ids = prompt.get("ids") if isinstance(prompt, Mapping) else record.override_values.get("prompt.ids")
+    return len(ids) if isinstance(ids, list) else None
+
+
+def build_tables(records: Sequence[RunRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(scores, train) tables from run records; see the module docstring for their columns."""
+    flat = []
+    for r in records:
+        row = flatten(r.config) if r.config else {k: _scalar(v) for k, v in r.override_values.items()}
+        row["prompt.n_ids"] = _n_ids(r)
+        flat.append(row)
+    configs = pd.DataFrame.from_records(flat, index=range(len(records))) if records else pd.DataFrame()
+    recorded = {k for r, row in zip(records, flat, strict=True) if r.config for k in row}
+    if recorded:  # override-only keys (group names like `model`) say nothing the configs don't
+        configs = configs[[c for c in configs.columns if c in recorded or c in KEY_CONFIG_COLUMNS]]
+    compared = [c for c in configs.columns if not c.startswith(NOT_COMPARED_PREFIXES)]
+    varying = [c for c in compared if configs[c].nunique(dropna=False) > 1]
+    keep = [c for c in KEY_CONFIG_COLUMNS if c in configs.columns]
+    keep += sorted(c for c in varying if c not in keep)
+    runs = pd.DataFrame({
+        "run_id": [r.run_id for r in records],
+        "run_dir": [r.run_dir for r in records],
+        "status": [r.status for r in records],
+        "reason": [r.reason for r in records],
+        "seconds": np.array([r.seconds for r in records], dtype=float),
+    })
+    runs = pd.concat([runs, _clean_types(configs[keep]) if keep else configs.iloc[:, :0]], axis=1)
+
+    counts = np.array([max(len(r.scores), 1) for r in records], dtype=np.int64)
+    score_dicts: list[dict[str, Any]] = []
+    for r in records:
+        score_dicts.extend(r.scores if r.scores else [{}])
+    raw = pd.DataFrame.from_records(score_dicts) if score_dicts else pd.DataFrame()
+    raw = raw.rename(columns={"temperature": "eval_temperature"})
+    score_part = pd.DataFrame({c: raw[c] if c in raw.columns else np.nan for c in SCORE_COLUMNS},
+                              index=range(len(raw)))
+    score_part = _clean_types(score_part)
+    for c in INTEGER_COLUMNS:
+        score_part[c] = pd.to_numeric(score_part[c], errors="coerce").astype("Int64")
+    for c in ("eval_temperature", "accuracy", "pass_at_n", "boxed_rate"):
+        score_part[c] = pd.to_numeric(score_part[c], errors="coerce").astype(float)
+    expanded = runs.iloc[np.repeat(np.arange(len(records)), counts)].reset_index(drop=True)
+    table = pd.concat([expanded, score_part], axis=1)
+
+    train_counts = np.array([len(r.loss_curve) for r in records], dtype=np.int64)
+    curve_dicts = [c for r in records for c in r.loss_curve]
+    curve = pd.DataFrame.from_records(curve_dicts) if curve_dicts else pd.DataFrame()
+    curve_part = pd.DataFrame({c: curve[c] if c in curve.columns else np.nan for c in TRAIN_FIELDS},
+                              index=range(len(curve)))
+    curve_part["step"] = pd.to_numeric(curve_part["step"], errors="coerce").astype("Int64")
+    train = pd.concat([runs.iloc[np.repeat(np.arange(len(records)), train_counts)].reset_index(drop=True),
+                       curve_part], axis=1)
+    return table, train
+
+
+def _clean_types(frame: pd.DataFrame) -> pd.DataFrame:
+    """Make every column parquet-storable: mixed-type object columns become strings."""
+    out = frame.copy()
+    for c in out.columns:
+        col = out[c]
+        if col.dtype != object:
+            continue
+        kinds = {type(v) for v in col.dropna()}
+        if kinds <= {bool}:
+            out[c] = col.astype("boolean")
+        elif kinds and kinds <= {int, float} and bool not in kinds:
+            out[c] = pd.to_numeric(col)
+        elif kinds and not kinds <= {str}:
+            out[c] = col.map(lambda v: v if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    return out
+
+
+# ---------------------------------------------------------------- the collect entry points
+
+def _progress(items: Sequence[RunRef], enabled: bool) -> Iterator[RunRef]:
+    """Yield ``items`` with a progress bar on stderr (tqdm when installed, else a line every 10%)."""
+    if not enabled:
+        yield from items
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        total = len(items)
+        every = max(1, total // 10)
+        for i, item in enumerate(items, 1):
+            yield item
+            if i % every == 0 or i == total:
+                print(f"collect: {i}/{total} runs", file=sys.stderr, flush=True)
+        return
+    yield from tqdm(items, desc="collect", unit="run", file=sys.stderr, mininterval=0.5, leave=False)
+
+
+def collect(source: Path | str, name: str | None = None, progress: bool = True) -> Collected:
+    """Read every run under ``source`` (see :func:`find_runs`) into the scores and train tables.
+
+    ``name`` keeps runs whose recorded ``config.name`` equals it; runs that never wrote a config
+    are kept only when a sweep manifest lists them (they belong to that sweep).
+    """
+    t0 = time.perf_counter()
+    kind, refs = find_runs(Path(source))
+    records = [read_run(ref) for ref in _progress(refs, progress and len(refs) > 0)]
+    if name is not None:
+        records = [r for r in records
+                   if r.config.get("name") == name or (kind == "sweep" and "name" not in r.config)]
+    scores, train = build_tables(records)
+    return Collected(scores=scores, train=train, source=str(source), seconds=time.perf_counter() - t0)
+
+
+def write_tables(collected: Collected, out_dir: Path) -> tuple[Path, Path]:
+    """Write scores.parquet and train.parquet into ``out_dir`` (each replaced atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for frame, filename in ((collected.scores, SCORES_FILE), (collected.train, TRAIN_FILE)):
+        target = out_dir / filename
+        tmp = out_dir / f".{filename}.tmp"
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, target)
+        paths.append(target)
+    return paths[0], paths[1]
+
+
+def read_tables(path: Path | str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(scores, train) from a scores.parquet file or a directory holding them (train may be absent)."""
+    path = Path(path)
+    scores_path = path if path.suffix == ".parquet" else path / SCORES_FILE
+    train_path = scores_path.with_name(TRAIN_FILE)
+    scores = pd.read_parquet(scores_path)
+    train = pd.read_parquet(train_path) if train_path.is_file() else None
+    return scores, train
+
+
+def summary_line(collected: Collected) -> str:
+    """Counts per status and rows, e.g. for the command's last line."""
+    runs = collected.scores.drop_duplicates("run_id")
+    counts = runs["status"].value_counts()
+    states = ", ".join(f"{k} {v}" for k, v in counts.items())
+    return (f"{len(runs)} runs ({states}); {len(collected.scores)} score rows, {len(collected.train)} train rows; "
+            f"{collected.seconds:.1f}s")
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    source = Path(args.dir)
+    try:
+        collected = collect(source, name=args.name, progress=not args.quiet)
+    except CollectError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else source / COLLECTED_DIR
+    scores_path, train_path = write_tables(collected, out)
+    print(f"{scores_path}\n{train_path}\n{summary_line(collected)}")
+    return 0
+
+
+def add_subcommands(sub: Any) -> None:
+    """Register ``collect`` and ``report`` on the em-sweep command's subparsers."""
+    p = sub.add_parser("collect", help="gather a sweep's run directories into parquet tables",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="a sweep dir (manifest.jsonl), a paths.root (runs/) or a runs/ dir")
+    p.add_argument("--name", help="keep runs whose config.name is NAME")
+    p.add_argument("--out", help=f"output directory (default: <dir>/{COLLECTED_DIR})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_collect)
+    from em_sweep.report import add_report_subcommand
+
+    add_report_subcommand(sub)
+

@@ -1,0 +1,138 @@
+"""`em-sweep report`: figures + Markdown that answer the findings from the data, never hiding failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from em_sweep import report as rep
+from em_sweep.cli import main as cli_main
+from em_sweep.collect import collect
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mini_sweep"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, str]:
+    """The report of a copy of the fixture sweep, made through the CLI."""
+    root = tmp_path_factory.mktemp("report") / "outputs"
+    shutil.copytree(FIXTURE, root)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", str(root), "--quiet"])
+    assert exit_info.value.code == 0
+    return root / "report", (root / "report" / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def prepared() -> rep.Prepared:
+    c = collect(FIXTURE / "runs", progress=False)
+    return rep.prepare(c.scores, c.train, rep.load_skewness([FIXTURE / "skewness.json"]))
+
+
+def section(text: str, number: int) -> str:
+    start = text.index(f"### {number}. ")
+    end = text.find("\n### ", start + 1)
+    return text[start:end if end > 0 else text.index("## Findings without data")]
+
+
+def test_writes_the_report_and_every_figure_it_embeds(built):
+    out, text = built
+    embedded = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert set(embedded) == {"before_after.png", "step_curve.png", "eval_temperature.png", "train_temperature.png",
+                             "seed_spread.png", "shots.png", "skewness.png"}
+    for name in embedded:
+        assert (out / name).stat().st_size > 10_000, name
+
+
+def test_failures_are_counted_and_listed_with_reasons(built):
+    _, text = built
+    assert "7 runs: done 5, failed 1, running 1." in text
+    assert "| failed | NonFiniteLoss: step 4: loss=nan grad_norm=nan | 1 | `f300000000000000` |" in text
+    assert "| running | - | 1 | `r300000000000000` |" in text
+
+
+def test_findings_state_the_hand_computed_numbers(built):
+    _, text = built
+    # 1/6: before .40 for all; after (.5+.6+.7+.35+.45)/5 = .52; per-run change -5..+30 pp
+    assert "`tiny_arith`: 40.0% before -> 52.0% after 10 steps; change +12.0 pp (per run -5.0 pp to +30.0 pp; 5 runs" in text
+    # 2: T=0.3 runs a1, a2, m1: step 5 (.6+.7+.5)/3 = 60.0%, step 10 (.5+.6+.45)/3 = 51.7%: a clear decline
+    s2 = section(text, 2)
+    assert "temperature=0.3 (3 runs): step 0 40.0%, peak 60.0% at step 5, step 10 51.7%" in s2
+    assert "then -8.3 pp by step 10 (clear" in s2
+    assert "mean 0.950 at step 1 -> 0.500 at step 10; lower at the end in 3 of 3 runs" in s2
+    # 3: last step T=1 (.35+.40+.45+.30+.33)/5 = 36.6%; paired change -15.4 pp
+    assert "T=0 52.0%, T=1 36.6%" in section(text, 3) and "-15.4 pp (clear" in section(text, 3)
+    # 4: T=0.3 mean 51.7%, std 7.6 pp, best a2 60%; T=0.7 mean 52.5%, std 24.7 pp; difference within noise
+    s4 = section(text, 4)
+    assert "| 0.3 | 3 | 51.7% | 7.6 pp | 45.0% | 60.0% (`a200000000000000`) |" in s4
+    assert "| 0.7 | 2 | 52.5% | 24.7 pp | 35.0% | 70.0% (`b100000000000000`) |" in s4
+    assert "+0.8 pp (within noise" in s4
+    # 5: seeds of T=0.7: .70 / .35 = 2.00x; T=0.3 helps: .60/.50 = 1.20x
+    s5 = section(text, 5)
+    assert "largest 2.00x" in s5 and "1 of 2 reach the paper's 2x" in s5
+    # 7: one-shot (.5+.6+.7+.35)/4 = 53.8% vs 2 prompts 45.0%
+    assert "one-shot: 53.8% over 4 runs" in section(text, 7)
+    assert "| `em/step-10` | +0.9000 | +0.4000 |" in section(text, 8)
+
+
+def test_findings_without_data_say_what_is_missing(built):
+    _, text = built
+    missing = text[text.index("## Findings without data"):]
+    assert "**9. EM before RL helps RL; EM after RL hurts**" in missing
+    assert "stages here: ['em']" in missing
+    assert "needs an RL-tuned model" in section(text, 6)
+
+
+def test_no_done_runs_gives_a_report_of_missing_data(tmp_path):
+    root = tmp_path / "outputs"
+    shutil.copytree(FIXTURE, root)
+    for d in (root / "runs").iterdir():
+        (d / "results.json").unlink(missing_ok=True)
+        (d / "status.json").write_text(json.dumps({"state": "failed", "reason": "OOM"}))
+    c = collect(root, progress=False)
+    path = rep.build_report(rep.prepare(c.scores, c.train), tmp_path / "r")
+    text = path.read_text()
+    assert "7 runs: failed 7." in text
+    assert "## Findings with data\n\n## Findings without data" in text
+    assert "| failed | OOM | 7 |" in text
+
+
+def test_figures_state_their_run_counts(prepared):
+    import matplotlib.pyplot as plt
+
+    fig = rep.plot_step_curve(prepared)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "n = 5 runs; 2 runs not done are excluded" in titles[0]
+    assert fig.axes[0].get_xlabel() == rep.STEP_AXIS and fig.axes[0].get_ylabel() == "arith accuracy (%)"
+    plt.close(fig)
+    fig = rep.plot_seed_spread(prepared)
+    assert "n = 4 runs" in fig.axes[0].get_title()  # the two settings with two seeds
+    plt.close(fig)
+
+
+def test_curves_are_split_by_the_preferred_varying_setting(prepared):
+    assert prepared.group == "temperature"
+    assert prepared.settings == ["temperature", "prompt.name"]  # train.*_temperature only rename temperature
+    assert prepared.eval_t == 0.0 and prepared.n_problems == 400
+
+
+def test_skewness_schema_errors_name_the_file(tmp_path):
+    bad = tmp_path / "skewness.json"
+    bad.write_text(json.dumps([{"label": "x"}]))
+    with pytest.raises(ValueError, match="skewness.json: each entry needs a numeric 'skewness'"):
+        rep.load_skewness([bad])
+    wrapped = tmp_path / "logits_skewness.json"
+    wrapped.write_text(json.dumps({"models": [{"model": "m", "skewness": 1.5}]}))
+    assert rep.load_skewness([wrapped])[0]["skewness"] == 1.5
+    assert rep.find_skewness_files(tmp_path) == [bad, wrapped]
+
+
+def test_report_reads_a_collected_table(built, tmp_path):
+    root = built[0].parent
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", str(root / "collected" / "scores.parquet"), "--out", str(tmp_path / "r"), "--quiet"])
+    assert exit_info.value.code == 0
+    assert "7 runs: done 5, failed 1, running 1." in (tmp_path / "r" / "report.md").read_text()
