@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model (any model.path) on eval.benchmarks without training")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.path=/ckpt eval.benchmarks=[math500]")
     p.set_defaults(func=cmd_eval)
+    from em_sweep import selection, skewness
+
+    selection.add_subcommand(sub)
+    skewness.add_subcommand(sub)
     try:
         from em_sweep.sweep.cli import add_subcommands
     except ImportError:
