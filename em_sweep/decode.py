@@ -25,9 +25,11 @@ then uses HF generate). Attention over the cache is bucketed (keys up to 256, 51
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,7 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ALIGN = 128  # cache length and attention buckets are multiples of this (kernel alignment, reuse)
 FIRST_BUCKET = 256
 CHECK_EVERY = 16  # decoding steps between host checks for "all rows finished"
+PREFILL_TOKENS = 16384  # prompt tokens per prefill chunk
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,30 @@ def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, s: DecodeSett
     return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
+class _Clock:
+    """Marks on the device's timeline (CUDA events: no synchronisation while decoding)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -179,6 +206,7 @@ class StaticDecoder:
         # Generated tokens; fixed for the graphs' sake, so sized for the longest possible run.
         self.out = torch.full((batch, cache_len), settings.pad_id, dtype=torch.long, device=self.device)
         self.key: tuple = ()
+        self.last_timing: dict[str, Any] = {}
         self.buckets = attention_buckets(cache_len)
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -188,9 +216,12 @@ class StaticDecoder:
 
     # -- the model, through the static cache -------------------------------------------
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                write: slice | torch.Tensor, kv_len: int) -> torch.Tensor:
+                rows: slice, write: slice | torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Final hidden states of ``h`` [b, q, H] (cache rows ``rows``), writing K/V at ``write``
+        (a slice of columns: prefill; a 1-element column tensor: one decoding step)."""
         b, q_len, _ = h.shape
         rep = self.n_heads // self.n_kv
+        decoding = not isinstance(write, slice)
         for i, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -201,19 +232,21 @@ class StaticDecoder:
             q = _rotate(q.transpose(1, 2), cos, sin)
             k = _rotate(k.transpose(1, 2), cos, sin)
             v = attn.v_proj(x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
-            if isinstance(write, slice):
-                self.k[i][:, :, write] = k
-                self.v[i][:, :, write] = v
-            else:
+            if decoding:
                 self.k[i].index_copy_(2, write, k)
                 self.v[i].index_copy_(2, write, v)
-            # Grouped-query attention without copying K/V per query head: the query heads that
-            # share a KV head become extra query rows of that head.
-            qg = q.reshape(b, self.n_kv, rep * q_len, self.head_dim)
-            o = F.scaled_dot_product_attention(qg, self.k[i][:, :, :kv_len], self.v[i][:, :, :kv_len],
-                                               attn_mask=bias, scale=attn.scaling)
-            o = o.reshape(b, self.n_heads, q_len, self.head_dim).transpose(1, 2).reshape(b, q_len, -1)
-            h = h + attn.o_proj(o)
+                # Grouped-query attention without copying K/V per query head: the query heads
+                # sharing a KV head become extra query rows of it (one mask row fits all).
+                qg = q.reshape(b, self.n_kv, rep * q_len, self.head_dim)
+                o = F.scaled_dot_product_attention(qg, self.k[i][:, :, :kv_len], self.v[i][:, :, :kv_len],
+                                                   attn_mask=bias, scale=attn.scaling)
+                o = o.reshape(b, self.n_heads, q_len, self.head_dim)
+            else:  # prefill: the chunk's own keys, repeated per query head (transient)
+                self.k[i][rows, :, write] = k
+                self.v[i][rows, :, write] = v
+                o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
+                                                   attn_mask=bias, scale=attn.scaling)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q_len, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.decoder.norm(h)
 
@@ -233,7 +266,7 @@ class StaticDecoder:
         h = self.decoder.embed_tokens(self.current[:, None])
         cos = self.cos[self.position][:, None, None]  # [B, 1, 1, d]: heads, one position
         sin = self.sin[self.position][:, None, None]
-        h = self._layers(h, cos, sin, self.key_bias[..., :kv_len], self.column, kv_len)
+        h = self._layers(h, cos, sin, self.key_bias[..., :kv_len], slice(None), self.column, kv_len)
         self._append(self.head(h[:, -1]))
         self.position.add_(1)
         self.column.add_(1)
@@ -244,8 +277,10 @@ class StaticDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step_fn(self.buckets[0])
+            # Every bucket once (twice for the first) before any capture: lazy initialisation and,
+            # with compile_step, compilation must not happen while a graph is being captured.
+            for kv_len in [self.buckets[0], *self.buckets]:
+                self._step_fn(kv_len)
                 self.column.zero_()
                 self.step.zero_()
         torch.cuda.current_stream().wait_stream(stream)
@@ -274,15 +309,21 @@ class StaticDecoder:
         self.step.zero_()
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        # A padding query sees itself only, so no attention row is empty (which would give NaN).
-        allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)
-        rep = self.n_heads // self.n_kv
-        bias = torch.zeros(b, 1, width, width, dtype=self.dtype, device=self.device)
-        bias = bias.masked_fill(~allowed[:, None], float("-inf")).repeat(1, 1, rep, 1)
-        cos = self.cos[positions][:, None]  # [B, 1, P, d]
-        sin = self.sin[positions][:, None]
-        h = self._layers(self.decoder.embed_tokens(input_ids), cos, sin, bias, slice(0, width), width)
-        self._append(self.head(h[:, -1]))
+        eye = torch.eye(width, dtype=torch.bool, device=self.device)
+        last = []
+        # Rows in chunks of about PREFILL_TOKENS tokens bound the MLP's and attention's transients.
+        step = max(1, PREFILL_TOKENS // width)
+        for r0 in range(0, b, step):
+            rows = slice(r0, r0 + step)
+            # A padding query sees itself only, so no attention row is empty (which would give NaN).
+            allowed = (causal[None] & valid[rows, None, :]) | eye
+            bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            bias = bias.masked_fill_(~allowed, float("-inf"))[:, None]  # [b, 1, P, P]
+            cos = self.cos[positions[rows]][:, None]  # [b, 1, P, d]
+            sin = self.sin[positions[rows]][:, None]
+            h = self._layers(self.decoder.embed_tokens(input_ids[rows]), cos, sin, bias, rows, slice(0, width), width)
+            last.append(h[:, -1])
+        self._append(self.head(torch.cat(last)))
         self.position.copy_(valid.sum(-1))
         self.column.fill_(width)
 
@@ -294,8 +335,10 @@ class StaticDecoder:
             raise ValueError(f"prompt {width} + {max_new_tokens} new tokens exceed the cache ({self.cache_len})")
         if self.use_graphs and not self.graphs:
             self._capture()
+        clock = _Clock(self.device)
         self._prefill(input_ids, attention_mask)
-        bucket = 0
+        clock.mark()
+        bucket, steps = 0, 0
         for i in range(1, max_new_tokens):
             if i % CHECK_EVERY == 0 and bool(self.finished.all()):
                 break
@@ -306,6 +349,11 @@ class StaticDecoder:
                 self.graphs[self.buckets[bucket]].replay()
             else:
                 self._step_fn(self.buckets[bucket])
+            steps += 1
+        clock.mark()
+        prefill_s, decode_s = clock.seconds()
+        self.last_timing = {"prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": steps,
+                            "batch": input_ids.shape[0], "prompt_width": width, "graphs": bool(self.graphs)}
         return self.out[:, :self._width(max_new_tokens)].clone()
 
     def _width(self, max_new_tokens: int) -> int:
@@ -319,6 +367,12 @@ class StaticDecoder:
 
 
 _DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, StaticDecoder] = weakref.WeakKeyDictionary()
+
+
+def last_timing(model: torch.nn.Module) -> dict[str, Any]:
+    """Prefill and decoding seconds (device time) of the model's latest static generation."""
+    dec = _DECODERS.get(model)
+    return dict(dec.last_timing) if dec is not None else {}
 
 
 def release(model: torch.nn.Module) -> None:

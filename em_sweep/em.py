@@ -125,6 +125,8 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if batch.input_ids.is_cuda:  # the update runs asynchronously: let seconds_optim measure it
+        torch.cuda.synchronize(batch.input_ids.device)
     t3 = time.perf_counter()
     entropy = loss
     if train.sample_temperature != train.loss_temperature:

@@ -16,6 +16,8 @@ architectures it supports; CPU stays on HF generate). The result is laid out as
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep import decode
+
+log = logging.getLogger(__name__)
 
 # auto: "static" on CUDA where em_sweep.decode supports the model, else "hf".
 # static: static KV cache, each decoding step a replayed CUDA graph (eager off CUDA).
@@ -97,7 +101,13 @@ def resolve_backend(model: PreTrainedModel, backend: str) -> str:
         raise ValueError(f"unknown generation backend {backend!r}; choose from {BACKENDS}")
     if backend != "auto":
         return backend
-    return "static" if model.device.type == "cuda" and decode.unsupported_reason(model) is None else "hf"
+    if model.device.type != "cuda" or model in _STATIC_FAILED or decode.unsupported_reason(model) is not None:
+        return "hf"
+    return "static"
+
+
+# Models on which the static decoder raised under backend=auto: they stay on HF generate.
+_STATIC_FAILED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 class GenerationWithoutCache(RuntimeError):
@@ -137,6 +147,7 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     restores the model's previous train/eval mode.
     """
     backend = resolve_backend(model, settings.backend)
+    fallback = settings.backend == "auto"  # auto may fall back to HF generate; an explicit choice may not
     was_training = model.training
     model.eval()
     device = model.device
@@ -170,9 +181,24 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
                 chunks.append(out[:, ids.shape[1]:])
             else:
-                chunks.append(decode.generate_static(model, ids, mask, static, settings.max_new_tokens,
-                                                     use_graphs=backend != "static_eager",
-                                                     compile_step=backend == "static_compile"))
+                try:
+                    chunks.append(decode.generate_static(model, ids, mask, static, settings.max_new_tokens,
+                                                         use_graphs=backend != "static_eager",
+                                                         compile_step=backend == "static_compile"))
+                    continue
+                except RuntimeError as e:
+                    if not fallback:
+                        raise
+                    log.warning("static decoding failed (%s: %s); this model uses HF generate from now on",
+                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    _STATIC_FAILED.add(model)
+                    decode.release(model)
+                    backend = "hf"
+                if seed is not None:
+                    torch.manual_seed(seed + start)
+                with kv_cache_guard(model):
+                    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                chunks.append(out[:, ids.shape[1]:])
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)

@@ -124,3 +124,33 @@ def test_the_guard_fails_fast_when_generate_runs_without_cache():
     with kv_cache_guard(model):  # with the cache: silent
         model.generate(**enc, generation_config=GenerationConfig(do_sample=False, max_new_tokens=8,
                                                                   pad_token_id=PAD, use_cache=True))
+
+
+def test_prefill_in_row_chunks_gives_the_same_tokens(monkeypatch):
+    monkeypatch.setattr(decode, "PREFILL_TOKENS", 10)  # one or two rows per prefill chunk
+    model, tok = random_qwen2(), word_tokenizer()
+    enc = tok(prompts(5), return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ref = hf_greedy(model, ids, mask, 20, [EOS], 1.3)
+    got = decode.generate_static(model, ids, mask, decode.decode_settings(True, 1, 1, 0, 1.3, [EOS], PAD), 20)
+    assert torch.equal(ref, got)
+    assert decode.last_timing(model)["decode_steps"] == 19
+
+
+def test_auto_falls_back_to_hf_generate_when_the_static_decoder_fails(monkeypatch):
+    import em_sweep.sample as sample
+
+    model, tok = random_qwen2(seed=5), word_tokenizer()
+    texts = prompts(3, seed=6)
+    ref = sample_responses(model, tok, texts, SamplingSettings(temperature=0.0, max_new_tokens=10, backend="hf"), 3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(sample.decode, "generate_static", broken)
+    monkeypatch.setattr(sample.decode, "unsupported_reason", lambda m: None)
+    monkeypatch.setattr(sample, "resolve_backend", lambda m, b: "static" if b == "auto" else b)
+    got = sample_responses(model, tok, texts, SamplingSettings(temperature=0.0, max_new_tokens=10), 3)
+    assert got.texts == ref.texts
+    with pytest.raises(RuntimeError, match="capturing"):  # an explicit choice does not fall back
+        sample_responses(model, tok, texts, SamplingSettings(temperature=0.0, max_new_tokens=10, backend="static"), 3)

@@ -1,0 +1,242 @@
+"""One EM optimizer step: the reference code's way vs. em-sweep's, in one run (issue 7).
+
+A step = 64 sampled responses x 512 new tokens from a ~100-token prompt, the entropy loss over
+them, one AdamW update (MISSION.md s1, s6). Random weights in the Qwen2.5-Math-1.5B / -7B
+architectures; generation runs to the full token budget (random weights never say EOS).
+
+- reference style (the public one-shot-em train.py): micro-batch 2, HF ``generate`` in train
+  mode with gradient checkpointing and without KV cache, then forward/backward of the
+  full-vocabulary fp32 entropy. Too slow to run whole (~30 min a step on an H100), so it is
+  MEASURED on one micro-batch and EXTRAPOLATED: generation per-token times of the first
+  ``--ref-tokens`` tokens, fitted linear in the position, summed to 512 tokens; one
+  forward/backward of a full-length micro-batch; both times 32 micro-batches. Its optimizer
+  (DeepSpeed ZeRO-2 with CPU offload) is not reproduced and not counted.
+- em-sweep: ``em_sweep.em.em_step`` as a run calls it (sampling backend, optimizer strategy and
+  checkpointing as chosen); the first step includes one-time costs (graph capture) and is
+  reported apart; the figure is the median of the following steps.
+
+    python benchmarks/em_step.py --shape 7b --json em_step_7b.json
+    python benchmarks/em_step.py --shape tiny --new-tokens 16 --batch 8 --micro-batch 4   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import traceback
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _common import (
+    IdTokenizer,
+    build_model,
+    environment,
+    fmt,
+    peak_gib,
+    pick_device,
+    pick_dtype,
+    random_prompt,
+    reset_peak,
+    sync,
+    timed,
+    write_json,
+)
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from em_sweep.em import em_step, make_optimizer
+
+
+def train_settings(args: argparse.Namespace) -> SimpleNamespace:
+    """The fields em_step reads, at the paper's reference values (MISSION.md s1)."""
+    return SimpleNamespace(
+        batch_size=args.batch, micro_batch_size=args.micro_batch, lr=2e-5, weight_decay=0.01,
+        adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, warmup_steps=0, grad_clip=1.0,
+        sample_temperature=0.5, top_p=0.95, top_k=0, repetition_penalty=1.15, max_new_tokens=args.new_tokens,
+        sample_batch_size=args.batch, loss_temperature=0.5, loss_chunk_tokens=args.loss_chunk_tokens,
+        optimizer=args.optimizer, generation_backend=args.backend)
+
+
+class TokenClock(StoppingCriteria):
+    """Records the time at which each generated token is available (device synchronised)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, [time.perf_counter()]
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def reference_step(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The reference code's step on one micro-batch of 2, extrapolated to the batch (see module doc)."""
+    micro, n_micro = 2, args.batch // 2
+    model.gradient_checkpointing_enable()
+    model.train()
+    hi = min(model.config.vocab_size, 5000)
+    ids = torch.randint(100, hi, (micro, args.prompt_tokens), device=device)
+    measured = min(args.ref_tokens, args.new_tokens)
+    kw = dict(do_sample=True, top_p=0.95, temperature=0.5, repetition_penalty=1.15, use_cache=False, pad_token_id=0)
+    with torch.no_grad():  # warm-up (kernels, allocator)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2, **kw)
+    clock = TokenClock(device)
+    with torch.no_grad():
+        sync(device)
+        clock.times = [time.perf_counter()]
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=measured,
+                       min_new_tokens=measured, stopping_criteria=StoppingCriteriaList([clock]), **kw)
+    per_token = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    first, rest = per_token[0], per_token[1:]
+    # Without a cache, token k costs a forward over prompt + k tokens: fit a + b*k, sum to the budget.
+    if len(rest) >= 2:
+        ks = torch.arange(1, len(rest) + 1, dtype=torch.float64)
+        ts = torch.tensor(rest, dtype=torch.float64)
+        slope = float(((ks - ks.mean()) * (ts - ts.mean())).sum() / ((ks - ks.mean()) ** 2).sum())
+        intercept = float(ts.mean()) - slope * float(ks.mean())
+    else:
+        slope, intercept = 0.0, (rest[0] if rest else first)
+    k_all = torch.arange(1, args.new_tokens, dtype=torch.float64)
+    gen_micro = first + float((intercept + slope * k_all).clamp(min=0).sum())
+    # Forward/backward of the full-vocabulary fp32 entropy on a full-length micro-batch (measured).
+    seq = torch.randint(100, hi, (micro, args.prompt_tokens + args.new_tokens), device=device)
+
+    def fwd_bwd() -> None:
+        logits = model(input_ids=seq).logits
+        probs = F.softmax(logits.float() / 0.5, dim=-1)
+        h = -(probs * torch.log(probs + 1e-12)).sum(-1)
+        mask = torch.zeros_like(h)
+        mask[:, args.prompt_tokens - 1:] = 1
+        ((h * mask).sum() / mask.sum()).backward()
+
+    fwd_bwd()
+    model.zero_grad(set_to_none=True)
+    reset_peak(device)
+    _, fb_micro = timed(device, fwd_bwd)
+    peak = peak_gib(device)
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_disable()
+    model.eval()
+    return {
+        "label": f"EXTRAPOLATED from {measured} of {args.new_tokens} tokens and 1 of {n_micro} micro-batches",
+        "measured_tokens": measured, "micro_batches": n_micro,
+        "gen_first_token_s": round(first, 4), "gen_per_token_fit_s": [round(intercept, 5), round(slope, 7)],
+        "sample_s": round(gen_micro * n_micro, 1), "loss_s": round(fb_micro * n_micro, 1), "optim_s": None,
+        "step_s": round((gen_micro + fb_micro) * n_micro, 1), "peak_gib_loss_micro": peak,
+        "micro_measured": {"gen_s_extrapolated": round(gen_micro, 3), "fwd_bwd_s": round(fb_micro, 3)},
+    }
+
+
+def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """em_sweep's em_step, ``--steps`` times; the first is reported apart (one-time costs)."""
+    train = train_settings(args)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer, lr_at = make_optimizer(model, train)
+    texts = [random_prompt(args.prompt_tokens, model.config.vocab_size, seed=1)] * args.batch
+    tok = IdTokenizer()
+    steps = []
+    reset_peak(device)
+    for s in range(args.steps):
+        t0 = time.perf_counter()
+        m = em_step(model, tok, optimizer, texts, train, step=s + 1, lr=lr_at(s), seed=1000 + s)
+        sync(device)
+        wall = time.perf_counter() - t0
+        steps.append({"sample_s": m.seconds_sample, "loss_s": m.seconds_loss, "optim_s": m.seconds_optim,
+                      "step_s": wall, "loss": m.loss, "response_length": m.response_length})
+        print(f"  project step {s + 1}: {wall:.2f}s (sample {m.seconds_sample:.2f}, loss {m.seconds_loss:.2f}, "
+              f"optim {m.seconds_optim:.3f}) loss {m.loss:.4f} len {m.response_length:.0f}", flush=True)
+    peak = peak_gib(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    from em_sweep import decode  # free the static cache before anything else runs on this model
+    decode.release(model)
+    timed_steps = steps[1:] or steps
+    med = {k: round(statistics.median(x[k] for x in timed_steps), 3) for k in ("sample_s", "loss_s", "optim_s", "step_s")}
+    from em_sweep.sample import resolve_backend
+
+    return {"label": f"MEASURED: median of {len(timed_steps)} step(s) after the first", **med,
+            "first_step_s": round(steps[0]["step_s"], 3), "peak_gib": peak, "steps": steps,
+            "optimizer": getattr(optimizer, "em_name", type(optimizer).__name__),
+            "backend": resolve_backend(model, args.backend), "gradient_checkpointing": args.gradient_checkpointing,
+            "micro_batch": args.micro_batch, "loss_chunk_tokens": args.loss_chunk_tokens}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "1.5b", "7b"])
+    ap.add_argument("--parts", default="reference,project", help="comma list of: reference, project")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--ref-tokens", type=int, default=24, help="reference tokens actually generated")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--backend", default="auto", help="train.generation_backend")
+    ap.add_argument("--optimizer", default="auto", help="train.optimizer")
+    ap.add_argument("--gradient-checkpointing", type=int, default=None, help="1/0; default: on for 7b only")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=2048)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--json", default=None, help="write results here (a bare name goes under $OUT)")
+    args = ap.parse_args(argv)
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = int(args.shape == "7b")
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    result: dict[str, Any] = {"benchmark": "em_step", "shape": args.shape, "dtype": str(dtype).removeprefix("torch."),
+                              "env": environment(device), "args": vars(args)}
+    print(f"em_step {args.shape} on {result['env'].get('gpu', device)} ({result['dtype']}): "
+          f"{args.batch} x {args.new_tokens} tokens, prompt {args.prompt_tokens}", flush=True)
+    t0 = time.perf_counter()
+    model = build_model(args.shape, device, dtype)
+    result["build_s"] = round(time.perf_counter() - t0, 1)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result["weights_gib"] = peak_gib(device)
+    for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
+        t0 = time.perf_counter()
+        try:
+            fn = {"reference": reference_step, "project": project_steps}[part]
+            result[part] = fn(model, args, device)
+        except Exception as e:  # one part failing must not lose the others' figures
+            traceback.print_exc()
+            result[part] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result[part]["wall_s"] = round(time.perf_counter() - t0, 1)
+        write_json(args.json, result)  # after every part: a later crash keeps what was measured
+    ref, proj = result.get("reference", {}), result.get("project", {})
+    if "step_s" in ref and "step_s" in proj:
+        result["ratio_reference_over_project"] = round(ref["step_s"] / proj["step_s"], 1)
+    print_table(result)
+    write_json(args.json, result)
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"\nEM step, {r['shape']} ({r['params'] / 1e9:.2f}B params, {r['dtype']}) on {r['env'].get('gpu', r['env']['device'])}")
+    print(f"{'':<34}{'sample s':>10}{'loss s':>9}{'optim s':>9}{'step s':>9}{'peak GiB':>10}")
+    for key, name in (("reference", "reference style (EXTRAPOLATED)"), ("project", "em-sweep em_step (measured)")):
+        p = r.get(key)
+        if not p:
+            continue
+        if "error" in p:
+            print(f"{name:<34}failed: {p['error'][:80]}")
+            continue
+        peak = p.get("peak_gib", p.get("peak_gib_loss_micro"))
+        print(f"{name:<34}{fmt(p['sample_s']):>10}{fmt(p['loss_s']):>9}{fmt(p['optim_s'], 3):>9}"
+              f"{fmt(p['step_s']):>9}{fmt(peak):>10}")
+    if "project" in r and "error" not in r["project"]:
+        p = r["project"]
+        print(f"  em-sweep: backend {p['backend']}, optimizer {p['optimizer']}, micro-batch {p['micro_batch']}, "
+              f"checkpointing {bool(p['gradient_checkpointing'])}, first step {p['first_step_s']} s")
+    if "ratio_reference_over_project" in r:
+        print(f"  ratio reference / em-sweep: {r['ratio_reference_over_project']}x")
+    print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
