@@ -1,0 +1,107 @@
+"""FSDP2 across 2 CPU processes (gloo) against one process: same loss, gradient and update."""
+
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from em_sweep.em import accumulate_entropy_gradients
+from em_sweep.sample import SampleBatch, SamplingSettings
+from tests.tiny_models import PAD, prompts, random_qwen2, word_tokenizer
+
+WORLD = 2
+TRAIN = SimpleNamespace(micro_batch_size=2, loss_temperature=0.7, loss_chunk_tokens=5, grad_clip=1.0,
+                        sample_batch_size=4, sample_temperature=0.7, top_p=0.95, top_k=0, repetition_penalty=1.0,
+                        max_new_tokens=6, generation_backend="auto")
+
+
+def fixed_batch(rows: int = 8, prompt: int = 5, new: int = 7) -> SampleBatch:
+    """A sampled-looking batch with ragged prompts and response lengths (no sampling: deterministic)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (rows, prompt + new), generator=g)
+    attn = torch.ones_like(ids)
+    resp = torch.zeros_like(ids)
+    lengths = torch.randint(1, new + 1, (rows,), generator=g)
+    for r in range(rows):
+        attn[r, : r % 3] = 0  # left padding
+        ids[r, : r % 3] = PAD
+        attn[r, prompt + lengths[r]:] = 0
+        resp[r, prompt - 1: prompt - 1 + lengths[r]] = 1
+    return SampleBatch(input_ids=ids, attention_mask=attn, response_mask=resp, prompt_len=prompt,
+                       response_lengths=lengths, texts=[""] * rows, hit_eos=torch.zeros(rows, dtype=torch.bool))
+
+
+def rows_of(batch: SampleBatch, rows: slice) -> SampleBatch:
+    return SampleBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows], batch.prompt_len,
+                       batch.response_lengths[rows], batch.texts[rows], batch.hit_eos[rows])
+
+
+def adamw(params):
+    # eps 1e-6: Adam's first step is ~lr * sign(g), so a gradient of ~1e-9 differing in its last
+    # bits between the two summation orders would otherwise move a weight by up to lr.
+    return torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+
+
+def single_process_reference():
+    model = random_qwen2(peaky=1.0).train()
+    batch = fixed_batch()
+    n = batch.response_mask.sum()
+    loss = float(accumulate_entropy_gradients(model, batch, TRAIN, n)) / float(n)
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN.grad_clip)
+    adamw(model.parameters()).step()
+    return loss, grads, {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    from em_sweep.distributed import backward_share, em_step_distributed, sample_share, shard_model, share
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    try:
+        model = random_qwen2(peaky=1.0).train()
+        objective = shard_model(model)
+        batch = fixed_batch()
+        loss, n_tokens = backward_share(objective, rows_of(batch, share(8, rank, WORLD)), TRAIN)
+        grads = {k.removeprefix("model."): p.grad.full_tensor() for k, p in objective.named_parameters()}
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), TRAIN.grad_clip)
+        opt = adamw(objective.parameters())
+        opt.step()
+        params = {k.removeprefix("model."): p.full_tensor().detach() for k, p in objective.named_parameters()}
+        opt.zero_grad(set_to_none=True)
+        # Ranks whose generation lengths differ (as EOS makes them) must not wait on each other.
+        tok = word_tokenizer()
+        sampled = sample_share(objective, tok, prompts(2, seed=rank), SamplingSettings(
+            temperature=1.0, max_new_tokens=4 + 8 * rank, backend="hf"), 2, seed=rank)
+        # A whole distributed step: one update per parameter on every rank.
+        metrics = em_step_distributed(objective, tok, opt, prompts(1) * 8, TRAIN, step=2, lr=1e-3, seed=5)
+        steps = {int(s["step"]) for s in opt.state.values()}
+        if rank == 0:
+            torch.save({"loss": loss, "grads": grads, "params": params, "sampled_width": sampled.input_ids.shape[1],
+                        "step_loss": metrics.loss, "optimizer_steps": steps}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_fsdp2_on_two_processes_matches_one_process(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    got = torch.load(out)
+    loss, grads, params = single_process_reference()
+    assert got["loss"] == pytest.approx(loss, abs=1e-6)
+    assert got["grads"].keys() == grads.keys()
+    for k in grads:
+        assert torch.allclose(got["grads"][k], grads[k], atol=1e-6, rtol=1e-5), k
+        assert torch.allclose(got["params"][k], params[k], atol=1e-5, rtol=1e-5), k
+    assert got["optimizer_steps"] == {2}  # the fixed-batch update, then exactly one per em_step_distributed
+    assert got["step_loss"] > 0
