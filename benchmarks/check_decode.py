@@ -58,18 +58,23 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = ((torch.float32, 1.0), (torch.bfloat16, 0.5)) if device.type == "cuda" else ((torch.float32, 1.0),)
     for dtype, need in dtypes:
         model = small_model(device, dtype)
-        texts = ragged_prompts(12, model.config.vocab_size)
-        greedy = SamplingSettings(temperature=0.0, max_new_tokens=args.new_tokens, repetition_penalty=1.15)
-        ref = sample_responses(model, tok, texts, SamplingSettings(**{**vars(greedy), "backend": "hf"}), 12)
-        for backend in backends:
-            try:
-                got = sample_responses(model, tok, texts, SamplingSettings(**{**vars(greedy), "backend": backend}), 12)
-                same = float((got.input_ids == ref.input_ids).float().mean())
-                report(f"greedy {backend} == hf generate ({str(dtype)[6:]})", same >= need,
-                       f"{same:.4f} of tokens equal (need {need}); timing {decode.last_timing(model)}")
-            except Exception as e:
-                report(f"greedy {backend} == hf generate ({str(dtype)[6:]})", False, f"{type(e).__name__}: {e}")
-            decode.release(model)
+        # Ragged prompts without repetition penalty (masks, positions), equal-length prompts with it:
+        # transformers versions differ in whether left padding counts for the penalty.
+        cases = (("ragged", ragged_prompts(12, model.config.vocab_size), 1.0),
+                 ("penalty 1.15", [ragged_prompts(12, model.config.vocab_size)[-1]] * 4, 1.15))
+        for case, texts, penalty in cases:
+            greedy = dict(temperature=0.0, max_new_tokens=args.new_tokens, repetition_penalty=penalty)
+            ref = sample_responses(model, tok, texts, SamplingSettings(**greedy, backend="hf"), len(texts))
+            for backend in backends:
+                name = f"greedy {backend} == hf generate ({str(dtype)[6:]}, {case})"
+                try:
+                    got = sample_responses(model, tok, texts, SamplingSettings(**greedy, backend=backend), len(texts))
+                    same = float((got.input_ids == ref.input_ids).float().mean())
+                    report(name, same >= need, f"{same:.4f} of tokens equal (need {need}); "
+                                               f"timing {decode.last_timing(model)}")
+                except Exception as e:
+                    report(name, False, f"{type(e).__name__}: {e}")
+                decode.release(model)
 
     model = small_model(device, torch.float32, peaky=1.0)
     texts = ragged_prompts(8, model.config.vocab_size)

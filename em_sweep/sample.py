@@ -163,7 +163,7 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         top_k=None if greedy else settings.top_k,
         repetition_penalty=settings.repetition_penalty,
         max_new_tokens=settings.max_new_tokens,
-        eos_token_id=eos_ids,
+        eos_token_id=eos_ids or None,  # None, not []: some transformers versions reject an empty list
         pad_token_id=pad_id,
         use_cache=True,
     )

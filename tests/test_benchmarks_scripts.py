@@ -16,12 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
 def test_gpu_session_rehearsal_measures_everything_and_survives_a_failing_part(tmp_path):
     """SMOKE run of the real script; the 7B EM part is made to fail: the others still report."""
+    # The GPU machine has torch and transformers but not the project's other dependencies:
+    # the benchmarks must run without them.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('hydra', 'omegaconf', 'wandb', 'submitit', 'math_verify'):\n"
+        "    sys.modules[name] = None\n")
     wrapper = tmp_path / "python"
     wrapper.write_text(f'#!/bin/sh\ncase "$*" in *em_step_7b.json*) echo "injected failure" >&2; exit 3;; esac\n'
                        f'exec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
     out = tmp_path / "out"
-    env = {**os.environ, "SMOKE": "1", "PYTHON": str(wrapper), "OUT": str(out),
+    env = {**os.environ, "SMOKE": "1", "PYTHON": str(wrapper), "OUT": str(out), "PYTHONPATH": str(blocked),
            "PARTS": "check_decode em_step_1.5b em_step_7b eval_7b"}
     r = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True,
                        timeout=900, env=env)
