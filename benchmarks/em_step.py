@@ -7,10 +7,12 @@ architectures; generation runs to the full token budget (random weights never sa
 - reference style (the public one-shot-em train.py): micro-batch 2, HF ``generate`` in train
   mode with gradient checkpointing and without KV cache, then forward/backward of the
   full-vocabulary fp32 entropy. Too slow to run whole (~30 min a step on an H100), so it is
-  MEASURED on one micro-batch and EXTRAPOLATED: generation per-token times of the first
-  ``--ref-tokens`` tokens, fitted linear in the position, summed to 512 tokens; one
-  forward/backward of a full-length micro-batch; both times 32 micro-batches. Its optimizer
-  (DeepSpeed ZeRO-2 with CPU offload) is not reproduced and not counted.
+  MEASURED in parts and EXTRAPOLATED: without a cache, generating token k is one forward over
+  the prompt and the k tokens before it, so that forward is timed at five lengths and
+  interpolated over the 512 tokens, plus generate's own per-token overhead measured on the
+  first ``--ref-tokens`` real tokens; one forward/backward of a full-length micro-batch is timed;
+  both are multiplied by the 32 micro-batches. Its optimizer (DeepSpeed ZeRO-2 with CPU
+  offload) is not reproduced and not counted.
 - em-sweep: ``em_sweep.em.em_step`` as a run calls it (sampling backend, optimizer strategy and
   checkpointing as chosen); the first step includes one-time costs (graph capture) and is
   reported apart; the figure is the median of the following steps.
@@ -74,11 +76,12 @@ class TokenClock(StoppingCriteria):
 def reference_step(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The reference code's step on one micro-batch of 2, extrapolated to the batch (see module doc)."""
     micro, n_micro = 2, args.batch // 2
+    p, new = args.prompt_tokens, args.new_tokens
     model.gradient_checkpointing_enable()
     model.train()
     hi = min(model.config.vocab_size, 5000)
-    ids = torch.randint(100, hi, (micro, args.prompt_tokens), device=device)
-    measured = min(args.ref_tokens, args.new_tokens)
+    ids = torch.randint(100, hi, (micro, p), device=device)
+    measured = max(2, min(args.ref_tokens, new))
     kw = dict(do_sample=True, top_p=0.95, temperature=0.5, repetition_penalty=1.15, use_cache=False, pad_token_id=0)
     with torch.no_grad():  # warm-up (kernels, allocator)
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2, **kw)
@@ -89,26 +92,34 @@ def reference_step(model: torch.nn.Module, args: argparse.Namespace, device: tor
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=measured,
                        min_new_tokens=measured, stopping_criteria=StoppingCriteriaList([clock]), **kw)
     per_token = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
-    first, rest = per_token[0], per_token[1:]
-    # Without a cache, token k costs a forward over prompt + k tokens: fit a + b*k, sum to the budget.
-    if len(rest) >= 2:
-        ks = torch.arange(1, len(rest) + 1, dtype=torch.float64)
-        ts = torch.tensor(rest, dtype=torch.float64)
-        slope = float(((ks - ks.mean()) * (ts - ts.mean())).sum() / ((ks - ks.mean()) ** 2).sum())
-        intercept = float(ts.mean()) - slope * float(ks.mean())
-    else:
-        slope, intercept = 0.0, (rest[0] if rest else first)
-    k_all = torch.arange(1, args.new_tokens, dtype=torch.float64)
-    gen_micro = first + float((intercept + slope * k_all).clamp(min=0).sum())
-    # Forward/backward of the full-vocabulary fp32 entropy on a full-length micro-batch (measured).
-    seq = torch.randint(100, hi, (micro, args.prompt_tokens + args.new_tokens), device=device)
+    # Without a cache, generating token k is one forward over the prompt and the k tokens before
+    # it (plus sampling): measure that forward at a few lengths, add generate's own per-token
+    # overhead (measured on the first tokens), and sum over the 512 tokens.
+    seq = torch.randint(100, hi, (micro, p + new), device=device)
+    lengths = sorted({p + min(measured // 2, new - 1), *(p + round(new * f) for f in (0.25, 0.5, 0.75)), p + new - 1})
 
-    def fwd_bwd() -> None:
+    def forward_s(length: int) -> float:
+        with torch.no_grad():
+            times = [timed(device, model, input_ids=seq[:, :length])[1] for _ in range(3)]
+        return sorted(times)[1]
+
+    fwd = {length: forward_s(length) for length in lengths}
+    early = sorted(per_token[1:])[len(per_token[1:]) // 2]  # median, tokens k >= 1
+    overhead = max(0.0, early - fwd[lengths[0]])
+    xs = torch.tensor(lengths, dtype=torch.float64)
+    ys = torch.tensor([fwd[x] for x in lengths], dtype=torch.float64)
+    ks = torch.arange(p, p + new, dtype=torch.float64)
+    idx = torch.searchsorted(xs, ks).clamp(1, len(lengths) - 1)
+    x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
+    interp = y0 + (y1 - y0) * ((ks - x0) / (x1 - x0)).clamp(0, 1)
+    gen_micro = float(interp.sum()) + overhead * new
+
+    def fwd_bwd() -> None:  # the reference loss: full-vocabulary fp32 entropy, checkpointed model
         logits = model(input_ids=seq).logits
         probs = F.softmax(logits.float() / 0.5, dim=-1)
         h = -(probs * torch.log(probs + 1e-12)).sum(-1)
         mask = torch.zeros_like(h)
-        mask[:, args.prompt_tokens - 1:] = 1
+        mask[:, p - 1:] = 1
         ((h * mask).sum() / mask.sum()).backward()
 
     fwd_bwd()
@@ -120,9 +131,12 @@ def reference_step(model: torch.nn.Module, args: argparse.Namespace, device: tor
     model.gradient_checkpointing_disable()
     model.eval()
     return {
-        "label": f"EXTRAPOLATED from {measured} of {args.new_tokens} tokens and 1 of {n_micro} micro-batches",
+        "label": (f"EXTRAPOLATED: 1 of {n_micro} micro-batches; generation = no-cache forward timed at "
+                  f"{len(lengths)} lengths, interpolated over {new} tokens, + generate's overhead from "
+                  f"{measured} real tokens"),
         "measured_tokens": measured, "micro_batches": n_micro,
-        "gen_first_token_s": round(first, 4), "gen_per_token_fit_s": [round(intercept, 5), round(slope, 7)],
+        "forward_s_by_length": {str(k): round(v, 4) for k, v in fwd.items()},
+        "generate_overhead_s_per_token": round(overhead, 4), "generate_first_tokens_s": [round(t, 4) for t in per_token],
         "sample_s": round(gen_micro * n_micro, 1), "loss_s": round(fb_micro * n_micro, 1), "optim_s": None,
         "step_s": round((gen_micro + fb_micro) * n_micro, 1), "peak_gib_loss_micro": peak,
         "micro_measured": {"gen_s_extrapolated": round(gen_micro, 3), "fwd_bwd_s": round(fb_micro, 3)},

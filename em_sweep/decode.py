@@ -212,7 +212,9 @@ class StaticDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._step_fn = self._decode_step
         if compile_step:
-            self._step_fn = torch.compile(self._decode_step, dynamic=False)
+            # Default dynamism: the bucket length becomes symbolic at its second value, so the
+            # buckets cost two compilations, not one each.
+            self._step_fn = torch.compile(self._decode_step)
 
     # -- the model, through the static cache -------------------------------------------
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
