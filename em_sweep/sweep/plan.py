@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +170,8 @@ class _Interpolation:
 
 def _analyse_interpolations(cfg: DictConfig, swept_keys: Sequence[str]) -> list[_Interpolation]:
     """The interpolations whose value can change between runs, with their swept dependencies."""
-    paths = [p for p in _interpolation_paths(cfg) if not any(_related(p, k) and p.startswith(k) for k in swept_keys)]
+    # An interpolation at or inside a swept key is replaced by the swept value itself.
+    paths = [p for p in _interpolation_paths(cfg) if not any(p == k or p.startswith(k + ".") for k in swept_keys)]
     deps_of: dict[str, set[str] | None] = {}
 
     def deps(path: str, visiting: frozenset[str]) -> set[str] | None:
@@ -274,36 +275,40 @@ class _GroupCombination:
 class _InputChecks:
     """The core's checks of a run's inputs (prompt pool and ids, benchmarks, model path), each distinct input once.
 
-    These read files (or the network, for hub model ids), so they are memoised; the cross-field
-    checks of ``em_sweep.config.validate`` run for every run.
+    These read files (or the network, for hub model ids), so their outcomes are memoised, failures
+    included; the cross-field checks of ``em_sweep.config.validate`` run for every run.
     """
 
     def __init__(self, check_model_paths: bool) -> None:
         self.check_model_paths = check_model_paths
-        self._seen: set[str] = set()
+        self._outcomes: dict[str, Exception | None] = {}
 
-    def _once(self, kind: str, value: Any) -> bool:
+    def _once(self, kind: str, value: Any, check: Callable[[], Any]) -> None:
         key = kind + json.dumps(value, sort_keys=True, default=str)
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        return True
+        if key not in self._outcomes:
+            try:
+                check()
+                self._outcomes[key] = None
+            except Exception as e:
+                self._outcomes[key] = e
+        error = self._outcomes[key]
+        if error is not None:
+            raise error
 
     def __call__(self, config: dict[str, Any]) -> None:
         # Lazy imports: these modules pull in transformers/torch, which plain Hydra start-up must not pay.
         from em_sweep.benchmarks import resolve_spec
         from em_sweep.prompts import select_prompts
 
-        view = _AttrDict(config)
-        if self._once("prompt", config["prompt"]):
-            select_prompts(view.prompt)
+        prompt = _AttrDict(config["prompt"])
+        self._once("prompt", config["prompt"], lambda: select_prompts(prompt))
         for name in config["eval"]["benchmarks"]:
-            if self._once("benchmark", name):
-                resolve_spec(name)
-        if self.check_model_paths and self._once("model", config["model"]["path"]):
+            self._once("benchmark", name, lambda name=name: resolve_spec(name))
+        if self.check_model_paths:
             from em_sweep.models import resolve_model_path
 
-            resolve_model_path(config["model"]["path"])
+            path = config["model"]["path"]
+            self._once("model", path, lambda: resolve_model_path(path))
 
 
 def _needs_full_compose(override: Override) -> bool:

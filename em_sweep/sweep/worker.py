@@ -111,6 +111,11 @@ def run_packed(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, 
                                    "the sweep planner and Hydra disagree (please report)")
             run(cfg, cache=cache)
             outcomes[planned.run_id] = "done"
+        except (SystemExit, KeyboardInterrupt):
+            # submitit's requeue (USR2: preemption, time limit) or a cancel: the run did not fail,
+            # it was stopped; it restarts cleanly when its task runs again.
+            rundir.write_status(path, "pending", reason="interrupted (preempted, time limit or cancelled)")
+            raise
         except RunFailed as e:
             # run() recorded the failure itself, or another process owns the run dir right now:
             # either way its status.json is not ours to write.
@@ -141,9 +146,15 @@ class SweepTask:
         return run_packed(context, runs)
 
     def checkpoint(self, runs: Sequence[PlannedRun]) -> Any:
-        """Called by submitit on USR2 (preemption, time limit): requeue with only the unfinished runs."""
+        """Called by submitit on USR2 (preemption, time limit): requeue with only the unfinished runs.
+
+        The run in progress is interrupted; it restarts from scratch in the requeued task
+        (``em_sweep.run.run`` clears partial files). Returns None (no requeue) when all are done.
+        """
         import submitit
 
         unfinished = [r for r in runs if not rundir.is_complete(Path(r.run_dir))]
+        if not unfinished:
+            return None
         log.warning("requeueing with %d of %d runs unfinished", len(unfinished), len(runs))
         return submitit.helpers.DelayedSubmission(self, unfinished)

@@ -1,0 +1,197 @@
+"""Sweep planning without a cluster: expansion, validation, run ids, dry runs, chunking, status files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import open_dict, read_write
+
+from em_sweep import rundir
+from em_sweep.sweep import manifest
+from em_sweep.sweep.launcher import array_chunks, pack_runs, slurm_max_array_size
+from em_sweep.sweep.plan import PlannedRun, SweepError, expand_jobs, plan_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture
+def loader():
+    """Hydra's config loader over the project's conf/, and a multirun master config."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        config_loader = GlobalHydra.instance().config_loader()
+        master = config_loader.load_configuration("config", overrides=[], run_mode=RunMode.MULTIRUN)
+        yield config_loader, master
+
+
+def full_compose_run_dir(config_loader, master, overrides) -> Path:
+    """What Hydra's stock path gives for a job: a full composition, hydra node removed."""
+    cfg = config_loader.load_sweep_config(master, list(overrides))
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return rundir.run_dir_for(cfg)
+
+
+def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_planned_run_ids_match_a_full_composition_for_every_run(loader, tmp_path):
+    """The in-place plan must give exactly the run dir a full Hydra composition gives, run by run.
+
+    The grid sweeps keys that interpolations read (temperature -> train.*_temperature,
+    model.lr -> train.lr, paths.root -> paths.runs_dir), a group, a list value, and a +key
+    (which takes the full-composition path).
+    """
+    config_loader, master = loader
+    jobs = expand_jobs(config_loader, [
+        "model=tiny_arith,qwen25_math_1_5b", "seed=0,7", "temperature=0.1,1", "model.lr=1e-5,3e-5",
+        f"paths.root={tmp_path}/a,{tmp_path}/b", "eval.temperatures=[0.0],[0.5,1.0]", "+train.save_at_steps=[]",
+    ])
+    plan = plan_sweep(config_loader, master, jobs)
+    assert plan.n_jobs == len(jobs) == 128
+    assert len(plan.runs) == 128 and not plan.complete
+    for run in plan.runs:
+        assert Path(run.run_dir) == full_compose_run_dir(config_loader, master, run.overrides), run.overrides
+
+    fast = plan_sweep(config_loader, master, expand_jobs(config_loader, ["model=tiny_arith,qwen25_math_1_5b",
+                                                                          "seed=0,7", "temperature=0.1,1"]))
+    for run in fast.runs:
+        assert Path(run.run_dir) == full_compose_run_dir(config_loader, master, run.overrides), run.overrides
+
+
+def test_jobs_that_are_the_same_run_are_planned_once_and_complete_runs_are_known(loader, tmp_path):
+    config_loader, master = loader
+    # seed=15 is the default: "seed=15" and no override name the same run.
+    jobs = expand_jobs(config_loader, ["seed=15,15,3", f"paths.root={tmp_path}"])
+    plan = plan_sweep(config_loader, master, jobs)
+    assert plan.n_jobs == 3 and len(plan.runs) == 2
+    done = Path(plan.runs[1].run_dir)
+    rundir.write_json_atomic(done / rundir.RESULTS, {})
+    again = plan_sweep(config_loader, master, jobs)
+    assert again.complete == {plan.runs[1].run_id}
+    assert [r.run_id for r in again.pending] == [plan.runs[0].run_id]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["train.steps=2,-1"], ["train.steps", "train.steps=-1"]),
+    (["seed=1,abc"], ["seed=abc", "seed"]),
+    (["train.no_such_key=1,2"], ["train.no_such_key"]),
+    (["model=tiny_arith,no_such_model"], ["model=no_such_model", "model/no_such_model"]),
+    (["prompt.ids=[pi1],[nope]"], ["prompt.ids", "nope"]),
+    (["train.batch_size=64,60"], ["train.batch_size", "train.batch_size=60"]),
+])
+def test_an_invalid_run_anywhere_rejects_the_grid_naming_run_and_key(loader, overrides, expected):
+    config_loader, master = loader
+    with pytest.raises(SweepError) as info:
+        plan_sweep(config_loader, master, expand_jobs(config_loader, ["seed=0,1", *overrides]))
+    message = str(info.value)
+    assert "nothing was submitted" in message
+    for text in expected:
+        assert text in message, message
+
+
+def test_every_run_sharing_a_bad_input_is_counted(loader):
+    """Input checks are memoised; the memo must remember failures too."""
+    config_loader, master = loader
+    with pytest.raises(SweepError, match=r"^3 of 3 runs have an invalid config"):
+        plan_sweep(config_loader, master, expand_jobs(config_loader, ["seed=0,1,2", "prompt.ids=[nope]"]))
+
+
+def test_chunks_keep_array_indices_below_max_array_size_and_packs_group_models():
+    chunks = array_chunks(2503, max_array_size=1001, max_tasks_per_array=None)
+    assert [len(c) for c in chunks] == [1001, 1001, 501]
+    assert all(len(c) <= 1001 for c in chunks)  # indices 0..len-1 < MaxArraySize
+    assert sum(len(c) for c in chunks) == 2503 and chunks[1][0] == 1001
+    assert [len(c) for c in array_chunks(7, 1001, max_tasks_per_array=3)] == [3, 3, 1]
+    assert array_chunks(0, 1001, None) == []
+
+    runs = [PlannedRun(f"id{i}", f"/r/id{i}", (f"seed={i}",), model_path="ab"[i % 2]) for i in range(5)]
+    packs = pack_runs(runs, runs_per_task=2)
+    assert [[r.run_id for r in p] for p in packs] == [["id0", "id2"], ["id4", "id1"], ["id3"]]
+    with pytest.raises(SweepError, match="runs_per_task"):
+        pack_runs(runs, 0)
+
+
+def test_no_slurm_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(SweepError, match="SLURM is not available"):
+        slurm_max_array_size()
+
+
+def test_no_slurm_on_the_command_line_is_one_line_without_traceback(tmp_path):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python only: no sbatch/scontrol
+    result = launch("-m", "hydra/launcher=slurm", "seed=1,2", f"paths.root={tmp_path}",
+                    f"hydra.sweep.dir={tmp_path}/sweep", env=env)
+    assert result.returncode != 0
+    assert "SLURM is not available" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep" / manifest.MANIFEST).exists()
+
+
+def _queue() -> set[str] | None:
+    return manifest.live_slurm_tasks()
+
+
+def test_paper_grid_dry_run_plans_13440_runs_and_submits_nothing(tmp_path):
+    before = _queue()
+    started = time.perf_counter()
+    result = launch("-m", "+experiment=paper_grid", "hydra/launcher=slurm", "hydra.launcher.dry_run=true",
+                    f"paths.root={tmp_path}")
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert "em-sweep plan: 13440 runs (13440 jobs, 7 compositions" in result.stdout
+    assert "already complete: 0" in result.stdout
+    assert "estimated cost:   3,360 GPU-hours" in result.stdout
+    assert "dry run: nothing submitted" in result.stdout
+    assert not (tmp_path / "sweeps" / "paper_grid" / manifest.MANIFEST).exists()
+    assert not (tmp_path / "sweeps" / "paper_grid" / manifest.CONTEXT).exists()
+    if before is not None:
+        assert _queue() == before
+    assert seconds < 30, f"planning 13,440 runs took {seconds:.1f}s"
+
+
+def _entry(tmp_path: Path, name: str, job_id: str, submitted_at: float = 100.0) -> manifest.ManifestEntry:
+    return manifest.ManifestEntry(PlannedRun(name, str(tmp_path / name), (f"seed={name}",), "m"), job_id,
+                                  submitted_at)
+
+
+def test_status_is_read_from_run_files_and_the_queue(tmp_path):
+    sweep = tmp_path / "sweep"
+    entries = {name: _entry(tmp_path, name, job) for name, job in
+               [("done", "7_0"), ("running", "7_1"), ("killed", "7_2"), ("failed", "7_3"), ("queued", "7_4"),
+                ("gone", "7_5"), ("old_failure", "8_0")]}
+    manifest.append_manifest(sweep, entries.values())
+    rundir.write_json_atomic(tmp_path / "done" / rundir.RESULTS, {})
+    for name in ("running", "killed"):
+        rundir.write_status(tmp_path / name, "running")
+    rundir.write_status(tmp_path / "failed", "failed", reason="RuntimeError: boom")
+    # A failure recorded before the latest submission, whose task is queued again: pending, not failed.
+    rundir.write_json_atomic(tmp_path / "old_failure" / rundir.STATUS, {"state": "failed", "reason": "x", "time": 1})
+    live = {"7_1", "7_4", "8_0"}
+    states = {s.entry.run.run_id: (s.state, s.reason) for s in manifest.sweep_status(sweep, live=live)}
+    assert states == {"done": ("done", None), "running": ("running", None), "killed": ("interrupted", None),
+                      "failed": ("failed", "RuntimeError: boom"), "queued": ("pending", None),
+                      "gone": ("missing", None), "old_failure": ("pending", None)}
+    text = manifest.format_status(sweep, manifest.sweep_status(sweep, live=live))
+    assert "1 x RuntimeError: boom" in text
+
+
+def test_manifest_keeps_the_latest_submission_of_each_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    manifest.append_manifest(sweep, [_entry(tmp_path, "a", "1_0"), _entry(tmp_path, "b", "1_1")])
+    manifest.append_manifest(sweep, [_entry(tmp_path, "a", "2_0", submitted_at=200.0)])
+    latest = manifest.read_manifest(sweep)
+    assert [(e.run.run_id, e.job_id) for e in latest.values()] == [("a", "2_0"), ("b", "1_1")]
+    lines = (sweep / manifest.MANIFEST).read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["overrides"] == ["seed=a"]

@@ -1,0 +1,184 @@
+"""Sweeps on a real SLURM cluster (tests/slurm/start_cluster.sh): launch, resume, kill, pack, requeue.
+
+Skipped with the reason when no cluster answers; with EM_SWEEP_REQUIRE_SLURM=1 (CI) they fail
+instead. Every run is the shipped tiny model with tiny settings, so the module takes a few
+minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from em_sweep import rundir
+from em_sweep.sweep import manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRE_SLURM = os.environ.get("EM_SWEEP_REQUIRE_SLURM") == "1"
+
+# Small but real runs: two EM steps of 16 samples, an evaluation on 16 problems, short generations, no W&B.
+TINY = ["train.steps=2", "train.batch_size=16", "train.micro_batch_size=16", "train.sample_batch_size=16",
+        "train.max_new_tokens=24", "eval.max_new_tokens=24",
+        "eval.limit=16", "logger.mode=disabled"]
+# One CPU and 2 GB per task so that several tasks share the 2-core test node.
+RESOURCES = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.poll_s=1",
+             "hydra.launcher.timeout_min=10"]
+
+
+def _slurm_problem() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no `sinfo` on PATH; start a cluster with: bash tests/slurm/start_cluster.sh"
+    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    states = result.stdout.split()
+    if result.returncode != 0:
+        return f"`sinfo` failed ({result.stderr.strip()}); start a cluster with: bash tests/slurm/start_cluster.sh"
+    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
+        return f"no SLURM node is up (sinfo: {states}); start a cluster with: bash tests/slurm/start_cluster.sh"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm() -> None:
+    problem = _slurm_problem()
+    if problem is not None:
+        if REQUIRE_SLURM:
+            pytest.fail(f"EM_SWEEP_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+
+
+def launch(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "launch.py", "-m", "hydra/sweeper=em_sweep", "hydra/launcher=slurm", *TINY, *RESOURCES,
+           f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", *overrides]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def em_sweep_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; from em_sweep.cli import main; main(sys.argv[1:])",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def states(sweep: Path) -> dict[str, str]:
+    return {s.entry.run.run_id: s.state for s in manifest.sweep_status(sweep)}
+
+
+def wait_until(condition, timeout_s: float, what: str, runs: tuple[Path, ...] = ()) -> None:
+    """Poll ``condition``; fail at once if one of ``runs`` failed, or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for run_dir in runs:
+            status = rundir.read_status(run_dir) or {}
+            if status.get("state") == "failed":
+                raise AssertionError(f"run {run_dir.name} failed while waiting for {what}: {status.get('reason')}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _job_reason(job_id: str) -> str:
+    result = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+def queued(job_id: str) -> bool:
+    live = manifest.live_slurm_tasks()
+    return live is not None and job_id in live
+
+
+def test_small_multirun_completes_every_run_then_relaunch_skips_them(tmp_path):
+    """2 seeds x 3 temperatures, 2 runs per task, at most 2 tasks per array (so 2 submissions)."""
+    first = launch(tmp_path, "seed=0,1", "temperature=0.3,0.6,0.9", "hydra.launcher.runs_per_task=2",
+                   "hydra.launcher.max_tasks_per_array=2", "hydra.launcher.wait=true")
+    assert "6 runs in 3 array tasks (2 per task), 2 arrays" in first.stdout, first.stdout
+    entries = manifest.read_manifest(tmp_path / "sweep")
+    assert len(entries) == 6
+    assert len({e.job_id for e in entries.values()}) == 3
+    for entry in entries.values():
+        results = json.loads((Path(entry.run.run_dir) / rundir.RESULTS).read_text())
+        assert results["run_id"] == entry.run.run_id
+        assert results["final_scores"], entry.run.overrides
+        assert rundir.read_status(Path(entry.run.run_dir))["state"] == "done"
+    assert set(states(tmp_path / "sweep").values()) == {"done"}
+    status = em_sweep_cli("status", str(tmp_path / "sweep"))
+    assert status.returncode == 0 and "done              6" in status.stdout, status.stdout
+
+    manifest_lines = (tmp_path / "sweep" / manifest.MANIFEST).read_text().count("\n")
+    again = launch(tmp_path, "seed=0,1", "temperature=0.3,0.6,0.9", "hydra.launcher.runs_per_task=2")
+    assert "already complete: 6" in again.stdout and "nothing to submit" in again.stdout, again.stdout
+    assert (tmp_path / "sweep" / manifest.MANIFEST).read_text().count("\n") == manifest_lines
+
+
+def test_run_killed_mid_way_is_not_counted_and_reruns_on_next_launch(tmp_path):
+    slow = ["train.steps=15", "seed=3"]  # long enough to be caught while running
+    launch(tmp_path, *slow)
+    (entry,) = manifest.read_manifest(tmp_path / "sweep").values()
+    run_dir = Path(entry.run.run_dir)
+    wait_until(lambda: (rundir.read_status(run_dir) or {}).get("state") == "running", 180, "the run to start",
+               (run_dir,))
+    wait_until(lambda: (run_dir / rundir.METRICS).exists(), 120, "the first training step", (run_dir,))
+    subprocess.run(["scancel", entry.job_id], check=True)
+    wait_until(lambda: not queued(entry.job_id), 60, "the cancelled task to leave the queue")
+
+    assert not rundir.is_complete(run_dir)
+    assert states(tmp_path / "sweep") == {entry.run.run_id: "interrupted"}
+    status = em_sweep_cli("status", str(tmp_path / "sweep"))
+    assert "done              0" in status.stdout and "interrupted       1" in status.stdout, status.stdout
+
+    relaunch = launch(tmp_path, *slow, "hydra.launcher.wait=true")
+    assert "already complete: 0" in relaunch.stdout and "to run:           1 runs" in relaunch.stdout
+    results = json.loads((run_dir / rundir.RESULTS).read_text())
+    assert [r["step"] for r in results["loss_curve"]] == list(range(1, 16))  # a clean restart, not a resume
+    assert states(tmp_path / "sweep") == {entry.run.run_id: "done"}
+
+
+def test_failing_run_in_a_packed_task_leaves_its_siblings_complete(tmp_path):
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # looks like a model directory, cannot be loaded
+    result = launch(tmp_path, f"model.path=pkg://tiny-arith,{broken}", "seed=0,1",
+                    "hydra.launcher.runs_per_task=4", "hydra.launcher.wait=true", check=False)
+    assert result.returncode != 0 and "2 of 4 runs did not complete" in result.stderr, result.stderr
+    entries = list(manifest.read_manifest(tmp_path / "sweep").values())
+    assert len({e.job_id for e in entries}) == 1  # one packed task
+    for entry in entries:
+        path = Path(entry.run.run_dir)
+        if str(broken) in " ".join(entry.run.overrides):
+            assert not rundir.is_complete(path)
+            status = rundir.read_status(path)
+            assert status["state"] == "failed" and status["reason"], status
+        else:
+            assert rundir.is_complete(path), entry.run.overrides
+    text = em_sweep_cli("status", str(tmp_path / "sweep")).stdout
+    assert "done              2" in text and "failed            2" in text, text
+
+
+def test_usr2_requeues_the_task_with_only_its_unfinished_runs(tmp_path):
+    """What SLURM does before a time limit or on preemption: USR2, then submitit's checkpoint()."""
+    launch(tmp_path, "seed=5,6", "train.steps=8", "hydra.launcher.runs_per_task=2")
+    entries = list(manifest.read_manifest(tmp_path / "sweep").values())
+    first, second = (Path(e.run.run_dir) for e in entries)
+    job_id = entries[0].job_id
+    wait_until(lambda: rundir.is_complete(first) and (rundir.read_status(second) or {}).get("state") == "running",
+               300, "the first run to finish and the second to start", (first, second))
+    first_results = (first / rundir.RESULTS).stat().st_mtime_ns
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    # SLURM makes a requeued job eligible only 120 s later; the test cluster's admin may skip that.
+    wait_until(lambda: "BeginTime" in _job_reason(job_id), 120, "the task to be requeued", (first,))
+    # Interrupted, not failed (the worker corrects the core's "failed: SystemExit" as it exits).
+    wait_until(lambda: (rundir.read_status(second) or {}).get("state") == "pending", 30,
+               "the interrupted run to be marked pending")
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True)
+    wait_until(lambda: rundir.is_complete(second), 300, "the requeued task to finish the second run", (first,))
+    wait_until(lambda: not queued(job_id), 60, "the task to leave the queue")
+    assert (first / rundir.RESULTS).stat().st_mtime_ns == first_results  # not run again
+    log = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*.err"))
+    assert "requeueing with 1 of 2 runs unfinished" in log, log[-3000:]
