@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 import pickle
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,12 @@ from em_sweep import rundir
 from em_sweep.sweep.plan import PlannedRun
 
 log = logging.getLogger(__name__)
+
+# Set when submitit has asked this task to checkpoint (USR2): the task is being requeued, so
+# whatever happens to the run in progress from then on is an interruption, not a failure.
+# (Seen on the test cluster: `scontrol requeue` itself can die of the SIGTERM the requeue sends,
+# and that error surfaces inside the run, not as SystemExit.)
+_requeue_requested = threading.Event()
 
 
 class PackFailed(RuntimeError):
@@ -85,12 +92,26 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
+def _record_failure(path: Path, error: Exception, recorded_by_run: bool) -> str:
+    """Log a failed run; write its status unless run() already did (RunFailed) -- returns the outcome."""
+    if recorded_by_run:
+        # run() recorded the failure itself, or another process owns the run dir right now:
+        # either way its status.json is not ours to write.
+        log.error("run %s failed: %s", path.name, error)
+        return f"failed: {error}"
+    reason = _one_line(error)  # bad input, composition error: nothing recorded yet
+    rundir.write_status(path, "failed", reason=reason)
+    log.error("run %s failed before starting: %s", path.name, reason)
+    return f"failed: {reason}"
+
+
 def run_packed(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, str]:
     """Run ``runs`` in turn with one model cache; returns run id -> done | skipped | failed: reason.
 
     Never stops at a failing run. Raises PackFailed at the end when any run failed, so SLURM
     marks the task failed while every other run of the pack still completed.
-    KeyboardInterrupt / SystemExit (submitit's requeue path) propagate at once.
+    An interruption (KeyboardInterrupt, SystemExit, or anything once a requeue was requested)
+    marks the run in progress pending and propagates at once: the requeued task reruns it.
     """
     from em_sweep.models import ModelCache  # lazy: torch
     from em_sweep.run import RunFailed, run
@@ -111,21 +132,15 @@ def run_packed(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, 
                                    "the sweep planner and Hydra disagree (please report)")
             run(cfg, cache=cache)
             outcomes[planned.run_id] = "done"
-        except (SystemExit, KeyboardInterrupt):
+        except BaseException as e:
+            interrupted = isinstance(e, SystemExit | KeyboardInterrupt) or _requeue_requested.is_set()
+            if not interrupted and isinstance(e, Exception):
+                outcomes[planned.run_id] = _record_failure(path, e, isinstance(e, RunFailed))
+                continue
             # submitit's requeue (USR2: preemption, time limit) or a cancel: the run did not fail,
             # it was stopped; it restarts cleanly when its task runs again.
             rundir.write_status(path, "pending", reason="interrupted (preempted, time limit or cancelled)")
             raise
-        except RunFailed as e:
-            # run() recorded the failure itself, or another process owns the run dir right now:
-            # either way its status.json is not ours to write.
-            outcomes[planned.run_id] = f"failed: {e}"
-            log.error("run %s failed: %s", planned.run_id, e)
-        except Exception as e:  # bad input, composition error: nothing recorded yet
-            reason = _one_line(e)
-            rundir.write_status(path, "failed", reason=reason)
-            outcomes[planned.run_id] = f"failed: {reason}"
-            log.error("run %s failed before starting: %s", planned.run_id, reason)
     failed = {k: v for k, v in outcomes.items() if v.startswith("failed")}
     if failed:
         raise PackFailed(f"{len(failed)} of {len(runs)} runs failed: "
@@ -156,5 +171,6 @@ class SweepTask:
         unfinished = [r for r in runs if not rundir.is_complete(Path(r.run_dir))]
         if not unfinished:
             return None
+        _requeue_requested.set()
         log.warning("requeueing with %d of %d runs unfinished", len(unfinished), len(runs))
         return submitit.helpers.DelayedSubmission(self, unfinished)
