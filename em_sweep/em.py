@@ -100,7 +100,8 @@ def accumulate_entropy_gradients(model: PreTrainedModel, batch: SampleBatch, tra
     for start in range(0, batch.input_ids.shape[0], train.micro_batch_size):
         rows = slice(start, start + train.micro_batch_size)
         total, detached = entropy_fn(model, batch, rows, train.loss_temperature, train.loss_chunk_tokens)
-        (total * (scale / denominator)).backward()
+        loss = total / denominator  # as a single process always computed it; scaled only when distributed
+        (loss * scale if scale != 1.0 else loss).backward()
         loss_sum += detached
     return loss_sum
 
