@@ -385,10 +385,12 @@ def _path_label(path: str) -> str:
 def _sample_history(candidates: Sequence[PoolItem], k: int, overrides: list[str]):
     """Compose the project config with ``overrides``, load its model, sample and grade."""
     from em_sweep.cli import compose
+    from em_sweep.config import validate
     from em_sweep.em import sampling_settings
     from em_sweep.models import load_model, load_tokenizer
 
     cfg = compose(overrides)
+    validate(cfg)
     settings = sampling_settings(cfg.train)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     model = load_model(cfg.model)
@@ -413,12 +415,16 @@ def format_ranking(record: Mapping[str, Any], show: int = 20) -> str:
 
 
 def cmd_select_prompts(args: argparse.Namespace) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from em_sweep.config import ConfigError
     from em_sweep.models import ModelLoadError
 
     try:
         record = select_prompts_command(args)
-    except (SelectionError, PromptError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (SelectionError, PromptError, ModelLoadError, ConfigError, HydraException, OmegaConfBaseException) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     print(format_ranking(record))
     return 0

@@ -415,14 +415,18 @@ def logits_command(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_logits(args: argparse.Namespace) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from em_sweep.benchmarks import BenchmarkError
     from em_sweep.models import ModelLoadError
     from em_sweep.prompts import PromptError
 
     try:
         logits_command(args)
-    except (LogitsArgumentError, ModelLoadError, BenchmarkError, PromptError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (LogitsArgumentError, ModelLoadError, BenchmarkError, PromptError, HydraException,
+            OmegaConfBaseException) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0
 

@@ -161,6 +161,11 @@ def test_select_prompts_reports_bad_input_in_one_line(tmp_path, capsys):
     assert "no_such_pool" in capsys.readouterr().err
     assert em_sweep("select-prompts", "pool=dsr_sub", "k=x", "--out-dir", str(tmp_path)) == 2
     assert "k='x'" in capsys.readouterr().err
+    assert em_sweep("select-prompts", "pool=dsr_sub", "modle=x", "--out-dir", str(tmp_path)) == 2
+    assert "modle" in capsys.readouterr().err
+    assert em_sweep("select-prompts", "pool=dsr_sub", "model.path=/no/such/model", "--out-dir", str(tmp_path)) == 2
+    assert "/no/such/model" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.yaml"))
 
 
 # ---------------------------------------------------------------- sampling, on the shipped model

@@ -155,3 +155,16 @@ def test_arguments_parse_and_bad_ones_are_named():
             parse_arguments(bad, LogitsSettings())
     assert model_label("outputs/runs/0123456789abcdef/checkpoints/step-10") == "0123456789/step-10"
     assert model_label("tiny_arith") == "tiny_arith"
+
+
+def test_logits_command_reports_bad_models_in_one_line(tmp_path, capsys):
+    from em_sweep.cli import main
+
+    for argv, message in ((["models=[/no/such/model]"], "/no/such/model"), (["models=[a]", "model=nosuch"], "nosuch"),
+                          (["n=2"], "models=")):
+        with pytest.raises(SystemExit) as done:
+            main(["logits", *argv, "--out-dir", str(tmp_path)])
+        assert done.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
