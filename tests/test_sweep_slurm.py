@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from em_sweep import rundir
+from em_sweep.models import resolve_model_path
 from em_sweep.sweep import manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +141,7 @@ def test_run_killed_mid_way_is_not_counted_and_reruns_on_next_launch(tmp_path):
     assert states(tmp_path / "sweep") == {entry.run.run_id: "done"}
 
 
-def test_failing_run_in_a_packed_task_leaves_its_siblings_complete(tmp_path):
+def test_failing_run_in_a_packed_task_leaves_its_siblings_complete_and_resubmit_reruns_it(tmp_path):
     broken = tmp_path / "broken_model"
     broken.mkdir()
     (broken / "config.json").write_text("{}")  # looks like a model directory, cannot be loaded
@@ -159,6 +160,14 @@ def test_failing_run_in_a_packed_task_leaves_its_siblings_complete(tmp_path):
             assert rundir.is_complete(path), entry.run.overrides
     text = em_sweep_cli("status", str(tmp_path / "sweep")).stdout
     assert "done              2" in text and "failed            2" in text, text
+
+    # Repair the model, then resubmit: only the two failed runs go to SLURM again.
+    shutil.copytree(resolve_model_path("pkg://tiny-arith"), broken, dirs_exist_ok=True)
+    resubmit = em_sweep_cli("resubmit", str(tmp_path / "sweep"))
+    assert resubmit.returncode == 0 and "resubmitted 2 runs" in resubmit.stdout, resubmit.stdout + resubmit.stderr
+    sweep_dir = tmp_path / "sweep"
+    wait_until(lambda: set(states(sweep_dir).values()) == {"done"}, 300, "the resubmitted runs to finish")
+    assert len(manifest.read_manifest(sweep_dir)) == 4
 
 
 def test_usr2_requeues_the_task_with_only_its_unfinished_runs(tmp_path):
