@@ -62,7 +62,7 @@ def time_em_sweep(overrides: list[str], scratch: Path, submit: bool) -> tuple[fl
         cmd.append("hydra.launcher.dry_run=true")
     seconds, result = timed(cmd)
     if submit:
-        array_ids = re.findall(r"arrays \(([\d, ]+)\)", result.stdout)
+        array_ids = re.findall(r"array\(s\) \(([\d, ]+)\)", result.stdout)
         for array_id in ",".join(array_ids).split(","):
             if array_id.strip():
                 subprocess.run(["scancel", array_id.strip()], check=False)

@@ -99,7 +99,7 @@ def test_small_multirun_completes_every_run_then_relaunch_skips_them(tmp_path):
     """2 seeds x 3 temperatures, 2 runs per task, at most 2 tasks per array (so 2 submissions)."""
     first = launch(tmp_path, "seed=0,1", "temperature=0.3,0.6,0.9", "hydra.launcher.runs_per_task=2",
                    "hydra.launcher.max_tasks_per_array=2", "hydra.launcher.wait=true")
-    assert "6 runs in 3 array tasks (2 per task), 2 arrays" in first.stdout, first.stdout
+    assert "6 runs in 3 array tasks (2 per task), 2 array(s)" in first.stdout, first.stdout
     entries = manifest.read_manifest(tmp_path / "sweep")
     assert len(entries) == 6
     assert len({e.job_id for e in entries.values()}) == 3

@@ -62,7 +62,7 @@ def _resubmit(sweep_dir: Path, statuses: list[manifest.RunStatus], dry_run: bool
         print(f"dry run: would resubmit {len(runs)} runs")
         return 0
     array_ids = submit_to_slurm(sweep_dir, runs, settings)
-    print(f"resubmitted {len(runs)} runs as {len(array_ids)} arrays ({', '.join(array_ids)})")
+    print(f"resubmitted {len(runs)} runs as {len(array_ids)} array(s) ({', '.join(array_ids)})")
     return 0
 
 

@@ -263,7 +263,7 @@ class SlurmSweepLauncher(SweepLauncher):
         chunks = array_chunks(n_tasks, max_array_size, settings.get("max_tasks_per_array"))
         throttle = max(1, settings["array_parallelism"] // len(chunks)) if chunks else 0
         print(self.describe(plan, f"in {n_tasks} array tasks ({settings['runs_per_task']} per task), "
-                                  f"{len(chunks)} arrays of <= {len(chunks[0]) if chunks else 0} tasks "
+                                  f"{len(chunks)} array(s) of <= {len(chunks[0]) if chunks else 0} tasks "
                                   f"({where}), <= {throttle} running per array"), flush=True)
         if dry_run:
             print("dry run: nothing submitted", flush=True)
@@ -272,10 +272,14 @@ class SlurmSweepLauncher(SweepLauncher):
             print("nothing to submit", flush=True)
             return []
         self.write_context()
+        # Absolute paths and the launch directory, so `em-sweep resubmit` works from anywhere and
+        # tasks start where the launch ran (the checkout is importable, relative paths hold).
+        settings = {**settings, "submitit_folder": str(Path(settings["submitit_folder"]).absolute()),
+                    "additional_parameters": {"chdir": os.getcwd(), **settings["additional_parameters"]}}
         manifest.write_launcher_settings(self.sweep_dir, {"kind": self.kind, **settings})
         started = time.perf_counter()
         array_ids = submit_to_slurm(self.sweep_dir, pending, settings, max_array_size)
-        print(f"submitted {len(pending)} runs as {len(array_ids)} arrays ({', '.join(array_ids)}) in "
+        print(f"submitted {len(pending)} runs as {len(array_ids)} array(s) ({', '.join(array_ids)}) in "
               f"{time.perf_counter() - started:.1f}s; follow with: em-sweep status {self.sweep_dir}", flush=True)
         if settings["wait"]:
             wait_for_tasks(self.sweep_dir, settings["poll_s"])
