@@ -26,9 +26,10 @@ def summarize(folder: Path) -> str:
             bad = [k for k, c in r["checks"].items() if not c["ok"]]
             lines.append(f"\ndecoder checks ({f.name}): {len(r['checks']) - len(bad)}/{len(r['checks'])} pass"
                          + (f"; FAILED: {bad}" if bad else ""))
-    em = [json.loads(f.read_text()) for f in files if json.loads(f.read_text()).get("benchmark") == "em_step"]
+    em = [{**json.loads(f.read_text()), "run": f.stem} for f in files
+          if json.loads(f.read_text()).get("benchmark") == "em_step"]
     if em:
-        lines += ["", "| shape | variant | sampling s | loss fwd+bwd s | optimizer s | step s | peak GiB | settings |",
+        lines += ["", "| run | variant | sampling s | loss fwd+bwd s | optimizer s | step s | peak GiB | settings |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in em:
             for key in ("reference", "project"):
@@ -36,7 +37,7 @@ def summarize(folder: Path) -> str:
                 if not p:
                     continue
                 if "error" in p:
-                    lines.append(f"| {r['shape']} | {key} | failed: {p['error'][:60]} | | | | | |")
+                    lines.append(f"| {r['run']} | {key} | failed: {p['error'][:60]} | | | | | |")
                     continue
                 if key == "reference":
                     name, settings = "reference style, EXTRAPOLATED", p["label"]
@@ -45,13 +46,14 @@ def summarize(folder: Path) -> str:
                     settings = (f"{p['backend']}, {p['optimizer']}, micro {p['micro_batch']}, ckpt "
                                 f"{bool(p['gradient_checkpointing'])}, first step {p['first_step_s']} s")
                 peak = p.get("peak_gib", p.get("peak_gib_loss_micro"))
-                lines.append(f"| {r['shape']} | {name} | {_f(p['sample_s'])} | {_f(p['loss_s'])} | "
+                lines.append(f"| {r['run']} | {name} | {_f(p['sample_s'])} | {_f(p['loss_s'])} | "
                              f"{_f(p['optim_s'], 3)} | {_f(p['step_s'])} | {_f(peak)} | {settings} |")
             if "ratio_reference_over_project" in r:
-                lines.append(f"| {r['shape']} | ratio reference / em-sweep | | | | {r['ratio_reference_over_project']}x | | |")
-    ev = [json.loads(f.read_text()) for f in files if json.loads(f.read_text()).get("benchmark") == "eval_throughput"]
+                lines.append(f"| {r['run']} | ratio reference / em-sweep | | | | {r['ratio_reference_over_project']}x | | |")
+    ev = [{**json.loads(f.read_text()), "run": f.stem} for f in files
+          if json.loads(f.read_text()).get("benchmark") == "eval_throughput"]
     if ev:
-        lines += ["", "| shape | path | batch | generated tok/s (short ctx) | tok/s (long ctx) | "
+        lines += ["", "| run | path | batch | generated tok/s (short ctx) | tok/s (long ctx) | "
                       "four-benchmark pass s, EXTRAPOLATED |", "| --- | --- | --- | --- | --- | --- |"]
         for r in ev:
             for k, p in r.items():
@@ -59,9 +61,9 @@ def summarize(folder: Path) -> str:
                     continue
                 name = f"em-sweep ({p.get('backend', '?')})" if k.startswith("project") else "model.generate"
                 if "error" in p:
-                    lines.append(f"| {r['shape']} | {name} | | failed: {p['error'][:60]} | | |")
+                    lines.append(f"| {r['run']} | {name} | | failed: {p['error'][:60]} | | |")
                     continue
-                lines.append(f"| {r['shape']} | {name} | {p['batch']} | {p['tokens_per_s']} | {p['tokens_per_s_long']} | "
+                lines.append(f"| {r['run']} | {name} | {p['batch']} | {p['tokens_per_s']} | {p['tokens_per_s_long']} | "
                              f"{p['four_benchmarks']['seconds']} |")
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ def test_gpu_session_rehearsal_measures_everything_and_survives_a_failing_part(t
     wrapper.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "PYTHON": str(wrapper), "OUT": str(out), "PYTHONPATH": str(blocked),
+           "BUDGET_S": "3000",
            "PARTS": "check_decode em_step_1.5b em_step_7b eval_7b"}
     r = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True,
                        timeout=900, env=env)
@@ -51,4 +52,5 @@ def test_gpu_session_rehearsal_measures_everything_and_survives_a_failing_part(t
     assert ev["project_b4"]["tokens_per_s"] > 0 and ev["project_b8"]["four_benchmarks"]["seconds"] > 0
     assert ev["generate_b1"]["tokens_per_s"] > 0 and ev["assumptions"]["max_new_tokens"] == 3072
     # The summary the lead pastes into RESULTS.md ends the output.
-    assert "| tiny | em-sweep em_step, measured |" in r.stdout and "| tiny | model.generate | 1 |" in r.stdout
+    assert "| em_step_1.5b | em-sweep em_step, measured |" in r.stdout
+    assert "| eval_7b | model.generate | 1 |" in r.stdout
