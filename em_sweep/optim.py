@@ -126,8 +126,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         super().__init__(list(params), dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.masters = [[p.detach().float().clone() for p in g["params"]] for g in self.param_groups]
         inner_groups = [dict(g, params=m) for g, m in zip(self.param_groups, self.masters, strict=True)]
-        # fused=True is CUDA-only and faster; foreach elsewhere (torch's default).
-        fused = all(m.is_cuda for ms in self.masters for m in ms) or None
+        # fused=True is CUDA-only and faster; foreach elsewhere (torch's default) and for FSDP's
+        # DTensors, which the fused kernel is not known to take on every torch version.
+        flat = [m for ms in self.masters for m in ms]
+        fused = (all(m.is_cuda for m in flat) and not any(_local(m) is not m for m in flat)) or None
         self.inner = torch.optim.AdamW(inner_groups, fused=fused)
 
     @torch.no_grad()

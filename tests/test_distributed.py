@@ -58,6 +58,7 @@ def single_process_reference():
 
 def worker(rank: int, port: int, out: str) -> None:
     from em_sweep.distributed import backward_share, em_step_distributed, sample_share, shard_model, share
+    from em_sweep.optim import make_adamw
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
@@ -79,9 +80,20 @@ def worker(rank: int, port: int, out: str) -> None:
         # A whole distributed step: one update per parameter on every rank.
         metrics = em_step_distributed(objective, tok, opt, prompts(1) * 8, TRAIN, step=2, lr=1e-3, seed=5)
         steps = {int(s["step"]) for s in opt.state.values()}
+        # The bf16 memory strategies update sharded (DTensor) weights too.
+        moved = {}
+        for name in ("adamw", "adamw_bf16_sr", "adamw_bf16_kahan"):
+            bf16 = shard_model(random_qwen2(peaky=1.0, dtype=torch.bfloat16).train())
+            before = {k: p.full_tensor().float() for k, p in bf16.named_parameters()}
+            backward_share(bf16, rows_of(batch, share(8, rank, WORLD)), TRAIN)
+            strategy = make_adamw(bf16.parameters(), name, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+            strategy.step()
+            after = {k: p.full_tensor().float() for k, p in bf16.named_parameters()}
+            moved[name] = sum(float((after[k] - before[k]).abs().sum()) for k in after) / sum(
+                p.numel() for p in after.values())
         if rank == 0:
             torch.save({"loss": loss, "grads": grads, "params": params, "sampled_width": sampled.input_ids.shape[1],
-                        "step_loss": metrics.loss, "optimizer_steps": steps}, out)
+                        "step_loss": metrics.loss, "optimizer_steps": steps, "moved": moved}, out)
     finally:
         dist.destroy_process_group()
 
@@ -105,3 +117,5 @@ def test_fsdp2_on_two_processes_matches_one_process(tmp_path):
         assert torch.allclose(got["params"][k], params[k], atol=1e-5, rtol=1e-5), k
     assert got["optimizer_steps"] == {2}  # the fixed-batch update, then exactly one per em_step_distributed
     assert got["step_loss"] > 0
+    for name, mean_move in got["moved"].items():  # about lr per weight, finite
+        assert 1e-4 < mean_move < 3e-3, (name, mean_move)
