@@ -154,3 +154,22 @@ def test_auto_falls_back_to_hf_generate_when_the_static_decoder_fails(monkeypatc
     assert got.texts == ref.texts
     with pytest.raises(RuntimeError, match="capturing"):  # an explicit choice does not fall back
         sample_responses(model, tok, texts, SamplingSettings(temperature=0.0, max_new_tokens=10, backend="static"), 3)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_other_supported_architectures_decode_like_hf(arch):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    cls, cfg_cls = {"qwen3": (Qwen3ForCausalLM, Qwen3Config), "llama": (LlamaForCausalLM, LlamaConfig)}[arch]
+    torch.manual_seed(0)
+    model = cls(cfg_cls(vocab_size=123, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                        eos_token_id=EOS, pad_token_id=PAD)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    assert decode.unsupported_reason(model) is None
+    enc = word_tokenizer()(prompts(4, seed=9), return_tensors="pt", padding=True, add_special_tokens=False)
+    ref = hf_greedy(model, enc["input_ids"], enc["attention_mask"], 16, [EOS])
+    got = decode.generate_static(model, enc["input_ids"], enc["attention_mask"],
+                                 decode.decode_settings(True, 1, 1, 0, 1.0, [EOS], PAD), 16)
+    assert torch.equal(ref, got)
