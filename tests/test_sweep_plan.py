@@ -17,7 +17,7 @@ from omegaconf import open_dict, read_write
 
 from em_sweep import rundir
 from em_sweep.sweep import manifest
-from em_sweep.sweep.launcher import array_chunks, pack_runs, slurm_max_array_size
+from em_sweep.sweep.launcher import array_chunks, array_layout, pack_runs, slurm_max_array_size
 from em_sweep.sweep.plan import PlannedRun, SweepError, expand_jobs, plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,23 +50,24 @@ def test_planned_run_ids_match_a_full_composition_for_every_run(loader, tmp_path
     """The in-place plan must give exactly the run dir a full Hydra composition gives, run by run.
 
     The grid sweeps keys that interpolations read (temperature -> train.*_temperature,
-    model.lr -> train.lr, paths.root -> paths.runs_dir), a group, a list value, and a +key
-    (which takes the full-composition path).
+    model.lr -> train.lr, paths.root -> paths.runs_dir), a group, and a list value; a second
+    grid has a +key, which takes the full-composition path.
     """
     config_loader, master = loader
     jobs = expand_jobs(config_loader, [
         "model=tiny_arith,qwen25_math_1_5b", "seed=0,7", "temperature=0.1,1", "model.lr=1e-5,3e-5",
-        f"paths.root={tmp_path}/a,{tmp_path}/b", "eval.temperatures=[0.0],[0.5,1.0]", "+train.save_at_steps=[]",
+        f"paths.root={tmp_path}/a,{tmp_path}/b", "eval.temperatures=[0.0],[0.5,1.0]",
     ])
     plan = plan_sweep(config_loader, master, jobs)
-    assert plan.n_jobs == len(jobs) == 128
-    assert len(plan.runs) == 128 and not plan.complete
+    assert plan.n_jobs == len(jobs) == 64
+    assert len(plan.runs) == 64 and not plan.complete
     for run in plan.runs:
         assert Path(run.run_dir) == full_compose_run_dir(config_loader, master, run.overrides), run.overrides
 
-    fast = plan_sweep(config_loader, master, expand_jobs(config_loader, ["model=tiny_arith,qwen25_math_1_5b",
-                                                                          "seed=0,7", "temperature=0.1,1"]))
-    for run in fast.runs:
+    added = plan_sweep(config_loader, master, expand_jobs(config_loader, ["model=tiny_arith,qwen25_math_1_5b",
+                                                                           "seed=0,7", "+train.save_at_steps=[]"]))
+    assert len(added.runs) == 4
+    for run in added.runs:
         assert Path(run.run_dir) == full_compose_run_dir(config_loader, master, run.overrides), run.overrides
 
 
@@ -115,6 +116,9 @@ def test_chunks_keep_array_indices_below_max_array_size_and_packs_group_models()
     assert sum(len(c) for c in chunks) == 2503 and chunks[1][0] == 1001
     assert [len(c) for c in array_chunks(7, 1001, max_tasks_per_array=3)] == [3, 3, 1]
     assert array_chunks(0, 1001, None) == []
+    # The sweep-wide parallelism is shared between the arrays' `%` throttles.
+    assert array_layout(2503, 1001, {"array_parallelism": 256})[1] == 85
+    assert array_layout(10, 1001, {"array_parallelism": 256})[1] == 256
 
     runs = [PlannedRun(f"id{i}", f"/r/id{i}", (f"seed={i}",), model_path="ab"[i % 2]) for i in range(5)]
     packs = pack_runs(runs, runs_per_task=2)

@@ -124,6 +124,13 @@ def array_chunks(n_tasks: int, max_array_size: int, max_tasks_per_array: int | N
     return [range(start, min(start + size, n_tasks)) for start in range(0, n_tasks, size)]
 
 
+def array_layout(n_tasks: int, max_array_size: int, settings: dict[str, Any]) -> tuple[list[range], int]:
+    """The arrays to submit and the `%` throttle of each (the sweep-wide parallelism shared between them)."""
+    chunks = array_chunks(n_tasks, max_array_size, settings.get("max_tasks_per_array"))
+    per_array = max(1, settings["array_parallelism"] // len(chunks)) if chunks else 0
+    return chunks, per_array
+
+
 def _executor_parameters(settings: dict[str, Any]) -> dict[str, Any]:
     """submitit SlurmExecutor parameters from the launcher settings."""
     params: dict[str, Any] = {
@@ -153,9 +160,7 @@ def submit_to_slurm(sweep_dir: Path, runs: Sequence[PlannedRun], settings: dict[
 
     max_array_size = max_array_size or slurm_max_array_size()
     packs = pack_runs(runs, settings["runs_per_task"])
-    chunks = array_chunks(len(packs), max_array_size, settings.get("max_tasks_per_array"))
-    # The throttle is per array; share the sweep-wide parallelism between the arrays.
-    per_array = max(1, settings["array_parallelism"] // len(chunks)) if chunks else 1
+    chunks, per_array = array_layout(len(packs), max_array_size, settings)
     executor = submitit.SlurmExecutor(folder=settings["submitit_folder"], max_num_timeout=settings["max_num_timeout"])
     executor.update_parameters(**_executor_parameters(settings), array_parallelism=per_array)
     task = SweepTask(str(Path(sweep_dir).absolute() / manifest.CONTEXT))
@@ -260,8 +265,7 @@ class SlurmSweepLauncher(SweepLauncher):
                                     if e.job_id in live and e.run.run_id not in plan.complete)
         pending = plan.pending
         n_tasks = math.ceil(len(pending) / max(1, settings["runs_per_task"]))
-        chunks = array_chunks(n_tasks, max_array_size, settings.get("max_tasks_per_array"))
-        throttle = max(1, settings["array_parallelism"] // len(chunks)) if chunks else 0
+        chunks, throttle = array_layout(n_tasks, max_array_size, settings)
         print(self.describe(plan, f"in {n_tasks} array tasks ({settings['runs_per_task']} per task), "
                                   f"{len(chunks)} array(s) of <= {len(chunks[0]) if chunks else 0} tasks "
                                   f"({where}), <= {throttle} running per array"), flush=True)
