@@ -119,7 +119,7 @@ def test_small_multirun_completes_every_run_then_relaunch_skips_them(tmp_path):
 
 
 def test_run_killed_mid_way_is_not_counted_and_reruns_on_next_launch(tmp_path):
-    slow = ["train.steps=15", "seed=3"]  # long enough to be caught while running
+    slow = ["train.steps=60", "seed=3"]  # ~10 s of training: long enough to be caught while running
     launch(tmp_path, *slow)
     (entry,) = manifest.read_manifest(tmp_path / "sweep").values()
     run_dir = Path(entry.run.run_dir)
@@ -137,7 +137,7 @@ def test_run_killed_mid_way_is_not_counted_and_reruns_on_next_launch(tmp_path):
     relaunch = launch(tmp_path, *slow, "hydra.launcher.wait=true")
     assert "already complete: 0" in relaunch.stdout and "to run:           1 runs" in relaunch.stdout
     results = json.loads((run_dir / rundir.RESULTS).read_text())
-    assert [r["step"] for r in results["loss_curve"]] == list(range(1, 16))  # a clean restart, not a resume
+    assert [r["step"] for r in results["loss_curve"]] == list(range(1, 61))  # a clean restart, not a resume
     assert states(tmp_path / "sweep") == {entry.run.run_id: "done"}
 
 

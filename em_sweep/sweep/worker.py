@@ -156,6 +156,12 @@ class SweepTask:
 
     def __call__(self, runs: Sequence[PlannedRun]) -> dict[str, str]:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:
+            import torch
+
+            # torch would use every core of the node; tasks sharing a node would oversubscribe it.
+            torch.set_num_threads(int(cpus))
         context = LaunchContext.load(Path(self.context_path))
         context.activate()
         return run_packed(context, runs)
