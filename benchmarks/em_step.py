@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--shape", default="tiny", choices=["tiny", "1.5b", "7b"])
     ap.add_argument("--parts", default="reference,project", help="comma list of: reference, project")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="responses per loss forward/backward; default 16 for 1.5b (fewer launches), else 8")
     ap.add_argument("--prompt-tokens", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--ref-tokens", type=int, default=24, help="reference tokens actually generated")
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", default=None, help="write results here (a bare name goes under $OUT)")
     args = ap.parse_args(argv)
+    if args.micro_batch is None:
+        args.micro_batch = 16 if args.shape == "1.5b" else 8
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = int(args.shape == "7b")
     device = pick_device(args.device)

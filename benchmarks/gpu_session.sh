@@ -83,13 +83,15 @@ part em_step_1.5b       150   40  benchmarks/em_step.py --shape $S15 $EM --json 
 part em_step_7b         210   70  benchmarks/em_step.py --shape $S7 $EM --json em_step_7b.json
 part eval_1.5b          120   35  benchmarks/eval_throughput.py --shape $S15 --batch-sizes $BS15 $EV --json eval_1.5b.json
 part eval_7b            150   50  benchmarks/eval_throughput.py --shape $S7 --batch-sizes $BS7 $EV --json eval_7b.json
-# Optional, while time is left: 7B without gradient checkpointing (less compute, micro-batch 2 to
-# fit), HF generate as the sampling backend (what the static decoder replaces), then the
-# decoder's step through torch.compile (compilation may take minutes).
+# Optional, while time is left, most informative first: the decoder with its per-layer step
+# compiled (torch.compile, fused kernels; seconds to compile), then 7B without gradient
+# checkpointing, then HF generate as the sampling backend (what the static decoder replaces).
+part em_step_1.5b_compile 120 60  benchmarks/em_step.py --shape $S15 $EM --parts project --backend static_compile --json em_step_1.5b_compile.json
+part em_step_7b_compile 150   80  benchmarks/em_step.py --shape $S7 $EM --parts project --backend static_compile --json em_step_7b_compile.json
+part eval_7b_compile    120   60  benchmarks/eval_throughput.py --shape $S7 --paths project --batch-sizes $BS7 $EV --backend static_compile --json eval_7b_compile.json
 part em_step_7b_nockpt  150   70  benchmarks/em_step.py --shape $S7 $EM --parts project --gradient-checkpointing 0 --micro-batch 2 --json em_step_7b_nockpt.json
 part em_step_1.5b_hf    100   45  benchmarks/em_step.py --shape $S15 $EM --parts project --backend hf --steps 2 --json em_step_1.5b_hf.json
 part em_step_7b_hf      120   70  benchmarks/em_step.py --shape $S7 $EM --parts project --backend hf --steps 2 --json em_step_7b_hf.json
-part em_step_1.5b_compile 200 150 benchmarks/em_step.py --shape $S15 $EM --parts project --backend static_compile --json em_step_1.5b_compile.json
 
 echo "== done in $(elapsed)s; results in $OUT_DIR"
 echo "== summary (paste into benchmarks/RESULTS.md)"

@@ -178,6 +178,57 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def _decode_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, col: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, w: dict[str, torch.Tensor | None], eps: float,
+                  scaling: float, n_heads: int, n_kv: int, head_dim: int, kv_len: int) -> torch.Tensor:
+    """One decoder layer for one new token, as a pure function of tensors: compiled once, it
+    serves every layer (their weights are arguments), so compilation costs one layer, not 28."""
+    b = h.shape[0]
+    x = F.rms_norm(h, (h.shape[-1],), w["ln1"], eps)
+    q = F.linear(x, w["q"], w["q_b"]).view(b, 1, n_heads, head_dim)
+    k = F.linear(x, w["k"], w["k_b"]).view(b, 1, n_kv, head_dim)
+    if w["q_norm"] is not None:  # Qwen3
+        q = F.rms_norm(q, (head_dim,), w["q_norm"], eps)
+        k = F.rms_norm(k, (head_dim,), w["k_norm"], eps)
+    q = _rotate(q.transpose(1, 2), cos, sin)
+    k = _rotate(k.transpose(1, 2), cos, sin)
+    v = F.linear(x, w["v"], w["v_b"]).view(b, 1, n_kv, head_dim).transpose(1, 2)
+    k_cache.index_copy_(2, col, k)
+    v_cache.index_copy_(2, col, v)
+    qg = q.reshape(b, n_kv, n_heads // n_kv, head_dim)
+    o = F.scaled_dot_product_attention(qg, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=bias,
+                                       scale=scaling)
+    h = h + F.linear(o.reshape(b, n_heads, 1, head_dim).transpose(1, 2).reshape(b, 1, -1), w["o"], w["o_b"])
+    x = F.rms_norm(h, (h.shape[-1],), w["ln2"], eps)
+    gate = F.silu(F.linear(x, w["gate"], w["gate_b"]))
+    return h + F.linear(gate * F.linear(x, w["up"], w["up_b"]), w["down"], w["down_b"])
+
+
+def _layer_weights(layer: torch.nn.Module) -> tuple[dict[str, torch.Tensor | None], float] | None:
+    """The tensors _decode_layer needs from an HF layer, and its norm epsilon; None when the
+    layer is not of that form (other norms or activation): the step then runs the modules."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = [layer.input_layernorm, layer.post_attention_layernorm] + (
+        [attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else [])
+    if any(type(n).__name__ not in STANDARD_RMSNORMS for n in norms):
+        return None
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    act = getattr(mlp, "act_fn", None)
+    if type(act).__name__ not in ("SiLU", "SiLUActivation") and act is not F.silu:
+        return None
+    eps = {n.variance_epsilon for n in norms}
+    if len(eps) != 1:
+        return None
+    w = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
+         "q_norm": attn.q_norm.weight if hasattr(attn, "q_norm") else None,
+         "k_norm": attn.k_norm.weight if hasattr(attn, "k_norm") else None}
+    for key, mod in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
+                     ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)):
+        w[key], w[key + "_b"] = mod.weight, mod.bias
+    return w, eps.pop()
+
+
 class StaticDecoder:
     """Static buffers (cache, masks, token state) and captured step graphs for one shape.
 
@@ -224,10 +275,15 @@ class StaticDecoder:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._step_fn = self._decode_step
+        self._layer_fn = None
+        self._choose_fn = choose_tokens
+        self.layer_weights = [_layer_weights(layer) for layer in self.decoder.layers]
         if compile_step:
-            # Default dynamism: the bucket length becomes symbolic at its second value, so the
-            # buckets cost two compilations, not one each.
-            self._step_fn = torch.compile(self._decode_step)
+            # One compiled layer serves all layers; the sampling tail is compiled apart. Default
+            # dynamism: the bucket length becomes symbolic at its second value (two compilations).
+            if all(w is not None for w in self.layer_weights):
+                self._layer_fn = torch.compile(_decode_layer)
+            self._choose_fn = torch.compile(choose_tokens)
 
     # -- the model, through the static cache -------------------------------------------
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
@@ -237,6 +293,14 @@ class StaticDecoder:
         b, q_len, _ = h.shape
         rep = self.n_heads // self.n_kv
         decoding = not isinstance(write, slice)
+        if decoding and self._layer_fn is not None:
+            for i, entry in enumerate(self.layer_weights):
+                assert entry is not None
+                weights, eps = entry
+                h = self._layer_fn(h, cos, sin, bias, write, self.k[i], self.v[i], weights, eps,
+                                   self.decoder.layers[i].self_attn.scaling, self.n_heads, self.n_kv,
+                                   self.head_dim, kv_len)
+            return _norm(self.decoder.norm, h)
         for i, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             x = _norm(layer.input_layernorm, h)
@@ -267,7 +331,7 @@ class StaticDecoder:
 
     def _append(self, logits: torch.Tensor) -> None:
         """Choose, record and feed back the next token of every row (all in device tensors)."""
-        token = choose_tokens(logits.float(), self.seen if self.penalize else None, self.settings)
+        token = self._choose_fn(logits.float(), self.seen if self.penalize else None, self.settings)
         token = torch.where(self.finished, torch.full_like(token, self.settings.pad_id), token)
         self.out.index_copy_(1, self.step, token[:, None])
         self.finished |= (token[:, None] == self.eos).any(dim=-1)
@@ -349,7 +413,11 @@ class StaticDecoder:
         if width + max_new_tokens - 1 > self.cache_len:
             raise ValueError(f"prompt {width} + {max_new_tokens} new tokens exceed the cache ({self.cache_len})")
         if self.use_graphs and not self.graphs:
+            # Capturing runs warm-up steps that draw random numbers: restore the generator so the
+            # first call samples what every later call with the same seed samples.
+            rng = torch.cuda.get_rng_state(self.device)
             self._capture()
+            torch.cuda.set_rng_state(rng, self.device)
         clock = _Clock(self.device)
         self._prefill(input_ids, attention_mask)
         clock.mark()

@@ -173,3 +173,20 @@ def test_other_supported_architectures_decode_like_hf(arch):
     got = decode.generate_static(model, enc["input_ids"], enc["attention_mask"],
                                  decode.decode_settings(True, 1, 1, 0, 1.0, [EOS], PAD), 16)
     assert torch.equal(ref, got)
+
+
+def test_compiled_layer_step_decodes_like_hf_and_is_seeded():
+    """backend static_compile: one torch.compile'd layer function serves every layer."""
+    model, tok = random_qwen2(), word_tokenizer()
+    enc = tok(prompts(4, seed=2), return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ref = hf_greedy(model, ids, mask, 20, [EOS], 1.3)
+    got = decode.generate_static(model, ids, mask, decode.decode_settings(True, 1, 1, 0, 1.3, [EOS], PAD), 20,
+                                 compile_step=True)
+    assert torch.equal(ref, got)
+    assert decode._DECODERS[model]._layer_fn is not None  # the functional layer path, not the modules
+    sampled = decode.decode_settings(False, 0.7, 0.9, 0, 1.15, [EOS], PAD)
+    torch.manual_seed(1)
+    a = decode.generate_static(model, ids, mask, sampled, 20, compile_step=True)
+    torch.manual_seed(1)
+    assert torch.equal(a, decode.generate_static(model, ids, mask, sampled, 20, compile_step=True))
