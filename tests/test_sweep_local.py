@@ -33,7 +33,7 @@ def test_local_sweep_runs_every_run_records_a_failure_and_relaunch_skips_done_ru
     entries = list(manifest.read_manifest(tmp_path / "sweep").values())
     assert len(entries) == 4 and {e.job_id for e in entries} == {"local"}
     # The broken model sorts first: the good runs after it still ran.
-    good = [e for e in entries if "model.path=pkg://tiny-arith" in e.run.overrides]
+    good = [e for e in entries if e.run.model_path == "pkg://tiny-arith"]
     bad = [e for e in entries if e not in good]
     assert all(rundir.is_complete(Path(e.run.run_dir)) for e in good)
     for e in bad:
