@@ -28,11 +28,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from em_sweep.prompts import PROMPTS_DIR, PoolItem, PromptError, load_pool, resolve_pool_path
+if TYPE_CHECKING:  # the command line imports this module; torch/transformers load only when used
+    from em_sweep.prompts import PoolItem
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,8 @@ def config_name(text: str) -> str:
 
 def pool_reference(pool: str) -> str:
     """How a config should name the pool: the shipped name, or an absolute path."""
+    from em_sweep.prompts import PROMPTS_DIR, resolve_pool_path
+
     path = resolve_pool_path(pool).resolve()
     return path.stem if path.parent == PROMPTS_DIR.resolve() else str(path)
 
@@ -314,6 +317,8 @@ def _list_arg(text: str) -> list[str]:
 
 def select_prompts_command(args: argparse.Namespace) -> dict[str, Any]:
     """Run select-prompts; returns the ranking record (also written as JSON)."""
+    from em_sweep.prompts import load_pool
+
     own, overrides = split_arguments(args.arguments)
     top = _int_arg(own, "top", 6)
     limit = _int_arg(own, "limit", None)
@@ -420,6 +425,7 @@ def cmd_select_prompts(args: argparse.Namespace) -> int:
 
     from em_sweep.config import ConfigError
     from em_sweep.models import ModelLoadError
+    from em_sweep.prompts import PromptError
 
     try:
         record = select_prompts_command(args)

@@ -40,9 +40,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the command line imports this module; torch loads only when it is used
+    import torch
 
 # Values per float64 chunk when folding logits into the statistics (bounds the temporaries).
 DEFAULT_CHUNK_VALUES = 1 << 22
@@ -62,6 +63,8 @@ class Moments:
     @staticmethod
     def of(values: torch.Tensor) -> Moments:
         """The moments of a tensor's values (any shape), computed in float64 on its device."""
+        import torch
+
         x = values.detach().reshape(-1).to(torch.float64)
         if x.numel() == 0:
             return Moments()
@@ -127,6 +130,8 @@ class Histogram:
         return [self.lo + i * width for i in range(self.bins)] + [self.hi]
 
     def add(self, values: torch.Tensor) -> None:
+        import torch
+
         x = values.detach().reshape(-1).to(torch.float64)
         counts = torch.histc(x, bins=self.bins, min=self.lo, max=self.hi)
         self.counts = [c + int(v) for c, v in zip(self.counts, counts.tolist(), strict=True)]
@@ -143,6 +148,8 @@ def response_logits(model: Any, batch: Any, micro_batch_size: int) -> Iterator[t
     Only the logits from the last prompt position on are computed when the model supports
     ``logits_to_keep``; no tensor larger than one micro-batch's logits is built.
     """
+    import torch
+
     from em_sweep.sample import position_ids_for
 
     first = batch.prompt_len - 1  # the last prompt position produced the first response token
@@ -189,6 +196,8 @@ def stream_statistics(passes: Callable[[], Iterable[torch.Tensor]], bins: int = 
     it is called twice without ``value_range`` (moments and range, then the histogram), once
     with it. Each tensor is folded in float64 chunks of at most ``chunk_values`` values.
     """
+    import torch
+
     moments, lo, hi = Moments(), math.inf, -math.inf
     hist = Histogram(*value_range, bins) if value_range is not None else None
     for values in passes():
@@ -375,6 +384,8 @@ def model_config_for(entry: str, overrides: Sequence[str], base: Any) -> Any:
 
 def logits_command(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the analysis for every model; write the JSON and the figure; return the results."""
+    import torch
+
     from em_sweep.benchmarks import load_benchmark, resolve_spec
     from em_sweep.cli import compose
     from em_sweep.models import load_model, load_tokenizer, resolve_model_path

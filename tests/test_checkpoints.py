@@ -1,0 +1,78 @@
+"""train.save_at_steps writes HF checkpoints that evaluation and the analysis tools load as a model path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from em_sweep.cli import main as cli_main
+from tests.conftest import ROOT
+
+FAST = ["train.steps=2", "train.batch_size=8", "train.micro_batch_size=4", "train.max_new_tokens=24",
+        "eval.limit=16", "eval.batch_size=16", "logger.mode=disabled"]
+
+
+def em_sweep(*argv: str) -> int:
+    with pytest.raises(SystemExit) as done:
+        cli_main(list(argv))
+    return int(done.value.code or 0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One real `python launch.py` run that saves checkpoints at steps 1 and 2 (and evaluates step 1)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"paths.root={root}", *FAST,
+                           "train.save_at_steps=[1,2]", "eval.at_steps=[1]", "train.lr=1e-3"],
+                          cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = [p for p in (root / "runs").iterdir() if p.is_dir()]
+    return run
+
+
+def test_checkpoints_are_saved_at_the_requested_steps_only(trained):
+    ckpts = trained / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-1", "step-2"]
+    for step in ("step-1", "step-2"):
+        assert (ckpts / step / "config.json").is_file() and (ckpts / step / "tokenizer_config.json").is_file()
+    w1 = load_file(ckpts / "step-1" / "model.safetensors")
+    w2 = load_file(ckpts / "step-2" / "model.safetensors")
+    assert any(not w1[k].equal(w2[k]) for k in w1), "step 2 should differ from step 1"
+
+
+def test_evaluating_a_checkpoint_reproduces_the_runs_score_at_that_step(trained, tmp_path):
+    results = json.loads((trained / "results.json").read_text())
+    (at_step_1,) = [s for s in results["scores"] if s["step"] == 1]
+    ckpt = trained / "checkpoints" / "step-1"
+    assert em_sweep("eval", f"model.path={ckpt}", f"paths.root={tmp_path}", *FAST) == 0
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    evaluated = json.loads((run / "results.json").read_text())
+    assert evaluated["config"]["model"]["path"] == str(ckpt)
+    (score,) = evaluated["final_scores"]
+    assert score["accuracy"] == at_step_1["accuracy"] and score["n_problems"] == 16
+
+
+def test_analysis_tools_accept_a_checkpoint_as_model(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "step-2"
+    out = tmp_path / "logits"
+    assert em_sweep("logits", f"models=[tiny_arith,{ckpt}]", "n=3", "max_new_tokens=16", "bins=20",
+                    "--out-dir", str(out)) == 0
+    results = json.loads((out / "skewness.json").read_text())
+    assert [r["model"] for r in results] == ["tiny_arith", str(ckpt)]
+    assert results[1]["label"].endswith("/step-2") and results[1]["n_values"] > 0
+    assert (out / "histogram.png").stat().st_size > 0
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"id": "q1", "problem": "What is 12+7?", "answer": "19"}) + "\n")
+    ranking = tmp_path / "ranking.json"
+    assert em_sweep("select-prompts", f"model.path={ckpt}", f"pool={pool}", "k=2", "top=1", "name=ck",
+                    "--out-dir", str(tmp_path / "prompt"), "--ranking", str(ranking)) == 0
+    record = json.loads(ranking.read_text())
+    assert record["model"]["path"] == str(ckpt) and record["ranking"][0]["id"] == "q1"
