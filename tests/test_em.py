@@ -45,7 +45,7 @@ def test_one_step_is_one_update_whatever_the_micro_batch(fresh, micro):
         train = train_cfg(micro_batch_size=mb, batch_size=8, max_new_tokens=32, lr=1e-3)
         opt, lr_at = make_optimizer(m, train)
         metrics = em_step(m, tok, opt, texts, train, step=1, lr=lr_at(0), seed=3)
-        steps_taken = {s["step"] for s in opt.state.values()}
+        steps_taken = {int(s["step"]) for s in opt.state.values()}
         assert steps_taken == {1}  # AdamW stepped exactly once per parameter
         results.append((metrics.loss, m.state_dict()))
     (loss_a, w_a), (loss_b, w_b) = results
