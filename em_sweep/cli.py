@@ -35,18 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model (any model.path) on eval.benchmarks without training")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.path=/ckpt eval.benchmarks=[math500]")
     p.set_defaults(func=cmd_eval)
-    from em_sweep import selection, skewness
+    from em_sweep import collect, selection, skewness
+    from em_sweep.sweep import cli as sweep_cli
 
-    selection.add_subcommand(sub)
-    skewness.add_subcommand(sub)
-    try:
-        from em_sweep.sweep.cli import add_subcommands
-    except ImportError:
-        pass
-    else:
-        add_subcommands(sub)
-    from em_sweep import collect
-
+    selection.add_subcommand(sub)  # select-prompts
+    skewness.add_subcommand(sub)  # logits
+    sweep_cli.add_subcommands(sub)  # status, resubmit
     collect.add_subcommands(sub)  # collect, report
     return parser
 
