@@ -142,6 +142,8 @@ def judged(diff: float, se: float) -> str:
     """'clear, 2 SE = x pp' / 'within noise, 2 SE = x pp' / 'noise unknown: ...' for a difference and its SE."""
     if se != se:  # NaN
         return "noise unknown: fewer than two runs per group"
+    if se == 0:
+        return "the same in every run" if diff == 0 else "clear: every run changed by the same amount"
     word = "clear" if agg.is_clear(diff, se) else "within noise"
     return f"{word}, 2 SE = {200 * se:.1f} pp"
 
@@ -259,7 +261,9 @@ def plot_seed_spread(p: Prepared):
     spread = agg.seed_spread(last, p.settings)
     spread = spread[spread["n_seeds"] >= 2].reset_index(drop=True)
     n_runs = int(spread["n_seeds"].sum())
+    how = "dot = seed, label = max/min ratio"
     if len(spread) > 30:
+        how = f"histogram over {len(spread)} settings"
         fig, (ax,) = _figure(1)
         ax.hist(spread["ratio"].replace(np.inf, np.nan).dropna(), bins=30)
         ax.set_xlabel("max / min score over seeds, per setting (ratio)")
@@ -282,8 +286,8 @@ def plot_seed_spread(p: Prepared):
         ax.set_xlabel(f"{p.label} (%)")
         ax.grid(alpha=0.3)
         ax.margins(x=0.15)
-    ax.set_title(f"Seed spread at the last step (eval T={_fmt_value(p.eval_t)}); dot = seed, "
-                 f"label = max/min ratio\n{_runs_note(n_runs, p)}", fontsize=9)
+    ax.set_title(f"Seed spread at the last step (eval T={_fmt_value(p.eval_t)}); {how}\n"
+                 f"{_runs_note(n_runs, p)}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -408,6 +412,10 @@ def finding_2(p: Prepared) -> Finding:
         first_value = float(curve.loc[curve["step"] == curve["step"].min(), "mean"].iloc[0])
         if peak == last_step:
             shape = "highest at the last evaluated step (no decline measured)"
+        elif peak == int(curve["step"].min()) and peak == 0:
+            d = agg.paired_difference(g, "step", 0, last_step)
+            shape = (f"no step after training beats step 0; step {last_step} minus step 0: {pp(d['mean'])} "
+                     f"({judged(d['mean'], d['se'])})")
         else:
             d = agg.paired_difference(g, "step", peak, last_step)
             shape = (f"peak at step {peak}, then {pp(d['mean'])} by step {last_step} "

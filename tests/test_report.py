@@ -136,3 +136,30 @@ def test_report_reads_a_collected_table(built, tmp_path):
         cli_main(["report", str(root / "collected" / "scores.parquet"), "--out", str(tmp_path / "r"), "--quiet"])
     assert exit_info.value.code == 0
     assert "7 runs: done 5, failed 1, running 1." in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_example_sweep_preset_end_to_end_through_launch_and_report(tmp_path):
+    """The example preset, shrunk (2 seeds x 1 temperature, 2 steps, 24 problems), through real Hydra
+    (em-sweep's sweeper + local launcher), then `em-sweep report` on its sweep dir."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "launch.py"), "-m", "+experiment=example_sweep", f"paths.root={tmp_path}",
+           "seed=1,2", "temperature=0.5", "train.steps=2", "eval.at_steps=[0,1,2]", "eval.temperatures=[0.0,1.0]",
+           "eval.limit=24", "train.batch_size=8", "train.micro_batch_size=8", "logger.mode=disabled"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "example_sweep"
+    assert (sweep_dir / "manifest.jsonl").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", str(sweep_dir), "--quiet"])
+    assert exit_info.value.code == 0
+    text = (sweep_dir / "report" / "report.md").read_text()
+    assert "2 runs: done 2." in text and "No run is failed, running or missing." in text
+    assert "Evaluated steps: 0, 1, 2" in text and "Evaluation temperatures: 0, 1." in text
+    assert (sweep_dir / "report" / "step_curve.png").is_file()
+    assert (sweep_dir / "collected" / "scores.parquet").is_file()
