@@ -172,7 +172,7 @@ def test_failing_run_in_a_packed_task_leaves_its_siblings_complete_and_resubmit_
 
 def test_usr2_requeues_the_task_with_only_its_unfinished_runs(tmp_path):
     """What SLURM does before a time limit or on preemption: USR2, then submitit's checkpoint()."""
-    launch(tmp_path, "seed=5,6", "train.steps=8", "hydra.launcher.runs_per_task=2")
+    launch(tmp_path, "seed=5,6", "train.steps=30", "hydra.launcher.runs_per_task=2")  # each run a few seconds
     entries = list(manifest.read_manifest(tmp_path / "sweep").values())
     first, second = (Path(e.run.run_dir) for e in entries)
     job_id = entries[0].job_id
