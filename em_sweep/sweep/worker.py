@@ -128,8 +128,9 @@ def run_packed(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, 
             cfg = context.compose(planned.overrides)
             composed_dir = rundir.run_dir_for(cfg)
             if composed_dir != path:
-                raise RuntimeError(f"planned run dir {path} but the composed config gives {composed_dir}; "
-                                   "the sweep planner and Hydra disagree (please report)")
+                raise RuntimeError(f"planned run dir {path}, but the config composed now gives {composed_dir}: "
+                                   "conf/ changed since the sweep was launched (re-launch it), or the planner "
+                                   "and Hydra disagree (please report)")
             run(cfg, cache=cache)
             outcomes[planned.run_id] = "done"
         except BaseException as e:
