@@ -281,3 +281,35 @@ def distinct_columns(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
         if not any(same_partition(frame, k, c) for k in kept):
             kept.append(c)
     return kept
+
+
+def difference_se(se_between: float, p_a: float, p_b: float, n_graded: int | None,
+                  more: Sequence[float] = ()) -> float:
+    """Standard error of a difference between two mean scores ``p_a`` and ``p_b``, counting both
+    the spread between runs (``se_between``; NaN = unknown, e.g. one run) and the sampling error of
+    the evaluation set, which every run shares and averaging over runs does not remove.
+
+    The evaluation part treats the two scores as independent binomial proportions on ``n_graded``
+    graded samples each: sqrt(p_a(1-p_a)/n + p_b(1-p_b)/n). For two scores of the same runs on
+    the same problems this is conservative (their errors are positively correlated). Returns
+    ``se_between`` alone when ``n_graded`` is unknown, NaN when neither part is known. ``more``:
+    further scores in the difference (e.g. a difference of two changes has four), counted alike.
+    """
+    between = 0.0 if se_between != se_between else se_between  # NaN -> 0
+    if not n_graded or n_graded <= 0:
+        return se_between
+    evaluation = sum(max(q * (1 - q), 0.0) for q in (p_a, p_b, *more)) / n_graded
+    return math.sqrt(between ** 2 + evaluation)
+
+
+def seeds_agree(frame: pd.DataFrame, settings: Sequence[str], value: str = "score") -> pd.DataFrame:
+    """Per identical setting: n_seeds (runs) and ``identical``: True when every run of the setting has
+    the same ``value`` at every step and eval temperature (e.g. sampling so peaked that seeds draw
+    the same responses). ``frame`` holds all steps and eval temperatures of the runs."""
+    keys = list(settings) or ["_all"]
+    frame = frame.assign(_all="all") if not settings else frame
+    cells = frame.groupby([*keys, "step", "eval_temperature"], dropna=False)[value].nunique()
+    identical = (cells <= 1).groupby(level=list(range(len(keys))), dropna=False).all().rename("identical")
+    n_seeds = frame.groupby(keys, dropna=False)["run_id"].nunique().rename("n_seeds")
+    out = pd.concat([n_seeds, identical], axis=1).reset_index()
+    return out.drop(columns=["_all"]) if not settings else out

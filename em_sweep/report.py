@@ -69,7 +69,7 @@ class Prepared:
     label: str  # what "score" means here
     settings: list[str]  # config columns that vary among done runs (seed excluded)
     group: str | None  # the column curves are split by, if any
-    n_problems: int | None  # graded problems behind one score (median)
+    n_problems: int | None  # graded samples behind one score (median problems x samples; summed for avg4)
     skewness: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -79,6 +79,25 @@ class Prepared:
     @property
     def n_not_done(self) -> int:
         return int(len(self.runs) - self.n_done)
+
+
+def graded_per_score(done: pd.DataFrame, bench: str | None) -> int | None:
+    """Graded samples behind one score: the median n_problems x n of its benchmark; for avg4 or a
+    mean over benchmarks, the sum of those medians over the benchmarks averaged (an approximation:
+    an unweighted mean of accuracies on unequal sets)."""
+    sized = done[done["n_problems"].notna()].assign(
+        graded=lambda f: f["n_problems"].astype(float) * f["n"].astype(float).fillna(1.0))
+    if sized.empty:
+        return None
+    if bench is not None and bench != agg.AVERAGE_OF_FOUR:
+        sized = sized[sized["benchmark"] == bench]
+        return int(sized["graded"].median()) if not sized.empty else None
+    if bench == agg.AVERAGE_OF_FOUR:
+        from em_sweep.benchmarks import PAPER_FOUR
+
+        sized = sized[sized["benchmark"].isin(PAPER_FOUR)]
+    per_benchmark = sized.groupby("benchmark")["graded"].median()
+    return int(per_benchmark.sum()) if not per_benchmark.empty else None
 
 
 def choose_group(frame: pd.DataFrame, settings: Sequence[str]) -> str | None:
@@ -100,10 +119,7 @@ def prepare(table: pd.DataFrame, train: pd.DataFrame | None = None,
     settings = agg.varying_columns(main, agg.setting_columns(main)) if not main.empty else []
     settings = agg.distinct_columns(main, settings)
     bench = agg.primary_benchmark(table[table["status"] == agg.DONE])
-    sized = table[(table["status"] == agg.DONE) & table["n_problems"].notna()]
-    if bench is not None and bench != agg.AVERAGE_OF_FOUR:
-        sized = sized[sized["benchmark"] == bench]
-    n_problems = int(sized["n_problems"].median()) if not sized.empty else None
+    n_problems = graded_per_score(table[table["status"] == agg.DONE], bench)
     done_train = None
     if train is not None and not train.empty:
         done_train = train[train["status"] == agg.DONE]
@@ -138,12 +154,16 @@ def _pp_abs(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f} pp"
 
 
-def judged(diff: float, se: float) -> str:
-    """'clear, 2 SE = x pp' / 'within noise, 2 SE = x pp' / 'noise unknown: ...' for a difference and its SE."""
+def judged(diff: float, se_between: float, p_a: float, p_b: float, n_graded: int | None,
+           more: Sequence[float] = ()) -> str:
+    """'clear, 2 SE = x pp' / 'within noise, 2 SE = x pp' for a difference of two mean scores, where
+    the SE counts the spread between runs and the evaluation set's sampling error
+    (:func:`em_sweep.aggregate.difference_se`)."""
+    se = agg.difference_se(se_between, p_a, p_b, n_graded, more)
     if se != se:  # NaN
-        return "noise unknown: fewer than two runs per group"
+        return "noise unknown: one run and no sample count"
     if se == 0:
-        return "the same in every run" if diff == 0 else "clear: every run changed by the same amount"
+        return "no noise measured" if diff == 0 else "clear: every run changed by the same amount"
     word = "clear" if agg.is_clear(diff, se) else "within noise"
     return f"{word}, 2 SE = {200 * se:.1f} pp"
 
@@ -380,7 +400,7 @@ def finding_1(p: Prepared) -> Finding:
         lines.append(f"- `{r['model.name']}`: {pct(r['before'])} before -> {pct(r['after'])} after "
                      f"{int(r['final_step'])} steps; change {pp(r['change'])} "
                      f"(per run {pp(r['change_min'])} to {pp(r['change_max'])}; {int(r['n_runs'])} runs; "
-                     f"{judged(r['change'], r['change_se'])}).")
+                     f"{judged(r['change'], r['change_se'], r['before'], r['after'], p.n_problems)}).")
     amc = p.scores.iloc[0:0]
     done = p.table[(p.table["status"] == agg.DONE) & (p.table["benchmark"] == "amc23")]
     if not done.empty:
@@ -415,11 +435,15 @@ def finding_2(p: Prepared) -> Finding:
         elif peak == int(curve["step"].min()) and peak == 0:
             d = agg.paired_difference(g, "step", 0, last_step)
             shape = (f"no step after training beats step 0; step {last_step} minus step 0: {pp(d['mean'])} "
-                     f"({judged(d['mean'], d['se'])})")
+                     f"({judged(d['mean'], d['se'], value, last_value, p.n_problems)})")
         else:
             d = agg.paired_difference(g, "step", peak, last_step)
             shape = (f"peak at step {peak}, then {pp(d['mean'])} by step {last_step} "
-                     f"({judged(d['mean'], d['se'])})")
+                     f"({judged(d['mean'], d['se'], value, last_value, p.n_problems)})")
+        rise = agg.paired_difference(g, "step", int(curve["step"].min()), peak)
+        if peak != int(curve["step"].min()):
+            shape += (f"; the rise to the peak, {pp(rise['mean'])}, is "
+                      f"{judged(rise['mean'], rise['se'], first_value, value, p.n_problems)}")
         lines.append(f"- {name} ({g['run_id'].nunique()} runs): step {int(curve['step'].min())} "
                      f"{pct(first_value)}, peak {pct(value)} at step {peak}, step {last_step} {pct(last_value)}; "
                      f"{shape}.")
@@ -430,8 +454,8 @@ def finding_2(p: Prepared) -> Finding:
             per_run = g.sort_values("step").groupby("run_id")["loss"].agg(["first", "last"])
             falling = int((per_run["last"] < per_run["first"]).sum())
             rises = int((np.diff(curve["mean"].to_numpy()) > 0).sum())
-            lines.append(f"- loss, {name}: mean {first['mean']:.3f} at step {int(first['step'])} -> "
-                         f"{last['mean']:.3f} at step {int(last['step'])}; lower at the end in {falling} of "
+            lines.append(f"- loss, {name}: mean {first['mean']:.4g} at step {int(first['step'])} -> "
+                         f"{last['mean']:.4g} at step {int(last['step'])}; lower at the end in {falling} of "
                          f"{len(per_run)} runs; the mean curve rises at {rises} of {len(curve) - 1} steps.")
     else:
         lines.append("- No loss curves collected (train table missing).")
@@ -454,7 +478,7 @@ def finding_3(p: Prepared) -> Finding:
         lines.append(f"- After EM (last step, {trained['run_id'].nunique()} runs): "
                      + ", ".join(f"T={_fmt_value(float(t))} {pct(v)}" for t, v in means.items())
                      + f"; from T={_fmt_value(lo)} to T={_fmt_value(hi)} the score changes by "
-                       f"{pp(d['mean'])} ({judged(d['mean'], d['se'])}).")
+                       f"{pp(d['mean'])} ({judged(d['mean'], d['se'], means[lo], means[hi], p.n_problems)}).")
     before = p.scores[p.scores["step"] == 0]
     if not before.empty:
         means = before.groupby("eval_temperature")["score"].mean()
@@ -469,9 +493,32 @@ def finding_3(p: Prepared) -> Finding:
                 gains.append(f"T={_fmt_value(float(t))} {pp(float(ba['change'].iloc[0]))}")
         if gains:
             lines.append(f"- EM's change (last step - step 0) per evaluation temperature: {', '.join(gains)}.")
+        lines.append(_gain_shift(p, lo, hi))
     lines.append("- The paper's contrast (RL-trained models improve with temperature) needs RL-trained runs "
                  "(`stages` with rl); see finding 9.")
     return Finding(3, title, True, lines, "eval_temperature.png")
+
+
+def _gain_shift(p: Prepared, lo: float, hi: float) -> str:
+    """Whether EM's change at the highest eval temperature differs from its change at the lowest (per run)."""
+    last = agg.final_step(p.scores)[["run_id", "step"]].drop_duplicates()
+    rows = p.scores.merge(last.rename(columns={"step": "last"}), on="run_id")
+    rows = rows[(rows["last"] > 0) & ((rows["step"] == 0) | (rows["step"] == rows["last"]))
+                & rows["eval_temperature"].isin([lo, hi])]
+    wide = rows.pivot_table(index="run_id", columns=["eval_temperature", "step"], values="score", aggfunc="mean")
+    wide.columns = [f"{t}@{'after' if s > 0 else 'before'}" for t, s in wide.columns]
+    need = [f"{lo}@before", f"{lo}@after", f"{hi}@before", f"{hi}@after"]
+    if any(c not in wide.columns for c in need):
+        return "- EM's change could not be compared across evaluation temperatures (missing step-0 scores)."
+    wide = wide[need].dropna()
+    shift = (wide[need[3]] - wide[need[2]]) - (wide[need[1]] - wide[need[0]])
+    n = len(shift)
+    se = float(shift.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+    means = [float(wide[c].mean()) for c in need]
+    verdict = judged(float(shift.mean()), se, means[0], means[1], p.n_problems,
+                     more=means[2:])
+    return (f"- EM's change at T={_fmt_value(hi)} minus its change at T={_fmt_value(lo)}: {pp(float(shift.mean()))} "
+            f"over {n} runs ({verdict}); negative means EM helps less (or hurts more) at high eval temperature.")
 
 
 def finding_4(p: Prepared) -> Finding:
@@ -490,21 +537,25 @@ def finding_4(p: Prepared) -> Finding:
                      f"{_pp_abs(s['std'])} | {pct(s['min'])} | "
                      f"{pct(b['score'])} (`{b['run_id']}`) |")
     lo, hi = float(temps[0]), float(temps[-1])
-    d = agg.mean_difference(last.loc[last["temperature"] == lo, "score"], last.loc[last["temperature"] == hi, "score"])
+    at_lo, at_hi = last.loc[last["temperature"] == lo, "score"], last.loc[last["temperature"] == hi, "score"]
+    d = agg.mean_difference(at_lo, at_hi)
     trend = agg.slope(stats["temperature"], stats["mean"])
     lines.append("")
     lines.append(f"- Mean: slope {100 * trend:+.1f} pp per unit of temperature; T={_fmt_value(hi)} minus "
-                 f"T={_fmt_value(lo)}: {pp(d['mean'])} ({judged(d['mean'], d['se'])})."
+                 f"T={_fmt_value(lo)}: {pp(d['mean'])} "
+                 f"({judged(d['mean'], d['se'], at_lo.mean(), at_hi.mean(), p.n_problems)})."
                  + _varies_besides(p, "temperature"))
     i_best = int(best["score"].to_numpy().argmax())
     t_best = float(best["temperature"].iloc[i_best])
     where = ("at the lowest temperature" if i_best == 0 else "at the highest temperature"
              if i_best == len(best) - 1 else "inside the range: it rises then falls")
     lines.append(f"- Best run: highest at T={_fmt_value(t_best)} ({pct(best['score'].iloc[i_best])}), {where}.")
-    if stats["std"].notna().any():
+    if (stats["std"].fillna(0) > 0).any():
         i_var = int(stats["std"].fillna(-1).to_numpy().argmax())
         lines.append(f"- Largest spread between runs: T={_fmt_value(float(stats['temperature'].iloc[i_var]))} "
                      f"(std {100 * stats['std'].iloc[i_var]:.1f} pp).")
+    elif stats["std"].notna().any():
+        lines.append("- No spread between runs at any training temperature: runs of one temperature scored the same.")
     return Finding(4, title, True, lines, "train_temperature.png")
 
 
@@ -526,9 +577,17 @@ def finding_5(p: Prepared) -> Finding:
              f"- widest: {', '.join(_setting_labels(worst.to_frame().T, p.settings))}: "
              f"{pct(worst['min'])} to {pct(worst['max'])} ({100 * worst['spread']:.1f} pp).",
              f"- mean max-min spread: {100 * multi['spread'].mean():.1f} pp."]
+    trained_runs = p.scores[p.scores["run_id"].isin(last["run_id"])]
+    agree = agg.seeds_agree(trained_runs, p.settings)
+    agree = agree[agree["n_seeds"] >= 2]
+    if agree["identical"].any():
+        same = agree[agree["identical"]]
+        lines.append(f"- In {len(same)} of {len(agree)} settings every seed gave exactly the same scores at every "
+                     f"step and eval temperature ({', '.join(_setting_labels(same, p.settings))}): "
+                     "the seed changed nothing measurable there.")
     if p.n_problems:
         se = agg.binomial_se(float(last["score"].mean()), p.n_problems)
-        lines.append(f"- For scale: one score is graded on ~{p.n_problems} problems, so its sampling standard "
+        lines.append(f"- For scale: one score is graded on ~{p.n_problems} samples, so its sampling standard "
                      f"error alone is ~{100 * se:.1f} pp at the mean score.")
     return Finding(5, title, True, lines, "seed_spread.png")
 
@@ -542,7 +601,7 @@ def finding_6(p: Prepared) -> Finding:
     for _, r in table.iterrows():
         lines.append(f"| `{r['model.name']}` | {int(r['n_runs'])} | {pct(r['before'])} | {pct(r['after'])} | "
                      f"{pp(r['change'])} | {pp(r['change_min'])} .. {pp(r['change_max'])} | "
-                     f"{judged(r['change'], r['change_se'])} |")
+                     f"{judged(r['change'], r['change_se'], r['before'], r['after'], p.n_problems)} |")
     lines.append("")
     if len(table) < 2:
         lines.append(f"- One base model only (`{table['model.name'].iloc[0]}`): the base vs RL-tuned contrast "
@@ -565,7 +624,7 @@ def finding_7(p: Prepared) -> Finding:
         many = last.loc[last["prompt.n_ids"] == c, "score"]
         d = agg.mean_difference(many, one)
         lines.append(f"- {int(c)} prompts: {pct(many.mean())} over {len(many)} runs; one-shot minus this "
-                     f"{pp(d['mean'])} ({judged(d['mean'], d['se'])}).")
+                     f"{pp(d['mean'])} ({judged(d['mean'], d['se'], many.mean(), one.mean(), p.n_problems)}).")
     if "train.steps" in p.settings:
         lines.append("- `train.steps` varies in this sweep: compare within equal steps.")
     return Finding(7, title, True, lines + [_varies_besides(p, "prompt.n_ids").strip()], "shots.png")
@@ -653,9 +712,11 @@ def setup_section(p: Prepared) -> list[str]:
         lines.append(f"- Seeds: {', '.join(_fmt_value(s) for s in sorted(p.main['seed'].dropna().unique()))}.")
     if p.n_problems:
         mean = float(p.main["score"].mean())
-        lines.append(f"- One score is graded on ~{p.n_problems} problems: its binomial standard error is "
-                     f"~{100 * agg.binomial_se(mean, p.n_problems):.1f} pp at the mean score {pct(mean)}. "
-                     "Differences below are judged against the spread between runs (2 standard errors).")
+        lines.append(f"- One score is graded on ~{p.n_problems} samples (problems x samples per problem): its "
+                     f"binomial standard error is ~{100 * agg.binomial_se(mean, p.n_problems):.1f} pp at the "
+                     f"mean score {pct(mean)}. A difference is called clear when it exceeds 2 standard errors, "
+                     "counting both the spread between runs and this sampling error of the evaluation set "
+                     "(shared by all runs, so averaging runs does not remove it).")
     return lines
 
 

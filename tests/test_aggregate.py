@@ -193,3 +193,22 @@ def test_inputs_are_not_modified(greedy):
     agg.seed_spread(greedy, ["model.name"])
     agg.summarize(greedy, [])
     pd.testing.assert_frame_equal(greedy, before)
+
+
+def test_difference_se_adds_the_evaluation_sampling_error():
+    # between runs 0.03; evaluation sqrt((.4*.6 + .5*.5) / 400) = 0.035
+    assert agg.difference_se(0.03, 0.4, 0.5, 400) == pytest.approx(math.sqrt(0.03 ** 2 + 0.49 / 400))
+    assert agg.difference_se(float("nan"), 0.4, 0.5, 400) == pytest.approx(0.035)  # one run: evaluation only
+    assert agg.difference_se(0.03, 0.4, 0.5, None) == 0.03
+    assert math.isnan(agg.difference_se(float("nan"), 0.4, 0.5, None))
+
+
+def test_seeds_agree_flags_settings_whose_seeds_scored_identically():
+    rows = []
+    for run, setting, accs in (("s1", "a", (0.4, 0.5)), ("s2", "a", (0.4, 0.5)),   # identical seeds
+                               ("s3", "b", (0.4, 0.5)), ("s4", "b", (0.4, 0.6))):  # differ at step 5
+        for step, acc in zip((0, 5), accs, strict=True):
+            rows.append({"run_id": run, "setting": setting, "step": step, "eval_temperature": 0.0, "score": acc})
+    out = agg.seeds_agree(pd.DataFrame(rows), ["setting"])
+    assert dict(zip(out["setting"], out["identical"], strict=True)) == {"a": True, "b": False}
+    assert out["n_seeds"].tolist() == [2, 2]

@@ -58,11 +58,14 @@ def test_findings_state_the_hand_computed_numbers(built):
     _, text = built
     # 1/6: before .40 for all; after (.5+.6+.7+.35+.45)/5 = .52; per-run change -5..+30 pp
     assert "`tiny_arith`: 40.0% before -> 52.0% after 10 steps; change +12.0 pp (per run -5.0 pp to +30.0 pp; 5 runs" in text
+    # SE: between runs std(.1,.2,.3,-.05,.05)/sqrt(5) = 6.04 pp; evaluation sqrt((.4*.6 + .52*.48)/400) = 3.50 pp;
+    # together 6.98 pp, so 2 SE = 14.0 pp > 12 pp: not called clear
+    assert "within noise, 2 SE = 14.0 pp" in section(text, 1)
     # 2: T=0.3 runs a1, a2, m1: step 5 (.6+.7+.5)/3 = 60.0%, step 10 (.5+.6+.45)/3 = 51.7%: a clear decline
     s2 = section(text, 2)
     assert "temperature=0.3 (3 runs): step 0 40.0%, peak 60.0% at step 5, step 10 51.7%" in s2
     assert "then -8.3 pp by step 10 (clear" in s2
-    assert "mean 0.950 at step 1 -> 0.500 at step 10; lower at the end in 3 of 3 runs" in s2
+    assert "mean 0.95 at step 1 -> 0.5 at step 10; lower at the end in 3 of 3 runs" in s2
     # 3: last step T=1 (.35+.40+.45+.30+.33)/5 = 36.6%; paired change -15.4 pp
     assert "T=0 52.0%, T=1 36.6%" in section(text, 3) and "-15.4 pp (clear" in section(text, 3)
     # 4: T=0.3 mean 51.7%, std 7.6 pp, best a2 60%; T=0.7 mean 52.5%, std 24.7 pp; difference within noise
