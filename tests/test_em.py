@@ -56,12 +56,12 @@ def test_one_step_is_one_update_whatever_the_micro_batch(fresh, micro):
 
 def test_ten_em_steps_lower_the_entropy_of_sampled_responses(fresh):
     model, tok = fresh
-    cfg = compose_config()  # the default run's settings (64 samples, T 0.5) at a faster rate
-    train = OmegaConf.merge(cfg.train, {"lr": 1e-3, "batch_size": 32, "micro_batch_size": 32})
-    texts = [format_prompt(tok, "What is 12+30-7+45?")] * 32
+    cfg = compose_config()  # the default run's settings (lr 2e-5, T 0.5), 16 samples per step
+    train = OmegaConf.merge(cfg.train, {"batch_size": 16, "micro_batch_size": 16})
+    texts = [format_prompt(tok, "What is 12+30-7+45?")] * 16
     opt, lr_at = make_optimizer(model, train)
     losses = [em_step(model, tok, opt, texts, train, step=s + 1, lr=lr_at(s), seed=100 + s).loss for s in range(10)]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert sum(losses[-2:]) < 0.7 * sum(losses[:2]), losses
 
 
 def test_nonfinite_loss_raises(fresh):
