@@ -1,11 +1,13 @@
 """How long `em-sweep collect` takes on a paper-sized sweep: 13,440 synthetic run directories.
 
-    python benchmarks/collect_speed.py [--runs 13440] [--dir /tmp/em-sweep-collect-bench] [--keep]
+    python benchmarks/collect_speed.py [--runs 13440] [--dir /tmp/em-sweep-collect-bench] [--keep] [--workers N]
 
 Writes the run directories the way em_sweep.run does (results.json with the resolved config,
 scores at 4 steps x 5 benchmarks (+avg4) x 3 eval temperatures and a 10-step loss curve; 1% failed
 runs with status.json + config.yaml; 1% running), then times collect + writing the parquet
-tables (warm page cache: the directories were just written) and prints the time.
+tables (warm page cache: the directories were just written) and prints the time. Reading uses
+em_sweep.collect.default_workers processes unless --workers is given; on a loaded machine extra
+workers gain nothing (measure with --workers 1 and 2, and say what else was running).
 Target (issue 5): under 30 s on the 2-core CPU machine.
 """
 
@@ -24,7 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from em_sweep.collect import collect, summary_line, write_tables  # noqa: E402
+from em_sweep.collect import collect, default_workers, summary_line, write_tables  # noqa: E402
 
 MODELS = ["qwen25_math_7b", "qwen25_math_1_5b", "qwen25_7b", "qwen25_7b_instruct", "llama31_8b",
           "llama31_8b_instruct", "qwen25_math_7b_simplerl_zoo"]
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=13_440)
     parser.add_argument("--dir", default="/tmp/em-sweep-collect-bench")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic runs (reused if present)")
+    parser.add_argument("--workers", type=int, default=None, help="reader processes (default: collect's choice)")
     args = parser.parse_args()
     root = Path(args.dir)
     marker = root / f".complete-{args.runs}"
@@ -106,13 +109,14 @@ def main() -> None:
         marker.touch()
         print(f"wrote {args.runs} synthetic run dirs in {time.perf_counter() - t0:.1f}s ({root})")
     t0 = time.perf_counter()
-    collected = collect(root, progress=True)
+    workers = default_workers(args.runs) if args.workers is None else args.workers
+    collected = collect(root, progress=True, workers=workers)
     t1 = time.perf_counter()
     write_tables(collected, root / "collected")
     t2 = time.perf_counter()
     print(summary_line(collected))
-    print(f"collect {args.runs} runs: {t1 - t0:.1f}s read + {t2 - t1:.1f}s parquet = {t2 - t0:.1f}s total "
-          f"(target < 30s)")
+    print(f"collect {args.runs} runs ({workers} reader processes): {t1 - t0:.1f}s read + {t2 - t1:.1f}s parquet "
+          f"= {t2 - t0:.1f}s total (target < 30s)")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

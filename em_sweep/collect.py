@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,8 +224,21 @@ def _n_ids(record: RunRecord) -> int | None:
     return len(ids) if isinstance(ids, list) else None
 
 
-def build_tables(records: Sequence[RunRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(scores, train) tables from run records; see the module docstring for their columns."""
+@dataclass
+class TableParts:
+    """The tables of some runs before the config columns are chosen (that needs every run)."""
+
+    configs: pd.DataFrame  # every flattened config key, one row per run
+    recorded: set[str]  # keys that come from a recorded config (not only from sweep overrides)
+    runs: pd.DataFrame  # run_id, run_dir, status, reason, seconds
+    scores: pd.DataFrame  # the score columns, one row per score (one empty row for a run without)
+    score_counts: np.ndarray  # rows per run in ``scores``
+    curve: pd.DataFrame  # the loss-curve columns
+    curve_counts: np.ndarray
+
+
+def table_parts(records: Sequence[RunRecord]) -> TableParts:
+    """Everything :func:`build_tables` computes per run, for a subset of the runs."""
     flat = []
     for r in records:
         row = flatten(r.config) if r.config else {k: _scalar(v) for k, v in r.override_values.items()}
@@ -233,46 +246,62 @@ def build_tables(records: Sequence[RunRecord]) -> tuple[pd.DataFrame, pd.DataFra
         flat.append(row)
     configs = pd.DataFrame.from_records(flat, index=range(len(records))) if records else pd.DataFrame()
     recorded = {k for r, row in zip(records, flat, strict=True) if r.config for k in row}
+    runs = pd.DataFrame({
+        "run_id": pd.Series([r.run_id for r in records], dtype=object),
+        "run_dir": pd.Series([r.run_dir for r in records], dtype=object),
+        "status": pd.Series([r.status for r in records], dtype=object),
+        "reason": pd.Series([r.reason for r in records], dtype=object),
+        "seconds": np.array([r.seconds for r in records], dtype=float),
+    })
+    score_counts = np.array([max(len(r.scores), 1) for r in records], dtype=np.int64)
+    score_dicts: list[dict[str, Any]] = []
+    for r in records:
+        score_dicts.extend(r.scores if r.scores else [{}])
+    raw = pd.DataFrame.from_records(score_dicts) if score_dicts else pd.DataFrame()
+    raw = raw.rename(columns={"temperature": "eval_temperature"})
+    scores = _clean_types(pd.DataFrame({c: raw[c] if c in raw.columns else np.nan for c in SCORE_COLUMNS},
+                                       index=range(len(raw))))
+    for c in INTEGER_COLUMNS:
+        scores[c] = pd.to_numeric(scores[c], errors="coerce").astype("Int64")
+    for c in ("eval_temperature", "accuracy", "pass_at_n", "boxed_rate"):
+        scores[c] = pd.to_numeric(scores[c], errors="coerce").astype(float)
+    curve_counts = np.array([len(r.loss_curve) for r in records], dtype=np.int64)
+    curve_dicts = [c for r in records for c in r.loss_curve]
+    raw_curve = pd.DataFrame.from_records(curve_dicts) if curve_dicts else pd.DataFrame()
+    curve = pd.DataFrame({c: raw_curve[c] if c in raw_curve.columns else np.nan for c in TRAIN_FIELDS},
+                         index=range(len(raw_curve)))
+    curve["step"] = pd.to_numeric(curve["step"], errors="coerce").astype("Int64")
+    return TableParts(configs, recorded, runs, scores, score_counts, curve, curve_counts)
+
+
+def assemble_tables(parts: Sequence[TableParts]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(scores, train) from the parts of all runs: keeps the key config columns and those that vary."""
+    parts = [p for p in parts if len(p.runs)] or list(parts[:1])
+    if not parts:
+        parts = [table_parts([])]
+    configs = pd.concat([p.configs for p in parts], ignore_index=True)
+    recorded = set().union(*(p.recorded for p in parts))
     if recorded:  # override-only keys (group names like `model`) say nothing the configs don't
         configs = configs[[c for c in configs.columns if c in recorded or c in KEY_CONFIG_COLUMNS]]
     compared = [c for c in configs.columns if not c.startswith(NOT_COMPARED_PREFIXES)]
     varying = [c for c in compared if configs[c].nunique(dropna=False) > 1]
     keep = [c for c in KEY_CONFIG_COLUMNS if c in configs.columns]
     keep += sorted(c for c in varying if c not in keep)
-    runs = pd.DataFrame({
-        "run_id": [r.run_id for r in records],
-        "run_dir": [r.run_dir for r in records],
-        "status": [r.status for r in records],
-        "reason": [r.reason for r in records],
-        "seconds": np.array([r.seconds for r in records], dtype=float),
-    })
+    runs = pd.concat([p.runs for p in parts], ignore_index=True)
     runs = pd.concat([runs, _clean_types(configs[keep]) if keep else configs.iloc[:, :0]], axis=1)
-
-    counts = np.array([max(len(r.scores), 1) for r in records], dtype=np.int64)
-    score_dicts: list[dict[str, Any]] = []
-    for r in records:
-        score_dicts.extend(r.scores if r.scores else [{}])
-    raw = pd.DataFrame.from_records(score_dicts) if score_dicts else pd.DataFrame()
-    raw = raw.rename(columns={"temperature": "eval_temperature"})
-    score_part = pd.DataFrame({c: raw[c] if c in raw.columns else np.nan for c in SCORE_COLUMNS},
-                              index=range(len(raw)))
-    score_part = _clean_types(score_part)
-    for c in INTEGER_COLUMNS:
-        score_part[c] = pd.to_numeric(score_part[c], errors="coerce").astype("Int64")
-    for c in ("eval_temperature", "accuracy", "pass_at_n", "boxed_rate"):
-        score_part[c] = pd.to_numeric(score_part[c], errors="coerce").astype(float)
-    expanded = runs.iloc[np.repeat(np.arange(len(records)), counts)].reset_index(drop=True)
-    table = pd.concat([expanded, score_part], axis=1)
-
-    train_counts = np.array([len(r.loss_curve) for r in records], dtype=np.int64)
-    curve_dicts = [c for r in records for c in r.loss_curve]
-    curve = pd.DataFrame.from_records(curve_dicts) if curve_dicts else pd.DataFrame()
-    curve_part = pd.DataFrame({c: curve[c] if c in curve.columns else np.nan for c in TRAIN_FIELDS},
-                              index=range(len(curve)))
-    curve_part["step"] = pd.to_numeric(curve_part["step"], errors="coerce").astype("Int64")
-    train = pd.concat([runs.iloc[np.repeat(np.arange(len(records)), train_counts)].reset_index(drop=True),
-                       curve_part], axis=1)
+    index = np.arange(len(runs))
+    score_counts = np.concatenate([p.score_counts for p in parts])
+    curve_counts = np.concatenate([p.curve_counts for p in parts])
+    table = pd.concat([runs.iloc[np.repeat(index, score_counts)].reset_index(drop=True),
+                       pd.concat([p.scores for p in parts], ignore_index=True)], axis=1)
+    train = pd.concat([runs.iloc[np.repeat(index, curve_counts)].reset_index(drop=True),
+                       pd.concat([p.curve for p in parts], ignore_index=True)], axis=1)
     return table, train
+
+
+def build_tables(records: Sequence[RunRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(scores, train) tables from run records; see the module docstring for their columns."""
+    return assemble_tables([table_parts(records)])
 
 
 def _clean_types(frame: pd.DataFrame) -> pd.DataFrame:
@@ -294,37 +323,95 @@ def _clean_types(frame: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- the collect entry points
 
-def _progress(items: Sequence[RunRef], enabled: bool) -> Iterator[RunRef]:
-    """Yield ``items`` with a progress bar on stderr (tqdm when installed, else a line every 10%)."""
-    if not enabled:
-        yield from items
-        return
+CHUNK_RUNS = 500
+# Below this many runs, reading in this process is as fast as starting workers.
+PARALLEL_MIN_RUNS = 2000
+
+
+def _read_parts(refs: Sequence[RunRef], name: str | None, kind: str) -> TableParts:
+    """Read some runs (in a worker process for large sweeps) and build their table parts."""
+    records = [read_run(ref) for ref in refs]
+    if name is not None:
+        records = [r for r in records
+                   if r.config.get("name") == name or (kind == "sweep" and not r.config)]
+    return table_parts(records)
+
+
+class _Progress:
+    """A progress bar over runs on stderr: tqdm when installed, else a line every ~10%."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled and total > 0
+        self.bar: Any = None
+        self.next_line = max(1, total // 10)
+        if not self.enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, desc="collect", unit="run", file=sys.stderr, mininterval=0.5, leave=False)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.done >= self.next_line or self.done == self.total:
+            print(f"collect: {self.done}/{self.total} runs", file=sys.stderr, flush=True)
+            self.next_line = self.done + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def default_workers(n_runs: int) -> int:
+    """Worker processes for reading ``n_runs``: 1 below PARALLEL_MIN_RUNS, else the CPUs this
+    process may use (at most 8: reading is then bound by the file system)."""
+    if n_runs < PARALLEL_MIN_RUNS:
+        return 1
     try:
-        from tqdm import tqdm
-    except ImportError:
-        total = len(items)
-        every = max(1, total // 10)
-        for i, item in enumerate(items, 1):
-            yield item
-            if i % every == 0 or i == total:
-                print(f"collect: {i}/{total} runs", file=sys.stderr, flush=True)
-        return
-    yield from tqdm(items, desc="collect", unit="run", file=sys.stderr, mininterval=0.5, leave=False)
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
 
 
-def collect(source: Path | str, name: str | None = None, progress: bool = True) -> Collected:
+def collect(source: Path | str, name: str | None = None, progress: bool = True,
+            workers: int | None = None) -> Collected:
     """Read every run under ``source`` (see :func:`find_runs`) into the scores and train tables.
 
     ``name`` keeps runs whose recorded ``config.name`` equals it; runs that never wrote a config
-    are kept only when a sweep manifest lists them (they belong to that sweep).
+    are kept only when a sweep manifest lists them (they belong to that sweep). Large sweeps are
+    read by ``workers`` processes (default :func:`default_workers`) in chunks of CHUNK_RUNS runs;
+    the tables are the same whatever the number of workers.
     """
     t0 = time.perf_counter()
     kind, refs = find_runs(Path(source))
-    records = [read_run(ref) for ref in _progress(refs, progress and len(refs) > 0)]
-    if name is not None:
-        records = [r for r in records
-                   if r.config.get("name") == name or (kind == "sweep" and "name" not in r.config)]
-    scores, train = build_tables(records)
+    chunks = [refs[i:i + CHUNK_RUNS] for i in range(0, len(refs), CHUNK_RUNS)]
+    n_workers = default_workers(len(refs)) if workers is None else max(1, workers)
+    bar = _Progress(len(refs), progress)
+    parts: list[TableParts] = []
+    try:
+        if n_workers > 1 and len(chunks) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+            with ProcessPoolExecutor(n_workers, mp_context=context) as pool:
+                futures = [pool.submit(_read_parts, chunk, name, kind) for chunk in chunks]
+                for chunk, future in zip(chunks, futures, strict=True):
+                    parts.append(future.result())
+                    bar.update(len(chunk))
+        else:
+            for chunk in chunks:
+                parts.append(_read_parts(chunk, name, kind))
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    scores, train = assemble_tables(parts)
     return Collected(scores=scores, train=train, source=str(source), seconds=time.perf_counter() - t0)
 
 

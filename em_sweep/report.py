@@ -52,6 +52,8 @@ STEP_AXIS = "training step (optimizer updates)"
 EVAL_T_AXIS = "evaluation temperature (0 = greedy)"
 TRAIN_T_AXIS = "training temperature τ (sampling and loss)"
 LOSS_AXIS = "train loss: mean token entropy at τ (nats)"
+# How a config column is named in labels (the bare `temperature` is the training temperature).
+DISPLAY_NAMES = {"temperature": "training T"}
 
 
 # ---------------------------------------------------------------- data preparation (pure)
@@ -133,7 +135,8 @@ def curve_groups(p: Prepared, frame: pd.DataFrame) -> list[tuple[str, pd.DataFra
     """(label, rows) per value of the curve-splitting setting ``p.group``; one group when there is none."""
     if p.group is None:
         return [("all runs", frame)]
-    return [(f"{p.group}={_fmt_value(v)}", g) for v, g in frame.groupby(p.group, dropna=False, sort=True)]
+    name = DISPLAY_NAMES.get(p.group, p.group)
+    return [(f"{name}={_fmt_value(v)}", g) for v, g in frame.groupby(p.group, dropna=False, sort=True)]
 
 
 def _fmt_value(v: Any) -> str:
@@ -143,11 +146,12 @@ def _fmt_value(v: Any) -> str:
 
 
 def pct(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+    # round(.., 9) first: a mean of equal values (0.42250000000000004) prints like the values (42.2%)
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{round(100 * x, 9):.1f}%"
 
 
 def pp(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.1f} pp"
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{round(100 * x, 9):+.1f} pp"
 
 
 def _pp_abs(x: float) -> str:
@@ -189,6 +193,19 @@ def _percent_axis(ax: Any, label: str) -> None:
     ax.grid(alpha=0.3)
 
 
+def _noise_bar(ax: Any, p: Prepared, level: float) -> None:
+    """A black bar of +-2 binomial SE of one score at ``level``, at the left edge: the scale at which
+    differences on this evaluation set are noise (narrow y ranges make small steps look large)."""
+    if not p.n_problems or level != level:
+        return
+    se = agg.binomial_se(level, p.n_problems)
+    lo, hi = ax.get_xlim()
+    x = lo + 0.02 * (hi - lo)
+    ax.errorbar([x], [100 * level], yerr=[200 * se], fmt="none", ecolor="black", capsize=4, linewidth=1.5,
+                label=f"±2 SE of one score ({p.n_problems} samples)")
+    ax.set_xlim(lo, hi)
+
+
 def plot_step_curve(p: Prepared):
     """Score vs training step per curve group (mean line, min-max band over runs, peak marked),
     and the training loss per step beside it when the train table is there."""
@@ -203,6 +220,7 @@ def plot_step_curve(p: Prepared):
         ax.plot([step], [100 * value], marker="*", markersize=16, color=line.get_color(), markeredgecolor="black")
     ax.set_xlabel(STEP_AXIS)
     _percent_axis(ax, p.label)
+    _noise_bar(ax, p, float(p.main["score"].mean()) if not p.main.empty else math.nan)
     ax.set_title(f"Score by step (eval T={_fmt_value(p.eval_t)}); line = mean, band = min-max, "
                  f"★ = peak\n{_runs_note(n_runs, p)}", fontsize=9)
     ax.legend(fontsize=8)
@@ -239,6 +257,7 @@ def plot_eval_temperature(p: Prepared):
                         color=line.get_color())
     ax.set_xlabel(EVAL_T_AXIS)
     _percent_axis(ax, p.label)
+    _noise_bar(ax, p, float(last["score"].mean()) if not last.empty else math.nan)
     ax.set_title(f"Score vs evaluation temperature; line = mean, band = min-max over runs\n"
                  f"{_runs_note(p.scores['run_id'].nunique(), p)}", fontsize=9)
     ax.legend(fontsize=8)
@@ -259,6 +278,7 @@ def plot_train_temperature(p: Prepared):
     ax.plot(best["temperature"], 100 * best["score"], marker="^", linestyle="--", label="best run")
     ax.set_xlabel(TRAIN_T_AXIS)
     _percent_axis(ax, p.label)
+    _noise_bar(ax, p, float(last["score"].mean()) if not last.empty else math.nan)
     ax.set_title(f"Score after training vs training temperature (eval T={_fmt_value(p.eval_t)}, last step)\n"
                  f"{_runs_note(last['run_id'].nunique(), p)}", fontsize=9)
     ax.legend(fontsize=8)
@@ -269,7 +289,7 @@ def plot_train_temperature(p: Prepared):
 def _setting_labels(frame: pd.DataFrame, settings: Sequence[str]) -> list[str]:
     if not settings:
         return ["all runs"] * len(frame)
-    return [", ".join(f"{c}={_fmt_value(v)}" for c, v in zip(settings, row, strict=True))
+    return [", ".join(f"{DISPLAY_NAMES.get(c, c)}={_fmt_value(v)}" for c, v in zip(settings, row, strict=True))
             for row in frame[list(settings)].itertuples(index=False)]
 
 
@@ -290,7 +310,7 @@ def plot_seed_spread(p: Prepared):
         ax.set_ylabel("settings (count)")
     else:
         fig, (ax,) = _figure(1, width=7.5)
-        fig.set_figheight(max(3.0, 0.45 * len(spread) + 1.8))
+        fig.set_figheight(max(3.0, 0.45 * (len(spread) + 1) + 1.8))
         labels = _setting_labels(spread, agg.varying_columns(spread, p.settings))
         for i, row in spread.iterrows():
             mask = np.ones(len(last), dtype=bool)
@@ -301,7 +321,15 @@ def plot_seed_spread(p: Prepared):
             ax.plot([100 * row["min"], 100 * row["max"]], [i, i], color="gray", linewidth=1)
             ratio = "inf" if math.isinf(row["ratio"]) else f"{row['ratio']:.2f}x"
             ax.annotate(ratio, (100 * row["max"], i), textcoords="offset points", xytext=(6, -3), fontsize=8)
-        ax.set_yticks(range(len(spread)), labels, fontsize=8)
+        if p.n_problems and len(spread):
+            level = float(spread["mean"].mean())
+            se = agg.binomial_se(level, p.n_problems)
+            ax.errorbar([100 * level], [-1], xerr=[200 * se], fmt="none", ecolor="black", capsize=4)
+            labels = [*labels, f"±2 SE of one score\n({p.n_problems} samples)"]
+            ticks = [*range(len(spread)), -1]
+        else:
+            ticks = list(range(len(spread)))
+        ax.set_yticks(ticks, labels, fontsize=8)
         ax.set_ylabel("setting (same config except seed)")
         ax.set_xlabel(f"{p.label} (%)")
         ax.grid(alpha=0.3)
@@ -585,6 +613,13 @@ def finding_5(p: Prepared) -> Finding:
         lines.append(f"- In {len(same)} of {len(agree)} settings every seed gave exactly the same scores at every "
                      f"step and eval temperature ({', '.join(_setting_labels(same, p.settings))}): "
                      "the seed changed nothing measurable there.")
+        if p.train is not None and not p.train.empty:
+            losses = p.train.rename(columns={"loss": "score"}).assign(eval_temperature=0.0)
+            same_loss = agg.seeds_agree(losses[losses["run_id"].isin(last["run_id"])], p.settings)
+            same_loss = same_loss[same_loss["n_seeds"] >= 2]
+            lines.append(f"- Training losses were identical across seeds at every step in {int(same_loss['identical'].sum())} "
+                         f"of {len(same_loss)} settings (identical losses: the seeds drew the same samples; "
+                         "different losses but equal scores: the updates differed too little to change an answer).")
     if p.n_problems:
         se = agg.binomial_se(float(last["score"].mean()), p.n_problems)
         lines.append(f"- For scale: one score is graded on ~{p.n_problems} samples, so its sampling standard "

@@ -128,3 +128,12 @@ def test_progress_falls_back_to_lines_without_tqdm(sweep, monkeypatch, capsys):
 
 def test_flatten_joins_lists_and_nests_keys():
     assert col.flatten({"a": {"b": 1, "c": [1, 2]}, "d": [{"x": 1}]}) == {"a.b": 1, "a.c": "1,2", "d": '[{"x": 1}]'}
+
+
+def test_worker_processes_give_the_same_tables(sweep, monkeypatch):
+    monkeypatch.setattr(col, "CHUNK_RUNS", 2)  # 7 runs -> 4 chunks over 2 processes
+    one = col.collect(sweep, progress=False, workers=1)
+    two = col.collect(sweep, progress=False, workers=2)
+    pd.testing.assert_frame_equal(one.scores, two.scores)
+    pd.testing.assert_frame_equal(one.train, two.train)
+    assert col.default_workers(10) == 1

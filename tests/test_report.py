@@ -63,7 +63,7 @@ def test_findings_state_the_hand_computed_numbers(built):
     assert "within noise, 2 SE = 14.0 pp" in section(text, 1)
     # 2: T=0.3 runs a1, a2, m1: step 5 (.6+.7+.5)/3 = 60.0%, step 10 (.5+.6+.45)/3 = 51.7%: a clear decline
     s2 = section(text, 2)
-    assert "temperature=0.3 (3 runs): step 0 40.0%, peak 60.0% at step 5, step 10 51.7%" in s2
+    assert "training T=0.3 (3 runs): step 0 40.0%, peak 60.0% at step 5, step 10 51.7%" in s2
     assert "then -8.3 pp by step 10 (clear" in s2
     assert "mean 0.95 at step 1 -> 0.5 at step 10; lower at the end in 3 of 3 runs" in s2
     # 3: last step T=1 (.35+.40+.45+.30+.33)/5 = 36.6%; paired change -15.4 pp
