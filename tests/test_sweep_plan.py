@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -199,3 +200,22 @@ def test_manifest_keeps_the_latest_submission_of_each_run(tmp_path):
     assert [(e.run.run_id, e.job_id) for e in latest.values()] == [("a", "2_0"), ("b", "1_1")]
     lines = (sweep / manifest.MANIFEST).read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["overrides"] == ["seed=a"]
+
+
+def test_status_finds_every_sweep_below_a_folder(tmp_path, capsys):
+    from em_sweep.sweep.cli import cmd_resubmit, cmd_status
+
+    for sweep in ("sweeps/a", "hydra/multirun/2026-01-01/10-00-00"):
+        manifest.append_manifest(tmp_path / sweep, [_entry(tmp_path / "runs", sweep.replace("/", "_"), "local")])
+    assert manifest.find_sweeps(tmp_path) == [tmp_path / "hydra/multirun/2026-01-01/10-00-00", tmp_path / "sweeps/a"]
+    assert manifest.find_sweeps(tmp_path / "sweeps/a") == [tmp_path / "sweeps/a"]
+
+    args = argparse.Namespace(sweep_dir=str(tmp_path), resubmit=False, dry_run=False, reasons=10)
+    assert cmd_status(args) == 0
+    out = capsys.readouterr().out
+    assert out.count(": 1 runs") == 2 and "sweeps/a" in out
+    # Resubmitting needs one sweep.
+    assert cmd_resubmit(argparse.Namespace(sweep_dir=str(tmp_path), dry_run=True)) == 2
+    assert "holds 2 sweeps" in capsys.readouterr().err
+    assert cmd_status(argparse.Namespace(sweep_dir=str(tmp_path / "nothing"), resubmit=False, dry_run=False,
+                                         reasons=10)) == 2

@@ -15,22 +15,33 @@ from em_sweep.sweep import manifest
 from em_sweep.sweep.plan import SweepError
 
 
-def _sweep_dir(text: str) -> Path:
-    path = Path(text)
-    if not (path / manifest.MANIFEST).is_file():
-        raise SweepError(f"{path} is not a sweep directory (no {manifest.MANIFEST}; it is written when a sweep "
-                         "is submitted, under hydra.sweep.dir)")
-    return path
+def _sweep_dirs(text: str) -> list[Path]:
+    """The sweep directory given, or every sweep directory below it (e.g. ``outputs/``)."""
+    found = manifest.find_sweeps(Path(text))
+    if not found:
+        raise SweepError(f"no sweep under {text} (a sweep directory holds {manifest.MANIFEST}, written when a "
+                         "sweep is launched with hydra/sweeper=em_sweep or hydra/launcher=slurm|local, under "
+                         "hydra.sweep.dir)")
+    return found
+
+
+def _one_sweep_dir(text: str) -> Path:
+    found = _sweep_dirs(text)
+    if len(found) > 1:
+        raise SweepError(f"{text} holds {len(found)} sweeps; name one: " + ", ".join(map(str, found)))
+    return found[0]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print counts per state; with --resubmit, then resubmit failed, interrupted and missing runs."""
+    """Print counts per state for each sweep; with --resubmit, then resubmit failed, interrupted and missing runs."""
     try:
-        sweep_dir = _sweep_dir(args.sweep_dir)
-        statuses = manifest.sweep_status(sweep_dir)
-        print(manifest.format_status(sweep_dir, statuses, max_reasons=args.reasons))
-        if args.resubmit:
-            return _resubmit(sweep_dir, statuses, dry_run=args.dry_run)
+        sweep_dirs = [_one_sweep_dir(args.sweep_dir)] if args.resubmit else _sweep_dirs(args.sweep_dir)
+        live = manifest.live_slurm_tasks()  # one queue query for every sweep
+        for sweep_dir in sweep_dirs:
+            statuses = manifest.sweep_status(sweep_dir, live=live, ask_slurm=False)
+            print(manifest.format_status(sweep_dir, statuses, max_reasons=args.reasons))
+            if args.resubmit:
+                return _resubmit(sweep_dir, statuses, dry_run=args.dry_run)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -40,7 +51,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_resubmit(args: argparse.Namespace) -> int:
     """Submit again only the runs that are failed, interrupted or missing."""
     try:
-        sweep_dir = _sweep_dir(args.sweep_dir)
+        sweep_dir = _one_sweep_dir(args.sweep_dir)
         return _resubmit(sweep_dir, manifest.sweep_status(sweep_dir), dry_run=args.dry_run)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -69,7 +80,8 @@ def _resubmit(sweep_dir: Path, statuses: list[manifest.RunStatus], dry_run: bool
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``status`` and ``resubmit`` to the ``em-sweep`` command's subparsers."""
     p = subparsers.add_parser("status", help="counts of done / running / failed / pending runs of a sweep")
-    p.add_argument("sweep_dir", help="the sweep directory (hydra.sweep.dir; it holds manifest.jsonl)")
+    p.add_argument("sweep_dir", help="a sweep directory (hydra.sweep.dir, holding manifest.jsonl), or a folder "
+                                     "above sweeps (e.g. outputs/) to report each")
     p.add_argument("--resubmit", action="store_true", help="then resubmit failed, interrupted and missing runs")
     p.add_argument("--dry-run", action="store_true", help="with --resubmit: only say how many would be resubmitted")
     p.add_argument("--reasons", type=int, default=10, help="distinct failure reasons to list (default 10)")

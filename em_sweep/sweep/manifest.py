@@ -64,6 +64,23 @@ class RunStatus:
     reason: str | None = None
 
 
+def find_sweeps(path: Path, max_depth: int = 5) -> list[Path]:
+    """Sweep directories at or below ``path`` (those holding a manifest), not looking inside run dirs."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return [path]
+    found = []
+    base_depth = len(path.parts)
+    for root, dirs, files in os.walk(path):
+        if MANIFEST in files:
+            found.append(Path(root))
+            dirs.clear()  # a sweep dir holds no other sweep
+            continue
+        # Run directories and submitit folders hold thousands of entries and never a manifest.
+        dirs[:] = [d for d in dirs if d not in ("runs", ".submitit") and len(Path(root).parts) - base_depth < max_depth]
+    return sorted(found)
+
+
 def append_manifest(sweep_dir: Path, entries: Iterable[ManifestEntry]) -> None:
     """Append entries and fsync: a submission is recorded before the next chunk is submitted."""
     lines = [json.dumps({"run_id": e.run.run_id, "run_dir": e.run.run_dir, "overrides": list(e.run.overrides),
