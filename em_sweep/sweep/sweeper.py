@@ -4,13 +4,14 @@ Hydra's BasicSweeper composes every job to validate it before the launcher compo
 This one expands the same overrides the same way (``hydra.sweeper.params`` from presets, then
 the command line; cartesian product in BasicSweeper's order), then plans the sweep with
 :func:`em_sweep.sweep.plan.plan_sweep`: every run validated, run ids computed, complete runs
-skipped. em-sweep's launchers take the plan as is; any other launcher gets the pending runs'
-overrides as an ordinary batch.
+skipped. em-sweep's launchers take the plan as is; any other launcher (Hydra's basic one) gets
+the pending runs' overrides as an ordinary batch, recorded in the sweep's manifest first.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import OmegaConf
 
+from em_sweep.sweep import manifest
 from em_sweep.sweep.launcher import SweepLauncher
 from em_sweep.sweep.plan import expand_jobs, plan_sweep
 
@@ -62,4 +64,9 @@ class FastSweeper(BasicSweeper):
         pending: Sequence[Sequence[str]] = [list(r.overrides) for r in plan.pending]
         log.info("%d runs planned, %d already complete, %d to launch", len(plan.runs), len(plan.complete),
                  len(pending))
-        return [self.launcher.launch(pending, initial_job_idx=0)] if pending else []
+        if not pending:
+            return []
+        # Recorded like em-sweep's own local launcher does, so `em-sweep status` covers these runs too.
+        submitted_at = time.time()
+        manifest.append_manifest(sweep_dir, (manifest.ManifestEntry(r, "local", submitted_at) for r in plan.pending))
+        return [self.launcher.launch(pending, initial_job_idx=0)]
