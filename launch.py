@@ -10,11 +10,13 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import em_sweep.config  # noqa: E402, F401  (registers the structured-config schema)
-from em_sweep.run import main  # noqa: E402
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def launch(cfg: DictConfig) -> None:
+    # Imported here: torch/transformers cost ~4 s, which a sweep submission never needs.
+    from em_sweep.run import main
+
     main(cfg)
 
 

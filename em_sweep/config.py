@@ -222,7 +222,12 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(t.generation_backend in KNOWN_GENERATION_BACKENDS, "train.generation_backend",
            f"unknown {t.generation_backend!r}; choose from {KNOWN_GENERATION_BACKENDS}")
 
+    late = [s for s in t.save_at_steps if s > t.steps]
+    _check(not late, "train.save_at_steps", f"{late} are past train.steps={t.steps}")
+
     e = c.eval
+    too_late = [s for s in e.at_steps if s > t.steps]
+    _check(not too_late, "eval.at_steps", f"{too_late} are past train.steps={t.steps}")
     _check(all(s >= 0 for s in e.at_steps), "eval.at_steps", f"steps must be >= 0, got {list(e.at_steps)}")
     _check(all(x >= 0 for x in e.temperatures), "eval.temperatures", "must be >= 0 (0 = greedy)")
     _check(e.n_samples >= 1, "eval.n_samples", "must be >= 1")

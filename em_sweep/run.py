@@ -49,12 +49,6 @@ def preflight(cfg: DictConfig) -> list[PoolItem]:
     except Exception as e:  # omegaconf's MissingMandatoryValue / InterpolationResolutionError
         raise ConfigError(f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
     validate(cfg)
-    too_late = [s for s in cfg.eval.at_steps if s > cfg.train.steps]
-    if too_late:
-        raise ConfigError(f"eval.at_steps: {too_late} are past train.steps={cfg.train.steps}")
-    late_saves = [s for s in cfg.train.save_at_steps if s > cfg.train.steps]
-    if late_saves:
-        raise ConfigError(f"train.save_at_steps: {late_saves} are past train.steps={cfg.train.steps}")
     for name in cfg.eval.benchmarks:
         resolve_spec(name)
     resolve_model_path(cfg.model.path)

@@ -57,3 +57,12 @@ def test_invalid_values_name_the_key(overrides, key):
 def test_interpolated_lr_is_resolved_in_the_recorded_config():
     cfg = compose_config(["model.lr=3e-4"])
     assert OmegaConf.to_container(cfg, resolve=True)["train"]["lr"] == 3e-4
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.steps=5", "eval.at_steps=[0,10]"], "eval.at_steps"),
+    (["train.steps=5", "train.save_at_steps=[6]"], "train.save_at_steps"),
+])
+def test_schedules_past_the_last_step_are_rejected(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_config(overrides))
