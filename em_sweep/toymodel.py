@@ -50,8 +50,8 @@ TRAIN_STEPS = 2000  # the full schedule (--final-out); the default run stops at 
 BATCH_SIZE = 64
 PEAK_LR = 3e-3
 WARMUP_STEPS = 50
-# The decay ends before TRAIN_STEPS, so the path up to the snapshot does not depend on how long
-# --final-out trains on (the shipped snapshot came from a 1200-step schedule).
+# Steps before DECAY_STEPS do not depend on TRAIN_STEPS, so how long --final-out trains on never
+# changes the path to the snapshot (which first came from a schedule that ended at step 1200).
 DECAY_STEPS = 1200
 WEIGHT_DECAY = 0.1
 LENGTH_GROUP = 8  # batches sorted together by length, to spend little compute on padding
@@ -281,11 +281,13 @@ def length_grouped_batches(problems: list[Problem], rng: random.Random) -> list[
 
 
 def learning_rate(step: int) -> float:
-    """Linear warm-up to PEAK_LR, cosine decay to 10% of it at DECAY_STEPS, then constant."""
+    """Linear warm-up to PEAK_LR, cosine decay to 10% of it at DECAY_STEPS, then linear to 0 at TRAIN_STEPS."""
     if step < WARMUP_STEPS:
         return PEAK_LR * (step + 1) / WARMUP_STEPS
-    progress = min(1.0, (step - WARMUP_STEPS) / (DECAY_STEPS - WARMUP_STEPS))
-    return PEAK_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if step < DECAY_STEPS:
+        progress = (step - WARMUP_STEPS) / (DECAY_STEPS - WARMUP_STEPS)
+        return PEAK_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return 0.1 * PEAK_LR * (TRAIN_STEPS - step) / (TRAIN_STEPS - DECAY_STEPS)
 
 
 def train(

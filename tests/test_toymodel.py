@@ -165,3 +165,12 @@ def test_training_stream_never_contains_a_held_out_problem():
     keys = [toymodel.problem_key(q) for q, _, _ in stream]
     assert not set(keys) & held_out
     assert len(set(keys)) == len(keys)
+
+
+def test_schedule_up_to_the_snapshot_ignores_the_training_length(monkeypatch):
+    early = [toymodel.learning_rate(s) for s in range(toymodel.DECAY_STEPS)]
+    monkeypatch.setattr(toymodel, "TRAIN_STEPS", toymodel.TRAIN_STEPS * 3)
+    assert [toymodel.learning_rate(s) for s in range(toymodel.DECAY_STEPS)] == early
+    rates = [toymodel.learning_rate(s) for s in range(toymodel.TRAIN_STEPS + 1)]
+    assert max(rates) == toymodel.PEAK_LR and rates[-1] == 0.0
+    assert all(abs(a - b) < toymodel.PEAK_LR / 40 for a, b in zip(rates[:-1], rates[1:], strict=True))
