@@ -18,7 +18,6 @@ other; the weights are resharded before the loss pass. Launch with ``torchrun --
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -32,9 +31,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep import decode
 from em_sweep.em import (
-    NonFiniteLoss,
     StepMetrics,
     accumulate_entropy_gradients,
+    apply_update,
     micro_batch_entropy_sum,
     sampling_settings,
 )
@@ -160,14 +159,8 @@ def em_step_distributed(objective: EntropyObjective, tokenizer: PreTrainedTokeni
     optimizer.zero_grad(set_to_none=True)
     loss, _ = backward_share(objective, batch, train)
     grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(objective.parameters(), train.grad_clip))
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"step {step}: loss={loss} grad_norm={grad_norm}")
     t2 = time.perf_counter()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_update(optimizer, loss, grad_norm, step, lr)
     t3 = time.perf_counter()
     lengths = _all_sum(batch.response_lengths.float().sum()) / len(prompt_texts)
     eos = _all_sum(batch.hit_eos.float().sum()) / len(prompt_texts)

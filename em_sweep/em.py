@@ -106,6 +106,18 @@ def accumulate_entropy_gradients(model: PreTrainedModel, batch: SampleBatch, tra
     return loss_sum
 
 
+def apply_update(optimizer: torch.optim.Optimizer, loss: float, grad_norm: float, step: int, lr: float) -> None:
+    """One optimizer update at ``lr`` from the accumulated (clipped) gradients; a NaN/inf loss or
+    gradient norm drops the gradients and raises NonFiniteLoss instead, leaving the weights as they were."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"step {step}: loss={loss} grad_norm={grad_norm}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
             prompt_texts: list[str], train: Any, step: int, lr: float, seed: int) -> StepMetrics:
     """Sample ``len(prompt_texts)`` responses, minimise their mean token entropy: one update."""
@@ -118,14 +130,8 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     n_tokens = batch.response_mask.sum().clamp(min=1)
     loss = float(accumulate_entropy_gradients(model, batch, train, n_tokens)) / float(n_tokens)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"step {step}: loss={loss} grad_norm={grad_norm}")
     t2 = time.perf_counter()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_update(optimizer, loss, grad_norm, step, lr)
     if batch.input_ids.is_cuda:  # the update runs asynchronously: let seconds_optim measure it
         torch.cuda.synchronize(batch.input_ids.device)
     t3 = time.perf_counter()
