@@ -199,3 +199,51 @@ def test_config_lists_match_the_implementations():
 
     assert KNOWN_OPTIMIZERS == OPTIMIZERS and KNOWN_GENERATION_BACKENDS == BACKENDS
     assert TrainConfig.optimizer == "auto" and TrainConfig.generation_backend == "auto"
+
+
+def test_rounding_noise_is_uniform_and_keys_give_unrelated_streams():
+    from em_sweep.optim import _noise16
+    idx = torch.arange(1 << 20)
+    a, b = _noise16(idx, torch.tensor(12345)).double(), _noise16(idx, torch.tensor(12346)).double()
+    assert int(a.min()) >= 0 and int(a.max()) < 1 << 16
+    counts = torch.bincount(a.long() >> 12, minlength=16).double()  # 16 bins of the 16 bits
+    assert float((counts - counts.mean()).abs().max() / counts.mean()) < 0.02
+    assert abs(float(a.mean()) / (1 << 16) - 0.5) < 0.002
+    def corr(x, y):
+        return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+    assert abs(corr(a, b)) < 0.01 and abs(corr(a[1:], a[:-1])) < 0.01
+
+
+def test_bf16_update_does_not_depend_on_how_it_is_split(monkeypatch):
+    """The noise is a hash of the element's index, so pieces of any size give the same weights."""
+    import em_sweep.optim as optim
+    w0, grads = weights_and_grads(n=5000, steps=3)
+    whole, _ = run(lambda ps: BF16AdamW(ps, rounding="stochastic", seed=3, **KW), w0, grads)
+    monkeypatch.setattr(optim, "CHUNK", 777)
+    pieces, _ = run(lambda ps: BF16AdamW(ps, rounding="stochastic", seed=3, **KW), w0, grads)
+    other_seed, _ = run(lambda ps: BF16AdamW(ps, rounding="stochastic", seed=4, **KW), w0, grads)
+    assert torch.equal(whole, pieces)
+    assert not torch.equal(whole, other_seed)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_compiled_bf16_update_matches_the_eager_one(rounding):
+    """The fused (torch.compile) update, used on CUDA, computes what the eager pieces do; fp32
+    math may differ in the last fp32 bit, which moves a rounding decision only rarely."""
+    w0, grads = weights_and_grads(n=3000, steps=3)
+    eager, opt_e = run(lambda ps: BF16AdamW(ps, rounding=rounding, compile=False, **KW), w0, grads)
+    fused, opt_c = run(lambda ps: BF16AdamW(ps, rounding=rounding, compile=True, **KW), w0, grads)
+    assert float((eager == fused).float().mean()) > 0.999
+    assert float(((eager.float() - fused.float()).abs() / eager.float().abs().clamp(min=1e-6)).max()) <= 2 ** -7
+    for key in ("exp_avg", "exp_avg_sq"):
+        se, sc = next(iter(opt_e.state.values()))[key], next(iter(opt_c.state.values()))[key]
+        assert float((se == sc).float().mean()) > 0.999
+
+
+def test_nearest_bf16_bit_arithmetic_equals_torch_rounding():
+    from em_sweep.optim import _nearest_bf16_as_fp32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=g) * torch.logspace(-30, 30, 100_000)
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 3.4e38, float("inf"), -float("inf")])])
+    assert torch.equal(_nearest_bf16_as_fp32(x), x.bfloat16().float())
+    assert torch.isnan(_nearest_bf16_as_fp32(torch.tensor([float("nan")]))).all()
