@@ -181,7 +181,9 @@ def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torc
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="tiny", choices=["tiny", "1.5b", "7b"])
-    ap.add_argument("--parts", default="reference,project", help="comma list of: reference, project")
+    ap.add_argument("--parts", default="reference,project",
+                    help="comma list of: reference, project, project@<backend> (another sampling backend, "
+                         "same model; the ratio uses the first project part)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=None,
                     help="responses per loss forward/backward; default 16 for 1.5b (fewer launches), else 8")
@@ -215,8 +217,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
         t0 = time.perf_counter()
         try:
-            fn = {"reference": reference_step, "project": project_steps}[part]
-            result[part] = fn(model, args, device)
+            if part.startswith("project@"):
+                result[part] = project_steps(model, argparse.Namespace(**{**vars(args), "backend": part[8:]}), device)
+            else:
+                fn = {"reference": reference_step, "project": project_steps}[part]
+                result[part] = fn(model, args, device)
         except Exception as e:  # one part failing must not lose the others' figures
             traceback.print_exc()
             result[part] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
@@ -224,8 +229,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         result[part]["wall_s"] = round(time.perf_counter() - t0, 1)
+        if device.type == "cuda":  # the part's optimizer state and caches are gone: start the next clean
+            torch.cuda.empty_cache()
         write_json(args.json, result)  # after every part: a later crash keeps what was measured
-    ref, proj = result.get("reference", {}), result.get("project", {})
+    ref = result.get("reference", {})
+    proj = next((result[k] for k in result if k.split("@")[0] == "project" and "step_s" in result[k]), {})
     if "step_s" in ref and "step_s" in proj:
         result["ratio_reference_over_project"] = round(ref["step_s"] / proj["step_s"], 1)
     print_table(result)
@@ -236,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def print_table(r: dict[str, Any]) -> None:
     print(f"\nEM step, {r['shape']} ({r['params'] / 1e9:.2f}B params, {r['dtype']}) on {r['env'].get('gpu', r['env']['device'])}")
     print(f"{'':<34}{'sample s':>10}{'loss s':>9}{'optim s':>9}{'step s':>9}{'peak GiB':>10}")
-    for key, name in (("reference", "reference style (EXTRAPOLATED)"), ("project", "em-sweep em_step (measured)")):
+    keys = [("reference", "reference style (EXTRAPOLATED)")] + [
+        (k, "em-sweep em_step (measured)") for k in r if k.split("@")[0] == "project"]
+    for key, name in keys:
         p = r.get(key)
         if not p:
             continue
@@ -246,8 +256,10 @@ def print_table(r: dict[str, Any]) -> None:
         peak = p.get("peak_gib", p.get("peak_gib_loss_micro"))
         print(f"{name:<34}{fmt(p['sample_s']):>10}{fmt(p['loss_s']):>9}{fmt(p['optim_s'], 3):>9}"
               f"{fmt(p['step_s']):>9}{fmt(peak):>10}")
-    if "project" in r and "error" not in r["project"]:
-        p = r["project"]
+    for key, _ in keys[1:]:
+        p = r[key]
+        if "error" in p:
+            continue
         print(f"  em-sweep: backend {p['backend']}, optimizer {p['optimizer']}, micro-batch {p['micro_batch']}, "
               f"checkpointing {bool(p['gradient_checkpointing'])}, first step {p['first_step_s']} s")
     if "ratio_reference_over_project" in r:

@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE=1  # nothing is downloaded: models are built from their co
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-outputs/benchmarks}
 mkdir -p "$OUT_DIR"
-BUDGET=${BUDGET_S:-480}
+BUDGET=${BUDGET_S:-470}
 START=$(date +%s)
 SMOKE=${SMOKE:-0}
 
@@ -27,13 +27,13 @@ if [ "$SMOKE" = 1 ]; then
     S15=tiny S7=tiny
     EM="--batch 8 --micro-batch 4 --prompt-tokens 12 --new-tokens 12 --ref-tokens 4 --steps 2"
     EV="--short-prompt 12 --long-prompt 40 --new-tokens 12 --long-new-tokens 6 --b1-new-tokens 6"
-    BS15=4 BS7=4,8 CHECK="--new-tokens 8"
+    BS15=4 BS7=4,8 CHECK="--new-tokens 8" PROF="--batch 4 --prompt-tokens 12 --steps 3 --reps 5"
     SCALE=${LIMIT_SCALE:-4}  # shared CPUs are slow and noisy: looser part limits
 else
     S15=1.5b S7=7b
     EM=""
     EV=""
-    BS15=64,128 BS7=64,128,256 CHECK=""
+    BS15=64,128 BS7=64,128,256 CHECK="" PROF=""
     SCALE=${LIMIT_SCALE:-1}
 fi
 
@@ -78,20 +78,16 @@ EOF
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | sed 's/^/   /'
 
 # name                 limit needed  script and arguments (part names are the real shapes' even in SMOKE)
-part check_decode       90    20  benchmarks/check_decode.py $CHECK --json check_decode.json
-part em_step_1.5b       150   40  benchmarks/em_step.py --shape $S15 $EM --json em_step_1.5b.json
-part em_step_7b         210   70  benchmarks/em_step.py --shape $S7 $EM --json em_step_7b.json
-part eval_1.5b          120   35  benchmarks/eval_throughput.py --shape $S15 --batch-sizes $BS15 $EV --json eval_1.5b.json
-part eval_7b            150   50  benchmarks/eval_throughput.py --shape $S7 --batch-sizes $BS7 $EV --json eval_7b.json
-# Optional, while time is left, most informative first: the decoder with its per-layer step
-# compiled (torch.compile, fused kernels; seconds to compile), then 7B without gradient
-# checkpointing, then HF generate as the sampling backend (what the static decoder replaces).
-part em_step_1.5b_compile 120 60  benchmarks/em_step.py --shape $S15 $EM --parts project --backend static_compile --json em_step_1.5b_compile.json
-part em_step_7b_compile 150   80  benchmarks/em_step.py --shape $S7 $EM --parts project --backend static_compile --json em_step_7b_compile.json
-part eval_7b_compile    120   60  benchmarks/eval_throughput.py --shape $S7 --paths project --batch-sizes $BS7 $EV --backend static_compile --json eval_7b_compile.json
-part em_step_7b_nockpt  150   70  benchmarks/em_step.py --shape $S7 $EM --parts project --gradient-checkpointing 0 --micro-batch 2 --json em_step_7b_nockpt.json
-part em_step_1.5b_hf    100   45  benchmarks/em_step.py --shape $S15 $EM --parts project --backend hf --steps 2 --json em_step_1.5b_hf.json
-part em_step_7b_hf      120   70  benchmarks/em_step.py --shape $S7 $EM --parts project --backend hf --steps 2 --json em_step_7b_hf.json
+# Most informative first: the EM step with the compiled decoder layer (static_compile) and the
+# fused bf16 AdamW, then the CUDA-graph decoder without compilation on the same model, each
+# against the reference style; then where a decoding step's time goes; then the checks.
+part em_step_7b         270   120 benchmarks/em_step.py --shape $S7 $EM --backend static_compile --parts reference,project,project@static --json em_step_7b.json
+part em_step_1.5b       200    80 benchmarks/em_step.py --shape $S15 $EM --backend static_compile --parts reference,project,project@static --json em_step_1.5b.json
+part profile_1.5b       100    45 benchmarks/profile_decode.py --shape $S15 $PROF --json profile_1.5b.json
+part check_decode        90    25 benchmarks/check_decode.py $CHECK --json check_decode.json
+part eval_7b_compile    150    60 benchmarks/eval_throughput.py --shape $S7 --paths project --batch-sizes $BS7 $EV --backend static_compile --json eval_7b_compile.json
+part eval_1.5b          120    35 benchmarks/eval_throughput.py --shape $S15 --batch-sizes $BS15 $EV --json eval_1.5b.json
+part em_step_7b_nockpt  150    70 benchmarks/em_step.py --shape $S7 $EM --parts project --backend static_compile --gradient-checkpointing 0 --micro-batch 2 --json em_step_7b_nockpt.json
 
 echo "== done in $(elapsed)s; results in $OUT_DIR"
 echo "== summary (paste into benchmarks/RESULTS.md)"

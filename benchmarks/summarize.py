@@ -32,7 +32,7 @@ def summarize(folder: Path) -> str:
         lines += ["", "| run | variant | sampling s | loss fwd+bwd s | optimizer s | step s | peak GiB | settings |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in em:
-            for key in ("reference", "project"):
+            for key in ["reference"] + [k for k in r if k.split("@")[0] == "project"]:
                 p = r.get(key)
                 if not p:
                     continue
