@@ -184,10 +184,13 @@ def resolve_spec(spec_or_name: str | BenchmarkSpec | Mapping[str, Any]) -> Bench
         unknown = sorted(set(fields) - _SPEC_KEYS)
         if unknown:
             raise BenchmarkError(
-                f"benchmark {name!r}: unknown keys {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(_SPEC_KEYS))}"
+                f"benchmark {name!r}: unknown keys {', '.join(map(str, unknown))};"
+                f" allowed: {', '.join(sorted(_SPEC_KEYS | {'path'}))}"
             )
         missing = [
-            k for k in ("name", "file", "question_field", "answer_field") if fields.get(k) in (None, "")
+            "path (or file)" if k == "file" else k
+            for k in ("name", "file", "question_field", "answer_field")
+            if fields.get(k) in (None, "")
         ]
         if missing:
             raise BenchmarkError(f"benchmark {name!r}: missing required keys {', '.join(missing)}")

@@ -9,7 +9,10 @@ runs before anything is loaded or computed.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,8 +110,10 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation during and after training."""
 
-    # Names from em_sweep.benchmarks.BENCHMARKS; default: the paper's four.
-    benchmarks: list[str] = field(default_factory=lambda: ["math500", "minerva_math", "olympiadbench", "amc23"])
+    # Each entry: a name from em_sweep.benchmarks.BENCHMARKS, or a user's own JSONL file as a mapping
+    # {name, path, question_field, answer_field} plus optional id_field, answer_format, repeats
+    # (em_sweep.benchmarks.resolve_spec). Default: the paper's four.
+    benchmarks: list[Any] = field(default_factory=lambda: ["math500", "minerva_math", "olympiadbench", "amc23"])
     # Steps at which to evaluate; 0 = before training. The last step is always included.
     at_steps: list[int] = field(default_factory=lambda: [0])
     # 0.0 = greedy.
@@ -126,6 +131,10 @@ class EvalConfig:
     grade_timeout_s: float = 5.0
     # Seed for sampled evaluation; the same at every step so steps are comparable.
     seed: int = 1234
+    # How evaluation responses are generated: hf (in-process on the run's model, em_sweep/sample.py)
+    # | vllm (em_sweep/vllm_backend.py; optional, CUDA only). vLLM loads the weights from
+    # model.path, so it scores saved models only: train.steps=0 or `em-sweep eval`.
+    backend: str = "hf"
 
 
 @dataclass
@@ -184,6 +193,9 @@ KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
 # checks); spelt out here so composing a config does not import torch.
 KNOWN_OPTIMIZERS = ("auto", "adamw", "adamw_bf16_sr", "adamw_bf16_kahan", "adamw_8bit")
 KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile")
+KNOWN_EVAL_BACKENDS = ("hf", "vllm")
+# A benchmark's name becomes a W&B key and a results column: keep it plain.
+_BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -236,6 +248,18 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(e.limit is None or e.limit > 0, "eval.limit", "must be > 0 or null")
     _check(e.template in KNOWN_TEMPLATES, "eval.template", f"unknown {e.template!r}; choose from {KNOWN_TEMPLATES}")
     _check(e.grade_timeout_s > 0, "eval.grade_timeout_s", "must be > 0")
+    _check_benchmarks(e.benchmarks)
+    _check(e.backend in KNOWN_EVAL_BACKENDS, "eval.backend",
+           f"unknown {e.backend!r}; choose from {KNOWN_EVAL_BACKENDS}")
+    if e.backend == "vllm":
+        # vLLM loads weights from model.path; EM changes them in memory, so only steps=0 is honest.
+        _check(t.steps == 0, "eval.backend",
+               f"vllm scores the saved model.path only, but train.steps={t.steps} would train it in memory; "
+               "use train.steps=0 (or `em-sweep eval`) on a saved checkpoint (train.save_at_steps), "
+               "or eval.backend=hf")
+        _check(importlib.util.find_spec("vllm") is not None, "eval.backend",
+               "vllm is not installed; `pip install vllm` on a CUDA machine (it is not an em-sweep "
+               "dependency), or use eval.backend=hf")
 
     _check(c.model.dtype in KNOWN_DTYPES, "model.dtype", f"unknown {c.model.dtype!r}; choose from {KNOWN_DTYPES}")
     _check(c.logger.mode in KNOWN_LOGGER_MODES, "logger.mode",
@@ -243,6 +267,31 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(len(c.prompt.ids) > 0, "prompt.ids", "needs at least one prompt id")
     unknown = [s for s in c.stages if s not in KNOWN_STAGES]
     _check(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {KNOWN_STAGES}")
+
+
+def _check_benchmarks(entries: Any) -> None:
+    """Every eval.benchmarks entry resolves, has a unique plain name, and (custom ones) a readable file."""
+    # Lazy: the loader table pulls in the grader module; plain config composition need not.
+    from em_sweep.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark, resolve_spec
+
+    key = "eval.benchmarks"
+    _check(len(entries) > 0, key, "needs at least one benchmark")
+    seen: set[str] = set()
+    for entry in entries:
+        custom = isinstance(entry, Mapping)
+        try:
+            spec = resolve_spec(entry)
+            if custom:
+                load_benchmark(spec)  # missing file, bad JSON, missing field: named with file and line
+        except BenchmarkError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        if custom:
+            _check(isinstance(spec.name, str) and bool(_BENCHMARK_NAME.fullmatch(spec.name)), key,
+                   f"custom benchmark name {spec.name!r} must be letters, digits, '_', '.' or '-'")
+            _check(spec.name not in BENCHMARKS and spec.name != "avg4", key,
+                   f"custom benchmark name {spec.name!r} is taken by a shipped benchmark or score; choose another")
+        _check(spec.name not in seen, key, f"benchmark {spec.name!r} is listed twice")
+        seen.add(spec.name)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

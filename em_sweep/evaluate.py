@@ -1,13 +1,17 @@
 """Evaluation: generate answers to benchmark problems, extract, grade, score.
 
 Generation, extraction and grading are separate steps (extraction and grading live in
-:mod:`em_sweep.grading`). Prompts are sorted by length so each batch pads little; the
-sampling seed is the same at every training step so steps are comparable.
+:mod:`em_sweep.grading`). Generation has one interface, :func:`generate_responses`, over two
+backends (``eval.backend``): ``hf``, the run's in-memory model through :mod:`em_sweep.sample`
+(prompts sorted by length so each batch pads little), and ``vllm``
+(:mod:`em_sweep.vllm_backend`, the saved weights at the model's path). The sampling seed is
+the same at every training step so steps are comparable.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,22 +46,40 @@ def samples_per_problem(eval_cfg: Any, repeats: int, temperature: float) -> int:
     return 1 if temperature == 0 else max(eval_cfg.n_samples, repeats)
 
 
-def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: Any, name: str,
-                       step: int, temperature: float) -> tuple[Score, list[dict[str, Any]]]:
-    """Score one benchmark; returns the score and one record per (problem, sample)."""
-    t0 = time.perf_counter()
-    spec = resolve_spec(name)
-    problems: list[Problem] = load_benchmark(spec, limit=eval_cfg.limit)
-    n = samples_per_problem(eval_cfg, spec.repeats, temperature)
-    texts = [format_eval_prompt(tokenizer, p.question, eval_cfg.template) for p in problems]
-    jobs = sorted(((i, k) for i in range(len(problems)) for k in range(n)), key=lambda ik: len(texts[ik[0]]))
-    settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens)
-    responses: dict[tuple[int, int], str] = {}
+def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
+                       settings: SamplingSettings, eval_cfg: Any) -> list[list[str]]:
+    """``n`` responses to each prompt text, as ``[prompt][sample]``, from ``eval_cfg.backend``."""
+    if eval_cfg.backend == "vllm":
+        from em_sweep import vllm_backend  # lazy: vLLM is optional
+
+        # The weights on disk: config.validate allows vllm only when nothing is trained in memory.
+        return vllm_backend.generate(model.name_or_path, str(model.dtype).removeprefix("torch."), tokenizer,
+                                     texts, n, settings, seed=eval_cfg.seed)
+    jobs = sorted(((i, k) for i in range(len(texts)) for k in range(n)), key=lambda ik: len(texts[ik[0]]))
+    responses = [[""] * n for _ in texts]
     for b, start in enumerate(range(0, len(jobs), eval_cfg.batch_size)):
         chunk = jobs[start:start + eval_cfg.batch_size]
         out = sample_responses(model, tokenizer, [texts[i] for i, _ in chunk], settings,
                                batch_size=eval_cfg.batch_size, seed=eval_cfg.seed + b)
-        responses.update(zip(chunk, out.texts, strict=True))
+        for (i, k), text in zip(chunk, out.texts, strict=True):
+            responses[i][k] = text
+    return responses
+
+
+def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: Any,
+                       benchmark: str | Mapping[str, Any], step: int, temperature: float
+                       ) -> tuple[Score, list[dict[str, Any]]]:
+    """Score one ``eval.benchmarks`` entry (a name or a custom mapping); returns the score and one
+    record per (problem, sample), both under the benchmark's name."""
+    t0 = time.perf_counter()
+    spec = resolve_spec(benchmark)
+    name = spec.name
+    problems: list[Problem] = load_benchmark(spec, limit=eval_cfg.limit)
+    n = samples_per_problem(eval_cfg, spec.repeats, temperature)
+    texts = [format_eval_prompt(tokenizer, p.question, eval_cfg.template) for p in problems]
+    settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens)
+    generated = generate_responses(model, tokenizer, texts, n, settings, eval_cfg)
+    responses = {(i, k): generated[i][k] for i in range(len(problems)) for k in range(n)}
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
     extracted = [extract_answer(responses[ik]) for ik in order]
     grades = grade_many(extracted, [problems[i].answers for i, _ in order], timeout_s=eval_cfg.grade_timeout_s)
@@ -89,11 +111,11 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cf
     records: list[dict[str, Any]] = []
     for temperature in eval_cfg.temperatures:
         accs = {}
-        for name in eval_cfg.benchmarks:
-            score, recs = evaluate_benchmark(model, tokenizer, eval_cfg, name, step, float(temperature))
+        for benchmark in eval_cfg.benchmarks:
+            score, recs = evaluate_benchmark(model, tokenizer, eval_cfg, benchmark, step, float(temperature))
             scores.append(asdict(score))
             records.extend(recs)
-            accs[name] = score.accuracy
+            accs[score.benchmark] = score.accuracy
         if all(b in accs for b in PAPER_FOUR):
             scores.append({"benchmark": "avg4", "step": step, "temperature": float(temperature),
                            "accuracy": sum(accs[b] for b in PAPER_FOUR) / len(PAPER_FOUR)})

@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -66,3 +68,69 @@ def test_interpolated_lr_is_resolved_in_the_recorded_config():
 def test_schedules_past_the_last_step_are_rejected(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_config(overrides))
+
+
+def _bench(tmp_path, rows, **fields):
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(r + "\n" for r in rows))
+    entry = {"name": "mine", "path": str(path), "question_field": "q", "answer_field": "a", **fields}
+    return "eval.benchmarks=[" + "{" + ",".join(f"{k}:{v}" for k, v in entry.items() if v is not None) + "}]"
+
+
+GOOD_ROWS = ['{"q": "1+1?", "a": "2"}', '{"q": "2+2?", "a": "4"}']
+
+
+@pytest.mark.parametrize("rows, fields, fragment", [
+    (GOOD_ROWS, {"path": "/nonexistent/mine.jsonl"}, "file not found: /nonexistent/mine.jsonl"),
+    (GOOD_ROWS, {"answer_field": None}, "missing required keys answer_field"),
+    (GOOD_ROWS, {"path": None}, "missing required keys path (or file)"),
+    (GOOD_ROWS, {"colour": "red"}, "unknown keys colour"),
+    (GOOD_ROWS, {"answer_format": "boxed"}, "answer_format 'boxed'"),
+    ([GOOD_ROWS[0], '{"q": "2+2?", "a": '], {}, "line 2: invalid JSON"),
+    ([GOOD_ROWS[0], '{"q": "2+2?"}'], {}, "line 2: missing field 'a'"),
+    (GOOD_ROWS, {"id_field": "uid"}, "line 1: missing field 'uid'"),
+    (GOOD_ROWS, {"name": "math500"}, "'math500' is taken"),
+    (GOOD_ROWS, {"name": "avg4"}, "'avg4' is taken"),
+    (GOOD_ROWS, {"name": "'my bench'"}, "'my bench' must be"),
+])
+def test_custom_benchmark_errors_are_one_line_naming_the_problem(tmp_path, rows, fields, fragment):
+    override = _bench(tmp_path, rows, **fields)
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config([override]))
+    message = str(info.value)
+    assert message.startswith("eval.benchmarks: ") and "\n" not in message
+    assert fragment in message, message
+    if "line" in fragment:
+        assert str(tmp_path / "b.jsonl") in message
+
+
+@pytest.mark.parametrize("benchmarks, fragment", [
+    ("[arith,nosuchbench]", "unknown benchmark 'nosuchbench'"),
+    ("[arith,arith]", "'arith' is listed twice"),
+    ("[]", "needs at least one"),
+])
+def test_benchmark_names_are_checked(benchmarks, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        validate(compose_config([f"eval.benchmarks={benchmarks}"]))
+
+
+def test_two_custom_benchmarks_with_one_name_are_rejected(tmp_path):
+    entry = _bench(tmp_path, GOOD_ROWS).removeprefix("eval.benchmarks=[").removesuffix("]")
+    with pytest.raises(ConfigError, match="'mine' is listed twice"):
+        validate(compose_config([f"eval.benchmarks=[{entry},{entry}]"]))
+    validate(compose_config([f"eval.benchmarks=[arith,{entry}]"]))
+
+
+def test_eval_backend_choices():
+    validate(compose_config(["eval.backend=hf"]))
+    with pytest.raises(ConfigError, match=r"eval\.backend: unknown 'tgi'"):
+        validate(compose_config(["eval.backend=tgi"]))
+    # vLLM loads the saved weights: a run that trains in memory cannot use it (checked before import).
+    with pytest.raises(ConfigError, match=r"eval\.backend: vllm scores the saved model\.path only.*train\.steps=10"):
+        validate(compose_config(["eval.backend=vllm", "train.steps=10"]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_eval_backend_vllm_without_vllm_says_how_to_install():
+    with pytest.raises(ConfigError, match=r"eval\.backend: vllm is not installed; `pip install vllm` on a CUDA"):
+        validate(compose_config(["eval.backend=vllm", "train.steps=0", "eval.at_steps=[0]"]))

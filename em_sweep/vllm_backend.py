@@ -1,0 +1,78 @@
+"""Optional vLLM generation for evaluation (``eval.backend=vllm``), behind the same interface as HF.
+
+vLLM is never an em-sweep dependency (it pins its own torch and needs CUDA); it is imported only
+when this backend runs. It loads weights from a path, so it scores saved models and checkpoints
+only: :func:`em_sweep.config.validate` rejects it when the run trains (``train.steps > 0``).
+The settings map onto vLLM by pure functions (:func:`engine_kwargs`, :func:`sampling_kwargs`,
+:func:`token_prompts`) so the mapping is tested where vLLM is absent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from em_sweep.sample import SamplingSettings
+
+# Share of the GPU memory free at engine start that vLLM may take (the run's HF copy of the model
+# stays loaded, so vLLM's default of 90% of the whole card would not fit).
+FREE_MEMORY_SHARE = 0.9
+
+_engine: tuple[tuple[str, str, int], Any] | None = None
+
+
+def engine_kwargs(model_path: str, dtype: str, seed: int, gpu_memory_utilization: float) -> dict[str, Any]:
+    """Arguments of ``vllm.LLM`` for a saved model (weights and tokenizer from ``model_path``)."""
+    return {"model": model_path, "dtype": dtype, "seed": seed, "gpu_memory_utilization": gpu_memory_utilization}
+
+
+def sampling_kwargs(settings: SamplingSettings, n: int, seed: int) -> dict[str, Any]:
+    """Arguments of ``vllm.SamplingParams`` equivalent to ``settings`` on the HF path, ``n`` samples."""
+    greedy = settings.temperature == 0
+    return {
+        "n": n,
+        "temperature": settings.temperature,
+        "top_p": 1.0 if greedy else settings.top_p,
+        "top_k": settings.top_k if settings.top_k > 0 and not greedy else -1,  # vLLM: -1 = off
+        "repetition_penalty": settings.repetition_penalty,
+        "max_tokens": settings.max_new_tokens,
+        "seed": seed,
+        "skip_special_tokens": True,  # as the HF path decodes
+    }
+
+
+def token_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[dict[str, list[int]]]:
+    """Already-templated prompt texts as vLLM token prompts, tokenized as the HF path does
+    (no added special tokens: the template carries them; vLLM's own tokenization would add a
+    second BOS for Llama)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [{"prompt_token_ids": list(row)} for row in ids]
+
+
+def _llm(model_path: str, dtype: str, seed: int) -> Any:
+    """One vLLM engine per process, rebuilt only when model, dtype or seed change."""
+    global _engine
+    import torch
+    import vllm
+
+    key = (model_path, dtype, seed)
+    if _engine is None or _engine[0] != key:
+        _engine = None  # free the previous engine's memory first
+        free, total = torch.cuda.mem_get_info()
+        _engine = (key, vllm.LLM(**engine_kwargs(model_path, dtype, seed, FREE_MEMORY_SHARE * free / total)))
+    return _engine[1]
+
+
+def generate(model_path: str, dtype: str, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
+             settings: SamplingSettings, seed: int) -> list[list[str]]:
+    """``n`` responses to each prompt text, as ``[prompt][sample]`` (the HF path's structure).
+
+    Prompt i samples with seed ``seed + i``, so its responses do not depend on the batch.
+    """
+    import vllm
+
+    llm = _llm(model_path, dtype, seed)
+    params = [vllm.SamplingParams(**sampling_kwargs(settings, n, seed + i)) for i in range(len(texts))]
+    outputs = llm.generate(token_prompts(tokenizer, texts), params, use_tqdm=False)
+    return [[completion.text for completion in out.outputs] for out in outputs]

@@ -1,0 +1,53 @@
+"""The vLLM adapter: its settings mapping everywhere; real vLLM generation only where vLLM and CUDA are."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from em_sweep import vllm_backend  # imports without vLLM: it is loaded lazily
+from em_sweep.evaluate import generate_responses
+from em_sweep.sample import SamplingSettings
+from tests.conftest import compose_config
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def test_sampling_kwargs_match_the_hf_settings() -> None:
+    sampled = vllm_backend.sampling_kwargs(SamplingSettings(temperature=0.6, top_p=0.95, max_new_tokens=3072), 8, 7)
+    assert sampled == {"n": 8, "temperature": 0.6, "top_p": 0.95, "top_k": -1, "repetition_penalty": 1.0,
+                       "max_tokens": 3072, "seed": 7, "skip_special_tokens": True}
+    greedy = vllm_backend.sampling_kwargs(SamplingSettings(temperature=0.0, top_p=0.95, top_k=20), 1, 7)
+    assert (greedy["temperature"], greedy["top_p"], greedy["top_k"], greedy["n"]) == (0.0, 1.0, -1, 1)
+    assert vllm_backend.sampling_kwargs(SamplingSettings(temperature=1.0, top_k=20), 1, 0)["top_k"] == 20
+
+
+def test_engine_kwargs() -> None:
+    assert vllm_backend.engine_kwargs("/ckpt/step-10", "bfloat16", 1234, 0.5) == {
+        "model": "/ckpt/step-10", "dtype": "bfloat16", "seed": 1234, "gpu_memory_utilization": 0.5}
+
+
+def test_token_prompts_tokenize_as_the_hf_path(tiny) -> None:
+    _, tokenizer = tiny
+    texts = ["What is 1+2?", "Calculate 50+34-52-31."]
+    prompts = vllm_backend.token_prompts(tokenizer, texts)
+    assert [p["prompt_token_ids"] for p in prompts] == [
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@pytest.mark.skipif(not HAS_VLLM or not torch.cuda.is_available(), reason="needs vLLM and a CUDA GPU")
+def test_vllm_greedy_matches_hf_on_the_shipped_model() -> None:
+    from em_sweep.models import ModelCache
+
+    cfg = compose_config(["model.device=cuda", "eval.backend=vllm", "train.steps=0", "eval.at_steps=[0]"])
+    model, tokenizer = ModelCache().get(cfg.model)
+    texts = [f"What is {a}+{b}?" for a, b in ((1, 2), (30, 45), (7, 8), (12, 19))]
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=32)
+    by_vllm = generate_responses(model, tokenizer, texts, 1, greedy, cfg.eval)
+    by_hf = generate_responses(model, tokenizer, texts, 1, greedy, compose_config(["eval.backend=hf"]).eval)
+    assert by_vllm == by_hf
+    sampled = generate_responses(model, tokenizer, texts, 3, SamplingSettings(temperature=1.0, max_new_tokens=32),
+                                 cfg.eval)
+    assert [len(row) for row in sampled] == [3] * len(texts)
