@@ -23,6 +23,24 @@ from _common import build_model, environment, pick_device, pick_dtype, write_jso
 from em_sweep.decode import choose_tokens, decode_settings, generate_static, release
 
 
+def top_p_by_bisection(logits: torch.Tensor, seen: torch.Tensor | None, s: Any) -> torch.Tensor:
+    """EXPERIMENT (timed only): the top-p cut found by bisection over the fp32 bit pattern of a
+    probability threshold (31 masked sums over the vocabulary) instead of a sort + cumsum;
+    the same cut as HF's except within exact ties at the threshold."""
+    scores = logits / s.temperature
+    probs = scores.softmax(dim=-1)
+    lo = torch.zeros(probs.shape[0], 1, dtype=torch.int32, device=probs.device)
+    hi = torch.full_like(lo, 0x3F800000)  # 1.0f
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        mass = torch.where(probs <= mid.view(torch.float32), probs, 0.0).sum(-1, keepdim=True)
+        ok = mass <= 1 - s.top_p
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    removed = probs <= lo.view(torch.float32)
+    kept = scores.masked_fill(removed & (probs < probs.amax(-1, keepdim=True)), float("-inf")).softmax(-1)
+    return (kept / torch.empty_like(kept).exponential_()).argmax(dim=-1)
+
+
 def time_tail(fn: Any, logits: torch.Tensor, seen: torch.Tensor | None, s: Any, reps: int) -> float:
     """ms per call of fn(logits, seen, s), replayed as a CUDA graph on CUDA."""
     if logits.is_cuda:
@@ -87,6 +105,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--parts", default="tail,kernels", help="comma list of: tail, kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = pick_device(args.device)
@@ -100,21 +119,29 @@ def main() -> None:
     greedy = decode_settings(True, 1.0, 1.0, 0, 1.0, [], 0)
     em = decode_settings(False, 0.5, 0.95, 0, 1.15, [], 0)
     no_top_p = decode_settings(False, 0.5, 1.0, 0, 1.15, [], 0)
-    cases = [("greedy", greedy, None), ("T0.5 top-p 0.95 penalty 1.15", em, seen),
+    em_no_pen = decode_settings(False, 0.5, 0.95, 0, 1.0, [], 0)
+    cases = [("T0.5 top-p 0.95 (no penalty)", em_no_pen, None), ("greedy", greedy, None), ("T0.5 top-p 0.95 penalty 1.15", em, seen),
              ("T0.5 penalty 1.15 (no top-p)", no_top_p, seen)]
     print(f"tail: choose_tokens on [{args.batch}, {vocab}] ({device})")
-    for label, fn in (("eager", choose_tokens), ("compiled", torch.compile(choose_tokens))):
+    cases.append(("EXPERIMENT bisection top-p 0.95 (no penalty)", em_no_pen, None))
+    parts = args.parts.split(",")
+    tail_fns = (("eager", choose_tokens), ("compiled", torch.compile(choose_tokens))) if "tail" in parts else ()
+    for label, fn in tail_fns:
         for name, s, sn in cases:
             key = f"{label}: {name}"
             try:
-                ms = time_tail(fn, logits, sn, s, args.reps)
+                if name.startswith("EXPERIMENT"):
+                    fn_case = top_p_by_bisection if label == "eager" else torch.compile(top_p_by_bisection)
+                else:
+                    fn_case = fn
+                ms = time_tail(fn_case, logits, sn, s, args.reps)
                 out["tail"][key] = ms
                 print(f"  {key:48s} {ms:8.3f} ms")
             except Exception as e:
                 out["tail"][key] = f"{type(e).__name__}: {e}"
                 print(f"  {key:48s} FAILED {type(e).__name__}: {e}")
             write_json(args.json, out)
-    for compile_step in (False, True):
+    for compile_step in (False, True) if "kernels" in parts else ():
         try:
             res = profile_steps(model, args.batch, args.prompt_tokens, args.steps, compile_step)
         except Exception:
