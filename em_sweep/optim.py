@@ -248,9 +248,10 @@ class BF16AdamW(torch.optim.Optimizer):
     does not depend on how the update is split or fused).
 
     ``compile``: run the update as one torch.compile-fused kernel per tensor (reads w, g, m, v
-    once, writes w, m, v once: ~14 bytes a parameter, 0.1 s for 7B on an H100 instead of ~1 s
-    for the eager chain of ~25 kernels over fp32 temporaries). None = on CUDA only; if
-    compilation fails, the eager form runs, with a warning.
+    once, writes w, m, v once: ~14 bytes a parameter). Measured on an H100 for 7B: 0.09-0.11 s per
+    update, against 0.93 s for the eager chain of ~25 kernels over fp32 temporaries; the first
+    call compiles (~11 s). None = on CUDA only; if compilation fails, the eager form runs, with
+    a warning.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),

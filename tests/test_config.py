@@ -31,6 +31,12 @@ def test_model_presets_carry_their_own_learning_rate():
     assert (real.train.top_p, real.train.repetition_penalty, real.train.max_new_tokens) == (0.95, 1.15, 512)
     assert real.eval.max_new_tokens == 3072 and real.eval.template == "qwen25-math-cot"
     assert list(real.eval.benchmarks) == ["math500", "minerva_math", "olympiadbench", "amc23"]
+    # The 7B preset carries the GPU settings measured to fit one 80 GB card at < 10 s a step,
+    # and a command-line override still wins over them.
+    assert (real.train.generation_backend, real.train.loss_chunk_tokens) == ("static_compile", 2048)
+    assert real.model.gradient_checkpointing is True
+    other = compose_config(["model=qwen25_math_7b", "train.generation_backend=static"])
+    assert other.train.generation_backend == "static"
 
 
 @pytest.mark.parametrize("override, key", [("train.stpes=3", "stpes"), ("model.pth=x", "pth"),
