@@ -74,6 +74,35 @@ def test_exponential_race_draws_from_the_distribution():
     assert freq[4] == 0
 
 
+@pytest.mark.parametrize("top_p, top_k, penalty", [(0.95, 0, 1.15), (0.8, 10, 1.0), (0.5, 0, 1.15), (0.1, 0, 1.0)])
+def test_top_p_draws_follow_hf_renormalised_nucleus(top_p, top_k, penalty):
+    """The race-candidate top-p (and the sort it falls back to for small top_p) samples HF's
+    distribution: processors' scores after top-p, softmaxed; removed tokens never drawn."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 30, generator=g) * 1.5
+    seen = torch.zeros(1, 30, dtype=torch.bool)
+    seen[0, :5] = True
+    s = decode.decode_settings(False, 0.7, top_p, top_k, penalty, [], PAD)
+    target = decode.processed_scores(logits, seen, s).softmax(-1)[0]  # HF's processors incl. its top-p
+    torch.manual_seed(0)
+    n = 60_000
+    draws = decode.choose_tokens(logits.expand(n, 30).contiguous(), seen.expand(n, 30).contiguous(), s)
+    freq = torch.bincount(draws, minlength=30).float() / n
+    assert torch.all(freq[target == 0] == 0)
+    assert float((freq - target).abs().max()) < 0.01
+    assert (target > 0).sum() < 30  # the cut removed something
+
+
+def test_race_candidates_bound_the_miss_probability_or_fall_back_to_the_sort():
+    assert decode.race_candidates(1.0, 1000) == 1
+    for top_p in (0.95, 0.9, 0.5):
+        c = decode.race_candidates(top_p, 152_000)
+        assert 0 < c <= decode.MAX_RACE_CANDIDATES and (1 - top_p) ** c <= decode.NUCLEUS_MISS
+    assert decode.race_candidates(0.95, 152_000) == 10
+    assert decode.race_candidates(0.1, 152_000) == 0  # would need 263: exact sort instead
+    assert decode.race_candidates(0.5, 8) == 8
+
+
 def test_sample_responses_backends_agree_on_greedy_and_masks():
     model, tok = random_qwen2(seed=2), word_tokenizer()
     texts = prompts(5, seed=4)
