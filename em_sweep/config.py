@@ -107,6 +107,43 @@ class TrainConfig:
 
 
 @dataclass
+class RLConfig:
+    """The RL stage (GRPO with a verifiable reward, em_sweep/rl.py); used when ``stages`` has rl.
+
+    Its prompts are the run's ``prompt`` set (they need gold answers): one prompt = one-shot
+    RLVR (pi_1), a pool = multi-prompt RL. Optimizer betas/eps/strategy and sampling backend
+    follow train.*.
+    """
+
+    steps: int = 10
+    # Samples per prompt (a GRPO group); rewards are normalised within each group.
+    group_size: int = 8
+    # Samples per step (batch_size / group_size prompts per step, cycling through the prompt set).
+    batch_size: int = 64
+    micro_batch_size: int = II("train.micro_batch_size")
+    sample_batch_size: int = II("train.sample_batch_size")
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = II("train.adam_beta1")
+    adam_beta2: float = II("train.adam_beta2")
+    adam_eps: float = II("train.adam_eps")
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    optimizer: str = II("train.optimizer")
+    # PPO-style ratio clip (epsilon).
+    clip_ratio: float = 0.2
+    # Weight of the k3 KL to a frozen copy of the model at the stage's start; 0 = none kept.
+    kl_coef: float = 0.0
+    # Rollout sampling (temperature > 0: a group must be able to disagree).
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = II("train.max_new_tokens")
+    loss_chunk_tokens: int = II("train.loss_chunk_tokens")
+
+
+@dataclass
 class EvalConfig:
     """Evaluation during and after training."""
 
@@ -162,6 +199,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -171,7 +209,8 @@ class Config:
     temperature: float = 0.5
     # Experiment / sweep name: the W&B group; not part of a run's identity.
     name: str = "default"
-    # Pipeline stages, in order.
+    # Pipeline stages, in order: em (train.*) and rl (rl.*), e.g. [em], [em, rl], [rl, em], [rl].
+    # The model is evaluated before the first stage and after each; steps count on across stages.
     stages: list[str] = field(default_factory=lambda: ["em"])
 
 
@@ -185,7 +224,7 @@ def register() -> None:
 
 register()
 
-KNOWN_STAGES = ("em",)
+KNOWN_STAGES = ("em", "rl")
 KNOWN_TEMPLATES = ("qwen25-math-cot", "plain", "chat")
 KNOWN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
@@ -253,7 +292,8 @@ def validate(cfg: DictConfig | Config) -> None:
            f"unknown {e.backend!r}; choose from {KNOWN_EVAL_BACKENDS}")
     if e.backend == "vllm":
         # vLLM loads weights from model.path; EM changes them in memory, so only steps=0 is honest.
-        _check(t.steps == 0, "eval.backend",
+        trained = ("em" in c.stages and t.steps > 0) or ("rl" in c.stages and c.rl.steps > 0)
+        _check(not trained, "eval.backend",
                f"vllm scores the saved model.path only, but train.steps={t.steps} would train it in memory; "
                "use train.steps=0 (or `em-sweep eval`) on a saved checkpoint (train.save_at_steps), "
                "or eval.backend=hf")
@@ -267,6 +307,28 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(len(c.prompt.ids) > 0, "prompt.ids", "needs at least one prompt id")
     unknown = [s for s in c.stages if s not in KNOWN_STAGES]
     _check(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {KNOWN_STAGES}")
+    _check(len(c.stages) > 0, "stages", "needs at least one stage, e.g. [em]")
+    if "rl" in c.stages:
+        _validate_rl(c.rl)
+
+
+def _validate_rl(r: Any) -> None:
+    _check(r.steps >= 0, "rl.steps", f"must be >= 0, got {r.steps}")
+    _check(r.group_size >= 2, "rl.group_size", f"must be >= 2 (advantages compare samples of a group), got {r.group_size}")
+    _check(r.batch_size > 0 and r.batch_size % r.group_size == 0, "rl.batch_size",
+           f"{r.batch_size} is not a positive multiple of rl.group_size={r.group_size}")
+    _check(r.micro_batch_size > 0 and r.batch_size % r.micro_batch_size == 0, "rl.micro_batch_size",
+           f"rl.batch_size={r.batch_size} is not divisible by rl.micro_batch_size={r.micro_batch_size}")
+    _check(r.sample_batch_size > 0, "rl.sample_batch_size", f"must be > 0, got {r.sample_batch_size}")
+    _check(r.lr > 0, "rl.lr", f"must be > 0, got {r.lr}")
+    _check(0 < r.clip_ratio < 1, "rl.clip_ratio", f"must be in (0, 1), got {r.clip_ratio}")
+    _check(r.kl_coef >= 0, "rl.kl_coef", f"must be >= 0 (0 = no KL term), got {r.kl_coef}")
+    _check(r.temperature > 0, "rl.temperature",
+           f"must be > 0: greedy rollouts make every group agree (zero advantages), got {r.temperature}")
+    _check(0 < r.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.max_new_tokens > 0, "rl.max_new_tokens", f"must be > 0, got {r.max_new_tokens}")
+    _check(r.grad_clip > 0, "rl.grad_clip", f"must be > 0, got {r.grad_clip}")
+    _check(r.optimizer in KNOWN_OPTIMIZERS, "rl.optimizer", f"unknown {r.optimizer!r}; choose from {KNOWN_OPTIMIZERS}")
 
 
 def _check_benchmarks(entries: Any) -> None:

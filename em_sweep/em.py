@@ -150,12 +150,13 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
 def train_em(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], train: Any,
              seed: int, on_step: Callable[[StepMetrics], None],
              on_eval: Callable[[int], None] | None = None, start_step: int = 0) -> None:
-    """The EM loop: ``train.steps`` updates; ``on_eval(step)`` after each update (it decides
-    whether that step is evaluated), ``on_step`` with each step's metrics."""
+    """The EM loop: ``train.steps`` updates, numbered from ``start_step + 1`` (a stage after
+    another continues the run's count); ``on_eval(step)`` after each update (it decides whether
+    that step is evaluated), ``on_step`` with each step's metrics."""
     optimizer, lr_at = make_optimizer(model, train)
-    for step in range(start_step, train.steps):
-        metrics = em_step(model, tokenizer, optimizer, prompt_texts, train, step + 1, lr_at(step),
-                          seed=seed * 1_000_003 + step)
+    for i in range(train.steps):
+        metrics = em_step(model, tokenizer, optimizer, prompt_texts, train, start_step + i + 1, lr_at(i),
+                          seed=seed * 1_000_003 + i)
         on_step(metrics)
         if on_eval is not None:
-            on_eval(step + 1)
+            on_eval(start_step + i + 1)

@@ -94,3 +94,45 @@ def entropy_sum_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, temperat
     for start in range(0, n, step):
         total = total + _ChunkEntropy.apply(hidden[start:start + step], weight, bias, temperature).sum()
     return total
+
+
+class _ChunkLogProb(torch.autograd.Function):
+    """log softmax(linear(hidden) / tau)[target] per row; saves only the inputs for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.temperature = temperature
+        z = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
+        return z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        hidden, weight, bias, targets = ctx.saved_tensors
+        tau = ctx.temperature
+        # d logp_y / dz = onehot(y) - softmax(z), with z = logits / tau.
+        grad_z = torch.softmax(torch.nn.functional.linear(hidden, weight, bias).float() / tau, dim=-1)
+        grad_z.neg_().scatter_add_(1, targets[:, None], torch.ones_like(grad_z[:, :1]))
+        grad_logits = grad_z.mul_((grad_out.float() / tau)[:, None]).to(weight.dtype)
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               temperature: float, chunk_tokens: int = 4096,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(hidden @ weight.T / tau)[targets] for rows of ``hidden`` [N, H]: [N] fp32.
+
+    The policy log-probabilities of the RL stage, with the same memory bound as
+    :func:`entropy_sum_from_hidden` (one chunk's fp32 [chunk, vocab] at a time, nothing of that
+    size kept for backward).
+    """
+    n = hidden.shape[0]
+    if n == 0:
+        return hidden.sum(-1).float() * 0.0
+    step = n if chunk_tokens <= 0 else chunk_tokens
+    return torch.cat([_ChunkLogProb.apply(hidden[s:s + step], weight, bias, targets[s:s + step], temperature)
+                      for s in range(0, n, step)])

@@ -106,7 +106,10 @@ class RunRecorder:
 
     def step(self, metrics: Mapping[str, Any]) -> None:
         rundir.append_jsonl(self.dir / rundir.METRICS, {"kind": "train", **metrics})
-        self.wandb.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
+        # EM steps under train/, RL steps under rl/ (numbers only: the stage name is the prefix).
+        prefix = "rl" if metrics.get("stage") == "rl" else "train"
+        self.wandb.log({f"{prefix}/{k}": float(v) if isinstance(v, bool) else v for k, v in metrics.items()
+                        if k not in ("step", "stage") and isinstance(v, int | float)}, step=int(metrics["step"]))
 
     def eval(self, step: int, scores: list[dict[str, Any]], records: list[dict[str, Any]],
              primary_temperature: float) -> None:

@@ -26,6 +26,7 @@ from em_sweep.evaluate import evaluate
 from em_sweep.models import ModelCache, ModelLoadError, resolve_model_path
 from em_sweep.prompts import PoolItem, PromptError, batch_prompts, format_prompt, select_prompts
 from em_sweep.record import RunRecorder, WandbMirror
+from em_sweep.rl import RLStepMetrics, train_rl
 
 log = logging.getLogger("em_sweep")
 
@@ -37,9 +38,20 @@ class RunFailed(RuntimeError):
     """The run started but did not finish; its status.json says why."""
 
 
+def stage_plan(cfg: Any) -> list[tuple[str, int, int]]:
+    """(stage, first step, last step) of each of ``cfg.stages``: steps count on across stages
+    (em runs train.steps updates, rl runs rl.steps)."""
+    plan, done = [], 0
+    for name in cfg.stages:
+        n = int(cfg.train.steps if name == "em" else cfg.rl.steps)
+        plan.append((name, done + 1, done + n))
+        done += n
+    return plan
+
+
 def eval_steps(cfg: Any) -> list[int]:
-    """Steps at which to evaluate: the configured ones plus the last step."""
-    return sorted(set(cfg.eval.at_steps) | {cfg.train.steps})
+    """Steps at which to evaluate: the configured ones plus the end of every stage."""
+    return sorted(set(cfg.eval.at_steps) | {last for _, _, last in stage_plan(cfg)})
 
 
 def preflight(cfg: DictConfig) -> list[PoolItem]:
@@ -52,7 +64,13 @@ def preflight(cfg: DictConfig) -> list[PoolItem]:
     for name in cfg.eval.benchmarks:
         resolve_spec(name)
     resolve_model_path(cfg.model.path)
-    return select_prompts(cfg.prompt)
+    prompts = select_prompts(cfg.prompt)
+    if "rl" in cfg.stages:
+        missing = [p.id for p in prompts if not (p.answer or "").strip()]
+        if missing:
+            raise PromptError(f"stages has rl, whose reward needs gold answers, but prompt(s) {missing} of "
+                              f"pool {cfg.prompt.pool!r} have none")
+    return prompts
 
 
 def run(cfg: DictConfig, cache: ModelCache | None = None) -> dict[str, Any]:
@@ -127,22 +145,44 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
         log.info("eval  step %3d  %s  (%.1fs)", step, summary, time.perf_counter() - t0)
 
     def on_step(m: StepMetrics) -> None:
-        record = vars(m).copy()
+        record = {"stage": "em", **vars(m)}
         curve.append(record)
         recorder.step(record)
-        log.info("train step %3d/%d  loss %.4f  entropy %.4f  len %.1f  grad %.3f  sample %.1fs  loss %.1fs",
-                 m.step, cfg.train.steps, m.loss, m.entropy, m.response_length, m.grad_norm,
+        log.info("em   step %3d/%d  loss %.4f  entropy %.4f  len %.1f  grad %.3f  sample %.1fs  loss %.1fs",
+                 m.step, total, m.loss, m.entropy, m.response_length, m.grad_norm,
                  m.seconds_sample, m.seconds_loss)
 
+    def on_rl_step(m: RLStepMetrics) -> None:
+        record = {"stage": "rl", **vars(m)}
+        rl_curve.append(record)
+        recorder.step(record)
+        log.info("rl   step %3d/%d  reward %.3f  zero-adv groups %.2f  loss %.4f  kl %.4f  len %.1f  grad %.3f%s",
+                 m.step, total, m.reward, m.zero_advantage_groups, m.loss, m.kl, m.response_length, m.grad_norm,
+                 "  (no gradient: skipped)" if m.skipped else "")
+
+    plan = stage_plan(cfg)
+    total = plan[-1][2]
+    rl_curve: list[dict[str, Any]] = []
     on_eval(0)
-    train_em(model, tokenizer, texts, cfg.train, cfg.seed, on_step=on_step, on_eval=on_eval)
-    last = cfg.train.steps
+    for name, first, _last in plan:
+        if name == "em":
+            train_em(model, tokenizer, texts, cfg.train, cfg.seed, on_step=on_step, on_eval=on_eval,
+                     start_step=first - 1)
+        else:
+            rl_texts = [format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template) for p in prompts]
+            train_rl(model, tokenizer, rl_texts, [str(p.answer) for p in prompts], cfg.rl, cfg.seed,
+                     on_step=on_rl_step, on_eval=on_eval, start_step=first - 1,
+                     generation_backend=cfg.train.generation_backend, grade_timeout_s=cfg.eval.grade_timeout_s)
+    last = total
     return {
         "prompt": {"name": cfg.prompt.name, "ids": list(cfg.prompt.ids), "note": cfg.prompt.note},
+        "stages": [{"stage": n, "first_step": f, "last_step": la} for n, f, la in plan],
         "scores": scores,
         "initial_scores": [s for s in scores if s["step"] == 0],
         "final_scores": [s for s in scores if s["step"] == last],
         "loss_curve": [{k: r[k] for k in ("step", "loss", "entropy", "response_length", "grad_norm")} for r in curve],
+        "rl_curve": [{k: r[k] for k in ("step", "reward", "reward_std", "zero_advantage_groups", "loss", "kl",
+                                        "clip_fraction", "response_length", "grad_norm", "skipped")} for r in rl_curve],
     }
 
 
@@ -168,11 +208,21 @@ def format_summary(results: dict[str, Any]) -> str:
         n = s.get("n_problems", "")
         lines.append(f"{s['benchmark']:<14}{s['temperature']:>7g}{b_acc:>9}{100 * s['accuracy']:>9.1f}%{delta:>9}{n:>6}")
     curve = results["loss_curve"]
-    if curve:
+    if curve:  # EM steps
         losses = [r["loss"] for r in curve]
         lines.append(f"loss (mean token entropy at tau): step 1 {losses[0]:.4f} -> step {curve[-1]['step']} "
                      f"{losses[-1]:.4f} (min {min(losses):.4f}); mean response length "
                      f"{curve[0]['response_length']:.1f} -> {curve[-1]['response_length']:.1f} tokens")
+    rl_curve = results.get("rl_curve") or []
+    if rl_curve:
+        rewards = [r["reward"] for r in rl_curve]
+        skipped = sum(1 for r in rl_curve if r["skipped"])
+        lines.append(f"rl reward (mean over each step's samples): step {rl_curve[0]['step']} {rewards[0]:.3f} -> "
+                     f"step {rl_curve[-1]['step']} {rewards[-1]:.3f} (mean {sum(rewards) / len(rewards):.3f}; "
+                     f"{skipped} step(s) without gradient)")
+    stages = results.get("stages") or []
+    if len(stages) > 1 or (stages and stages[0]["stage"] != "em"):
+        lines.append("stages: " + ", ".join(f"{s['stage']} (steps {s['first_step']}-{s['last_step']})" for s in stages))
     prompt = results["prompt"]
     lines.append(f"prompt {prompt['name']} {prompt['ids']}")
     if prompt["note"]:

@@ -1,0 +1,231 @@
+"""RL with verifiable rewards (GRPO) as a pipeline stage, to compare and compose with EM.
+
+One RL step: each prompt of the step is sampled ``rl.group_size`` times (the same sampling code
+as EM, :func:`em_sweep.sample.sample_responses`), every response is rewarded 1 when its final
+answer (:func:`em_sweep.grading.extract_answer`) is equivalent to the prompt's gold answer
+(:func:`em_sweep.grading.grade_many`, math-verify in killable workers) and 0 otherwise, rewards
+become group-normalised advantages, and one AdamW update (the same optimizer set-up and update
+as EM, :mod:`em_sweep.em`) minimises the clipped-ratio GRPO loss
+
+    A_i     = (r_i - mean(r_group)) / (std(r_group) + eps)      (all-equal group: A = 0)
+    rho_t   = exp(logp_t - logp_old_t)
+    L_t     = -min(rho_t A, clip(rho_t, 1 - c, 1 + c) A) + beta * KL_t
+    KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1         (k3 estimator, >= 0)
+    loss    = sum over response tokens of L_t / number of response tokens in the batch
+
+(token-level mean over the batch, as DAPO/verl's "token-mean"; log-probabilities at the rollout
+temperature). With ``rl.updates_per_batch = 1`` the update is on-policy and rho = 1 (the clip
+only matters for more updates per batch). ``beta = rl.kl_coef``; 0 means no reference model is
+kept; otherwise the reference is a frozen copy of the model as the RL stage begins.
+A step whose advantages are all zero and whose KL term is off has no gradient: it is recorded
+(``skipped``) and the weights are not touched (an AdamW step on a zero gradient would still
+apply weight decay).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from em_sweep.em import HIDDEN_STATE_LOSS_MODELS, apply_update, make_optimizer
+from em_sweep.grading import extract_answer, grade_many
+from em_sweep.loss import token_logprobs_from_hidden
+from em_sweep.sample import SampleBatch, SamplingSettings, position_ids_for, sample_responses
+
+ADV_EPS = 1e-6
+
+
+# -- the loss, as pure functions --------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
+    """GRPO advantages for rewards [N] laid out as consecutive groups of ``group_size``: each
+    reward minus its group's mean, over the group's (unbiased) standard deviation plus ``eps``.
+    A group whose rewards are all equal gets advantage 0 (never NaN)."""
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not form groups of {group_size} (group_size >= 2)")
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    return (centred / (r.std(dim=1, keepdim=True) + eps)).view(-1)
+
+
+def grpo_token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_ratio: float,
+                      kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token GRPO loss for tokens with log-probabilities ``logp`` (current policy, with
+    gradient), ``old_logp`` (the policy that sampled them), per-token ``advantages`` and an
+    optional reference ``ref_logp``. Returns (loss, kl, clipped), each shaped like ``logp``;
+    ``clipped`` marks tokens whose ratio the clip took out of the gradient."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped_obj = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
+    loss = -torch.minimum(unclipped, clipped_obj)
+    if kl_coef and ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1.0
+        loss = loss + kl_coef * kl
+    else:
+        kl = torch.zeros_like(logp)
+    return loss, kl.detach(), (clipped_obj < unclipped).detach()
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip_ratio: float, kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked token-mean of :func:`grpo_token_losses` over [B, T] inputs (``advantages`` [B] or
+    [B, T]); an all-zero mask gives 0."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logp)
+    loss, _, _ = grpo_token_losses(logp, old_logp, advantages, clip_ratio, kl_coef, ref_logp)
+    m = mask.to(loss.dtype)
+    return (loss * m).sum() / m.sum().clamp(min=1.0)
+
+
+# -- rewards -------------------------------------------------------------------------------
+
+def math_rewards(texts: Sequence[str], golds: Sequence[str], timeout_s: float) -> tuple[list[float], int]:
+    """1.0 where a response's extracted final answer is equivalent to its gold answer, else 0.0
+    (no answer, wrong, grader timeout or error); also the number of grader failures."""
+    predictions = [extract_answer(t) for t in texts]
+    grades = grade_many(predictions, [[g] for g in golds], timeout_s=timeout_s)
+    failures = sum(1 for g in grades if g.status in ("timeout", "error"))
+    return [1.0 if g.correct else 0.0 for g in grades], failures
+
+
+# -- one step ------------------------------------------------------------------------------
+
+@dataclass
+class RLStepMetrics:
+    step: int  # the run's global step (stages continue the count)
+    reward: float  # mean reward of the step's samples, before the update
+    reward_std: float
+    zero_advantage_groups: float  # share of groups whose rewards were all equal
+    loss: float
+    kl: float  # mean k3 KL to the reference over response tokens (0 when kl_coef = 0)
+    clip_fraction: float
+    response_length: float
+    grad_norm: float
+    lr: float
+    skipped: bool  # no gradient (all advantages 0, no KL): weights untouched
+    grader_failures: int
+    seconds_sample: float
+    seconds_grade: float
+    seconds_loss: float
+    seconds_optim: float
+
+
+def rl_sampling_settings(rl: Any, generation_backend: str) -> SamplingSettings:
+    return SamplingSettings(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+                            repetition_penalty=rl.repetition_penalty, max_new_tokens=rl.max_new_tokens,
+                            backend=generation_backend)
+
+
+def response_logprobs(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
+                      chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities at ``temperature`` of the generated tokens of ``rows``: (values [n]
+    in row-major order of the response mask, the row index of each)."""
+    ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
+    first = batch.prompt_len - 1
+    mask = batch.response_mask[rows, first:-1].bool()  # position t predicts token t + 1
+    targets = ids[:, first + 1:][mask]
+    row_of = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
+    if model.config.model_type in HIDDEN_STATE_LOSS_MODELS:
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
+                                     use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()
+        logp = token_logprobs_from_hidden(hidden[:, first:-1][mask], head.weight, targets, temperature,
+                                          chunk_tokens, head.bias)
+    else:
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
+                       use_cache=False).logits[:, first:-1]
+        logp = torch.log_softmax(logits[mask].float() / temperature, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    return logp, row_of
+
+
+def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
+            prompt_texts: list[str], golds: list[str], rl: Any, step: int, lr: float, seed: int,
+            reference: PreTrainedModel | None = None, generation_backend: str = "auto",
+            grade_timeout_s: float = 5.0) -> RLStepMetrics:
+    """One GRPO update from ``len(prompt_texts) * rl.group_size`` fresh samples."""
+    g = rl.group_size
+    texts = [t for t in prompt_texts for _ in range(g)]
+    gold_per_sample = [a for a in golds for _ in range(g)]
+    t0 = time.perf_counter()
+    batch = sample_responses(model, tokenizer, texts, rl_sampling_settings(rl, generation_backend),
+                             batch_size=rl.sample_batch_size, seed=seed)
+    t1 = time.perf_counter()
+    reward_list, failures = math_rewards(batch.texts, gold_per_sample, grade_timeout_s)
+    device = batch.input_ids.device
+    rewards = torch.tensor(reward_list, dtype=torch.float32, device=device)
+    adv = group_advantages(rewards, g)
+    zero_groups = float((rewards.view(-1, g).std(dim=1) == 0).float().mean())
+    t2 = time.perf_counter()
+    first = batch.prompt_len - 1
+    n_tokens = batch.response_mask[:, first:-1].sum().clamp(min=1).float()
+    skipped = bool((adv == 0).all()) and not rl.kl_coef
+    loss_sum = kl_sum = clip_sum = 0.0
+    grad_norm = 0.0
+    if not skipped:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        for start in range(0, batch.input_ids.shape[0], rl.micro_batch_size):
+            rows = slice(start, start + rl.micro_batch_size)
+            logp, row_of = response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)
+            ref_logp = None
+            if reference is not None and rl.kl_coef:
+                with torch.no_grad():
+                    ref_logp, _ = response_logprobs(reference, batch, rows, rl.temperature, rl.loss_chunk_tokens)
+            # On-policy (one update per batch): the sampling policy is the current one.
+            losses, kl, clipped = grpo_token_losses(logp, logp.detach(), adv[rows][row_of], rl.clip_ratio,
+                                                    rl.kl_coef, ref_logp)
+            (losses.sum() / n_tokens).backward()
+            loss_sum += float(losses.detach().sum())
+            kl_sum += float(kl.sum())
+            clip_sum += float(clipped.float().sum())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip))
+    t3 = time.perf_counter()
+    if not skipped:
+        apply_update(optimizer, loss_sum / float(n_tokens), grad_norm, step, lr)
+        model.eval()
+    t4 = time.perf_counter()
+    n = float(n_tokens)
+    return RLStepMetrics(step=step, reward=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
+                         zero_advantage_groups=zero_groups, loss=loss_sum / n, kl=kl_sum / n,
+                         clip_fraction=clip_sum / n, response_length=float(batch.response_lengths.float().mean()),
+                         grad_norm=grad_norm, lr=lr, skipped=skipped, grader_failures=failures,
+                         seconds_sample=t1 - t0, seconds_grade=t2 - t1, seconds_loss=t3 - t2, seconds_optim=t4 - t3)
+
+
+def step_prompts(prompt_texts: Sequence[str], golds: Sequence[str], rl: Any, step: int) -> tuple[list[str], list[str]]:
+    """The ``rl.batch_size // rl.group_size`` prompts of a step, cycling through the prompt set
+    (one prompt: the same every step, as in one-shot RLVR)."""
+    k = rl.batch_size // rl.group_size
+    idx = [(step * k + i) % len(prompt_texts) for i in range(k)]
+    return [prompt_texts[i] for i in idx], [golds[i] for i in idx]
+
+
+def train_rl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], golds: list[str],
+             rl: Any, seed: int, on_step: Callable[[RLStepMetrics], None],
+             on_eval: Callable[[int], None] | None = None, start_step: int = 0,
+             generation_backend: str = "auto", grade_timeout_s: float = 5.0) -> None:
+    """The RL stage: ``rl.steps`` GRPO updates numbered from ``start_step + 1``; ``on_eval``
+    after each (it decides whether that step is evaluated)."""
+    optimizer, lr_at = make_optimizer(model, rl)
+    reference = None
+    if rl.kl_coef:
+        reference = copy.deepcopy(model).eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+    for i in range(rl.steps):
+        texts, answers = step_prompts(prompt_texts, golds, rl, i)
+        metrics = rl_step(model, tokenizer, optimizer, texts, answers, rl, start_step + i + 1, lr_at(i),
+                          seed=seed * 1_000_033 + 7919 * i, reference=reference,
+                          generation_backend=generation_backend, grade_timeout_s=grade_timeout_s)
+        on_step(metrics)
+        if on_eval is not None:
+            on_eval(start_step + i + 1)
+    del reference

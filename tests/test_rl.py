@@ -1,0 +1,223 @@
+"""The RL stage (em_sweep/rl.py): GRPO loss as pure functions, rewards, steps, stages in a run."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from em_sweep.config import ConfigError, validate
+from em_sweep.loss import token_logprobs_from_hidden
+from em_sweep.prompts import PromptError, format_prompt, load_pool
+from em_sweep.rl import (
+    group_advantages,
+    grpo_loss,
+    grpo_token_losses,
+    math_rewards,
+    response_logprobs,
+    rl_sampling_settings,
+    rl_step,
+    train_rl,
+)
+from em_sweep.sample import sample_responses
+from tests.conftest import compose_config
+
+
+def direct_advantages(rewards, g):
+    out = []
+    for k in range(0, len(rewards), g):
+        grp = rewards[k:k + g]
+        mean = sum(grp) / g
+        std = math.sqrt(sum((r - mean) ** 2 for r in grp) / (g - 1))
+        out += [(r - mean) / (std + 1e-6) for r in grp]
+    return out
+
+
+def test_group_advantages_by_hand_including_all_equal_groups():
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    adv = group_advantages(torch.tensor(rewards), 4)
+    assert torch.allclose(adv, torch.tensor(direct_advantages(rewards, 4)), atol=1e-6)
+    assert abs(float(adv[0]) - 0.5 / math.sqrt(1 / 3)) < 1e-4  # mean 0.5, unbiased std 0.577
+    assert torch.equal(adv[4:], torch.zeros(8))  # all-equal groups: zero advantage, no NaN
+    assert torch.isfinite(adv).all()
+    with pytest.raises(ValueError):
+        group_advantages(torch.tensor(rewards), 5)
+    with pytest.raises(ValueError):
+        group_advantages(torch.tensor(rewards), 1)
+
+
+def direct_token_loss(logp, old, a, c, beta, ref):
+    ratio = math.exp(logp - old)
+    pg = -min(ratio * a, min(max(ratio, 1 - c), 1 + c) * a)
+    kl = math.exp(ref - logp) - (ref - logp) - 1 if ref is not None else 0.0
+    return pg + beta * kl, kl
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_grpo_token_losses_match_a_direct_implementation(beta):
+    # ratio 1.5 with A > 0 (clipped at 1.2), ratio 0.5 with A < 0 (clipped at 0.8), ratio 1.5 with
+    # A < 0 (not clipped: min keeps the worse objective), on-policy tokens, a zero advantage.
+    logp = torch.tensor([math.log(1.5), math.log(0.5), math.log(1.5), -1.0, -2.0])
+    old = torch.tensor([0.0, 0.0, 0.0, -1.0, -2.0])
+    adv = torch.tensor([2.0, -1.0, -1.0, 0.7, 0.0])
+    ref = torch.tensor([0.1, -0.3, 0.2, -1.0, -1.5])
+    loss, kl, clipped = grpo_token_losses(logp, old, adv, 0.2, beta, ref if beta else None)
+    for i in range(5):
+        want, want_kl = direct_token_loss(float(logp[i]), float(old[i]), float(adv[i]), 0.2, beta,
+                                          float(ref[i]) if beta else None)
+        assert abs(float(loss[i]) - want) < 1e-5, i
+        assert abs(float(kl[i]) - want_kl) < 1e-5
+    assert clipped.tolist() == [True, True, False, False, False]
+    if not beta:
+        assert float(loss[0]) == pytest.approx(-1.2 * 2.0)
+    assert (kl >= 0).all()
+
+
+def test_grpo_loss_masks_means_and_gives_the_policy_gradient():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]], requires_grad=True)
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss = grpo_loss(logp, logp.detach(), adv, mask, 0.2)
+    assert float(loss.detach()) == pytest.approx((-1 - 1 + 2) / 3)
+    loss.backward()
+    # On-policy (ratio 1): d loss / d logp = -A / (masked tokens), 0 where masked.
+    assert torch.allclose(logp.grad, torch.tensor([[-1 / 3, -1 / 3, 0.0], [2 / 3, 0.0, 0.0]]))
+    empty = grpo_loss(logp, logp.detach(), adv, torch.zeros_like(mask), 0.2)
+    assert float(empty) == 0.0 and not torch.isnan(empty)
+
+
+def test_chunked_token_logprobs_equal_log_softmax_with_the_same_gradient():
+    torch.manual_seed(0)
+    h = torch.randn(13, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (13,))
+    g = torch.randn(13)
+    out = token_logprobs_from_hidden(h, w, y, 0.7, chunk_tokens=5)
+    ref = torch.log_softmax(h @ w.T / 0.7, -1).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (h, w)), torch.autograd.grad((ref * g).sum(), (h, w)),
+                    strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def arith(tok, cfg, pid):
+    p = load_pool("arith_pool")[pid]
+    return format_prompt(tok, p.problem, cfg.prompt.system, cfg.prompt.chat_template), p.answer
+
+
+def test_response_logprobs_are_the_models_own_at_the_generated_tokens(tiny):
+    model, tok = tiny
+    cfg = compose_config(["stages=[rl]"])
+    texts = [arith(tok, cfg, f"arith{i}")[0] for i in (1, 2, 3)]
+    batch = sample_responses(model, tok, texts, rl_sampling_settings(cfg.rl, "auto"), 8, seed=0)
+    logp, rows = response_logprobs(model, batch, slice(0, 3), 0.8, 7)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    want = []
+    for b in range(3):
+        for t in range(batch.input_ids.shape[1] - 1):
+            if batch.response_mask[b, t]:
+                want.append(float(torch.log_softmax(logits[b, t] / 0.8, -1)[batch.input_ids[b, t + 1]]))
+    assert len(want) == int(batch.response_lengths.sum()) == logp.numel()
+    assert torch.allclose(logp.detach(), torch.tensor(want), atol=1e-4)
+    assert rows.tolist() == sorted(rows.tolist())
+
+
+def test_rewards_grade_the_final_answer_against_gold():
+    texts = ["3+4=7. \\boxed{7}", "3+4=8. \\boxed{8}", "no answer here", "The answer is 7."]
+    rewards, failures = math_rewards(texts, ["7", "7", "7", "7.0"], 5.0)
+    assert rewards == [1.0, 0.0, 0.0, 1.0] and failures == 0
+
+
+def test_a_step_whose_groups_all_agree_has_no_gradient_and_leaves_the_weights(tiny):
+    model = copy.deepcopy(tiny[0])
+    tok = tiny[1]
+    cfg = compose_config(["stages=[rl]", "rl.batch_size=16", "rl.micro_batch_size=16"])
+    text, _ = arith(tok, cfg, "arith1")
+    before = [p.detach().clone() for p in model.parameters()]
+    from em_sweep.em import make_optimizer
+    opt, _ = make_optimizer(model, cfg.rl)
+    m = rl_step(model, tok, opt, [text, text], ["not a number at all"] * 2, cfg.rl, 1, 1e-3, seed=0)
+    assert m.reward == 0.0 and m.zero_advantage_groups == 1.0 and m.skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert math.isfinite(m.loss) and m.grad_norm == 0.0
+
+
+def test_a_short_rl_stage_raises_the_reward_the_model_can_sometimes_earn(tiny):
+    """One-shot RLVR on a prompt the toy solves about a third of the time at T 1.0."""
+    model = copy.deepcopy(tiny[0])
+    tok = tiny[1]
+    cfg = compose_config(["stages=[rl]", "rl.steps=8", "rl.lr=3e-4", "rl.batch_size=32", "rl.micro_batch_size=32"])
+    text, gold = arith(tok, cfg, "arith18")
+
+    def reward():
+        b = sample_responses(model, tok, [text] * 128, rl_sampling_settings(cfg.rl, "auto"), 128, seed=99)
+        return sum(math_rewards(b.texts, [gold] * 128, 5.0)[0]) / 128
+
+    start = reward()
+    curve = []
+    train_rl(model, tok, [text], [gold], cfg.rl, seed=1, on_step=curve.append)
+    end = reward()
+    assert 0.1 < start < 0.6  # sometimes earned, room to improve
+    assert end > start + 0.25, (start, end, [m.reward for m in curve])
+    assert [m.step for m in curve] == list(range(1, 9)) and not any(m.skipped for m in curve)
+
+
+def test_kl_to_the_stage_start_is_zero_first_then_grows(tiny):
+    model = copy.deepcopy(tiny[0])
+    tok = tiny[1]
+    cfg = compose_config(["stages=[rl]", "rl.steps=3", "rl.lr=3e-4", "rl.kl_coef=0.1", "rl.batch_size=32",
+                          "rl.micro_batch_size=32"])
+    text, gold = arith(tok, cfg, "arith1")
+    curve = []
+    train_rl(model, tok, [text], [gold], cfg.rl, seed=2, on_step=curve.append, start_step=10)
+    assert [m.step for m in curve] == [11, 12, 13]
+    assert curve[0].kl == 0.0  # the reference is the model as the stage began
+    assert curve[-1].kl > 0.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.group_size=1", "rl.group_size"),
+    ("rl.batch_size=60", "rl.batch_size"),
+    ("rl.temperature=0", "rl.temperature"),
+    ("rl.kl_coef=-0.1", "rl.kl_coef"),
+    ("rl.clip_ratio=0", "rl.clip_ratio"),
+])
+def test_bad_rl_settings_fail_validation(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(["stages=[em,rl]", override]))
+
+
+def test_rl_settings_are_not_checked_when_no_stage_uses_them():
+    validate(compose_config(["stages=[em]", "rl.group_size=1"]))
+    with pytest.raises(ConfigError, match="stages"):
+        validate(compose_config(["stages=[em,ppo]"]))
+
+
+def test_rl_needs_gold_answers_for_its_prompts(tmp_path):
+    from em_sweep.run import preflight
+    cfg = compose_config(["stages=[rl]", "prompt.pool=dsr_sub", "prompt.ids=[dsr265]"])
+    with pytest.raises(PromptError, match="dsr265"):
+        preflight(cfg)
+    preflight(compose_config(["stages=[em]", "prompt.pool=dsr_sub", "prompt.ids=[dsr265]"]))
+
+
+def test_stages_in_one_run_continue_the_step_count_and_evaluate_between(tmp_path):
+    from em_sweep.run import run
+    cfg = compose_config(["stages=[rl,em]", "rl.steps=2", "train.steps=2", "eval.limit=40",
+                          f"paths.root={tmp_path}", "logger.mode=offline", "rl.batch_size=16",
+                          "rl.micro_batch_size=16", "train.batch_size=16", "train.micro_batch_size=16"])
+    results = run(cfg)
+    assert results["stages"] == [{"stage": "rl", "first_step": 1, "last_step": 2},
+                                 {"stage": "em", "first_step": 3, "last_step": 4}]
+    assert sorted({s["step"] for s in results["scores"]}) == [0, 2, 4]  # before, between, after
+    assert [r["step"] for r in results["rl_curve"]] == [1, 2]
+    assert [r["step"] for r in results["loss_curve"]] == [3, 4]
+    run_dir = tmp_path / "runs" / results["run_id"]
+    kinds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in kinds if r["kind"] == "train"] == ["rl", "rl", "em", "em"]
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    again = run(cfg)
+    assert again["skipped"]
