@@ -221,3 +221,20 @@ def test_stages_in_one_run_continue_the_step_count_and_evaluate_between(tmp_path
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     again = run(cfg)
     assert again["skipped"]
+
+
+def test_stage_order_preset_runs_every_order_as_a_sweep(tmp_path):
+    """+experiment=stage_order: one multirun, one run per stage order (seed pinned, tiny budgets)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    result = subprocess.run(
+        [sys.executable, "launch.py", "-m", "+experiment=stage_order", "train.steps=1", "rl.steps=1", "seed=1",
+         "eval.limit=20", "rl.batch_size=16", "rl.micro_batch_size=16", "train.batch_size=16",
+         "train.micro_batch_size=16", f"paths.root={tmp_path}", "logger.mode=disabled"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    orders = sorted(",".join(s["stage"] for s in json.loads(p.read_text())["stages"])
+                    for p in tmp_path.glob("runs/*/results.json"))
+    assert orders == ["em", "em,rl", "rl", "rl,em"]
