@@ -2,7 +2,7 @@
 
 vLLM is never an em-sweep dependency (it pins its own torch and needs CUDA); it is imported only
 when this backend runs. It loads weights from a path, so it scores saved models and checkpoints
-only: :func:`em_sweep.config.validate` rejects it when the run trains (``train.steps > 0``).
+only: :func:`em_sweep.config.validate` rejects it when the run trains (a stage with steps > 0).
 The settings map onto vLLM by pure functions (:func:`engine_kwargs`, :func:`sampling_kwargs`,
 :func:`token_prompts`) so the mapping is tested where vLLM is absent.
 """
