@@ -87,6 +87,7 @@ part profile_1.5b       100    45 benchmarks/profile_decode.py --shape $S15 $PRO
 part check_decode        90    25 benchmarks/check_decode.py $CHECK --json check_decode.json
 part eval_7b_compile    150    60 benchmarks/eval_throughput.py --shape $S7 --paths project --batch-sizes $BS7 $EV --backend static_compile --json eval_7b_compile.json
 part eval_1.5b          120    35 benchmarks/eval_throughput.py --shape $S15 --batch-sizes $BS15 $EV --json eval_1.5b.json
+part eval_7b            150    50 benchmarks/eval_throughput.py --shape $S7 --batch-sizes $BS7 $EV --json eval_7b.json
 part em_step_7b_nockpt  150    70 benchmarks/em_step.py --shape $S7 $EM --parts project --backend static_compile --gradient-checkpointing 0 --micro-batch 2 --json em_step_7b_nockpt.json
 
 echo "== done in $(elapsed)s; results in $OUT_DIR"

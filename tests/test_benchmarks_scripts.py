@@ -54,3 +54,14 @@ def test_gpu_session_rehearsal_measures_everything_and_survives_a_failing_part(t
     # The summary the lead pastes into RESULTS.md ends the output.
     assert "| em_step_1.5b | em-sweep em_step, measured |" in r.stdout
     assert "| eval_7b | model.generate | 1 |" in r.stdout
+
+
+def test_profile_decode_times_every_sampling_tail_case(tmp_path):
+    out = tmp_path / "tail.json"
+    r = subprocess.run([sys.executable, "benchmarks/profile_decode.py", "--shape", "tiny", "--parts", "tail",
+                        "--batch", "4", "--reps", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    tail = json.loads(out.read_text())["tail"]
+    assert len(tail) == 10  # 5 cases, eager and compiled
+    assert all(isinstance(v, float) and v > 0 for v in tail.values()), tail
