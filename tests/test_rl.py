@@ -238,3 +238,14 @@ def test_stage_order_preset_runs_every_order_as_a_sweep(tmp_path):
     orders = sorted(",".join(s["stage"] for s in json.loads(p.read_text())["stages"])
                     for p in tmp_path.glob("runs/*/results.json"))
     assert orders == ["em", "em,rl", "rl", "rl,em"]
+
+
+def test_a_pool_is_cycled_a_group_of_prompts_per_step():
+    from types import SimpleNamespace
+
+    from em_sweep.rl import step_prompts
+    rl = SimpleNamespace(batch_size=16, group_size=8)  # 2 prompts per step
+    texts, golds = ["a", "b", "c"], ["1", "2", "3"]
+    assert [step_prompts(texts, golds, rl, s) for s in range(3)] == [
+        (["a", "b"], ["1", "2"]), (["c", "a"], ["3", "1"]), (["b", "c"], ["2", "3"])]
+    assert step_prompts(["x"], ["9"], rl, 5) == (["x", "x"], ["9", "9"])  # one-shot: the same prompt
