@@ -45,3 +45,21 @@ def test_local_sweep_runs_every_run_records_a_failure_and_relaunch_skips_done_ru
     again = launch(tmp_path, "model.path=pkg://tiny-arith", "seed=0")
     assert again.returncode == 0, again.stderr
     assert "already complete: 1" in again.stdout and "to run:           0 runs" in again.stdout, again.stdout
+
+
+def test_a_sweep_lists_the_runs_another_sweep_already_finished(tmp_path):
+    """Overlapping sweeps: the second one's manifest (so its status, collect and report) holds the
+    shared run too, marked as already complete, not only the runs it ran itself."""
+    from em_sweep.collect import collect
+
+    first = launch(tmp_path, "seed=0", f"hydra.sweep.dir={tmp_path}/a")
+    assert first.returncode == 0, first.stderr
+    second = launch(tmp_path, "seed=0,1", f"hydra.sweep.dir={tmp_path}/b")
+    assert second.returncode == 0, second.stderr
+    assert "already complete: 1" in second.stdout
+    entries = manifest.read_manifest(tmp_path / "b")
+    assert sorted(e.job_id for e in entries.values()) == [manifest.ALREADY_COMPLETE, "local"]
+    assert [s.state for s in manifest.sweep_status(tmp_path / "b")] == ["done", "done"]
+    assert collect(tmp_path / "b", progress=False).scores["run_id"].nunique() == 2
+    again = launch(tmp_path, "seed=0,1", f"hydra.sweep.dir={tmp_path}/b")  # nothing new to list
+    assert again.returncode == 0 and len(manifest.read_manifest(tmp_path / "b")) == 2

@@ -272,6 +272,7 @@ class SlurmSweepLauncher(SweepLauncher):
         if dry_run:
             print("dry run: nothing submitted", flush=True)
             return []
+        manifest.append_already_complete(self.sweep_dir, plan.runs, plan.complete)
         if not pending:
             print("nothing to submit", flush=True)
             return []
@@ -308,6 +309,7 @@ class LocalSweepLauncher(SweepLauncher):
         if self.settings["dry_run"]:
             print("dry run: nothing run", flush=True)
             return []
+        manifest.append_already_complete(self.sweep_dir, plan.runs, plan.complete)
         if not pending:
             return []
         submitted_at = time.time()

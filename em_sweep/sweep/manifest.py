@@ -3,6 +3,8 @@
 Files under the sweep directory (``hydra.sweep.dir``):
 - ``manifest.jsonl``: one line per submitted run (run id, run dir, overrides, SLURM job id of
   its array task, submission time), appended by every submission; a run's last line wins.
+  Runs of the sweep that were already complete when it was launched (finished by another sweep
+  or a single run) are listed too, with job id ``complete``.
 - ``launch_context.pkl``: what a worker needs to compose any run of the sweep (written once).
 - ``launcher.json``: the submission settings, so ``em-sweep resubmit`` submits the same way.
 - ``.submitit/<job>/``: submitit's pickles and each task's stdout/stderr.
@@ -19,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -91,6 +94,23 @@ def append_manifest(sweep_dir: Path, entries: Iterable[ManifestEntry]) -> None:
         f.write("".join(line + "\n" for line in lines))
         f.flush()
         os.fsync(f.fileno())
+
+
+# job_id of a run that was already complete (finished by another sweep or a single run) when a
+# launch planned it: listed so this sweep's status, collect and report include it.
+ALREADY_COMPLETE = "complete"
+
+
+def append_already_complete(sweep_dir: Path, runs: Iterable[PlannedRun], complete: Iterable[str]) -> int:
+    """List the ``complete`` runs of ``runs`` the manifest does not list yet; returns how many.
+    A run this sweep planned belongs to it even if another sweep (or a single run) finished it."""
+    done = set(complete)
+    listed = set(read_manifest(sweep_dir)) if (Path(sweep_dir) / MANIFEST).exists() else set()
+    new = [r for r in runs if r.run_id in done and r.run_dir not in listed]
+    if new:
+        now = time.time()
+        append_manifest(Path(sweep_dir), (ManifestEntry(r, ALREADY_COMPLETE, now) for r in new))
+    return len(new)
 
 
 def read_manifest(sweep_dir: Path) -> dict[str, ManifestEntry]:

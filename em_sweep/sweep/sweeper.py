@@ -61,6 +61,7 @@ class FastSweeper(BasicSweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         if isinstance(self.launcher, SweepLauncher):
             return self.launcher.launch_plan(plan)
+        manifest.append_already_complete(sweep_dir, plan.runs, plan.complete)
         pending: Sequence[Sequence[str]] = [list(r.overrides) for r in plan.pending]
         log.info("%d runs planned, %d already complete, %d to launch", len(plan.runs), len(plan.complete),
                  len(pending))
