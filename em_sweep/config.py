@@ -130,6 +130,9 @@ class RLConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     optimizer: str = II("train.optimizer")
+    # Optimizer updates per sampled batch (GRPO's mu): 1 = on-policy (the ratio is 1, the clip
+    # inert); more reuse the batch, with the clip bounding each token's ratio to the sampling policy.
+    updates_per_batch: int = 1
     # PPO-style ratio clip (epsilon).
     clip_ratio: float = 0.2
     # Weight of the k3 KL to a frozen copy of the model at the stage's start; 0 = none kept.
@@ -273,12 +276,15 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(t.generation_backend in KNOWN_GENERATION_BACKENDS, "train.generation_backend",
            f"unknown {t.generation_backend!r}; choose from {KNOWN_GENERATION_BACKENDS}")
 
-    late = [s for s in t.save_at_steps if s > t.steps]
-    _check(not late, "train.save_at_steps", f"{late} are past train.steps={t.steps}")
+    # Steps count on across stages (em: train.steps, rl: rl.steps), so step limits are the total.
+    total = sum(int(t.steps if st == "em" else c.rl.steps) for st in c.stages if st in KNOWN_STAGES)
+    what = f"train.steps={t.steps}" if list(c.stages) == ["em"] else f"the stages' {total} steps ({list(c.stages)})"
+    late = [s for s in t.save_at_steps if s > total]
+    _check(not late, "train.save_at_steps", f"{late} are past {what}")
 
     e = c.eval
-    too_late = [s for s in e.at_steps if s > t.steps]
-    _check(not too_late, "eval.at_steps", f"{too_late} are past train.steps={t.steps}")
+    too_late = [s for s in e.at_steps if s > total]
+    _check(not too_late, "eval.at_steps", f"{too_late} are past {what}")
     _check(all(s >= 0 for s in e.at_steps), "eval.at_steps", f"steps must be >= 0, got {list(e.at_steps)}")
     _check(all(x >= 0 for x in e.temperatures), "eval.temperatures", "must be >= 0 (0 = greedy)")
     _check(e.n_samples >= 1, "eval.n_samples", "must be >= 1")
@@ -294,9 +300,9 @@ def validate(cfg: DictConfig | Config) -> None:
         # vLLM loads weights from model.path; EM changes them in memory, so only steps=0 is honest.
         trained = ("em" in c.stages and t.steps > 0) or ("rl" in c.stages and c.rl.steps > 0)
         _check(not trained, "eval.backend",
-               f"vllm scores the saved model.path only, but train.steps={t.steps} would train it in memory; "
-               "use train.steps=0 (or `em-sweep eval`) on a saved checkpoint (train.save_at_steps), "
-               "or eval.backend=hf")
+               f"vllm scores the saved model.path only, but the stages {list(c.stages)} train it in memory "
+               f"(train.steps={t.steps}, rl.steps={c.rl.steps}); use no training steps (or `em-sweep eval`) "
+               "on a saved checkpoint (train.save_at_steps), or eval.backend=hf")
         _check(importlib.util.find_spec("vllm") is not None, "eval.backend",
                "vllm is not installed; `pip install vllm` on a CUDA machine (it is not an em-sweep "
                "dependency), or use eval.backend=hf")
@@ -318,7 +324,8 @@ def _validate_rl(r: Any) -> None:
     _check(r.batch_size > 0 and r.batch_size % r.group_size == 0, "rl.batch_size",
            f"{r.batch_size} is not a positive multiple of rl.group_size={r.group_size}")
     _check(r.micro_batch_size > 0 and r.batch_size % r.micro_batch_size == 0, "rl.micro_batch_size",
-           f"rl.batch_size={r.batch_size} is not divisible by rl.micro_batch_size={r.micro_batch_size}")
+           f"rl.batch_size={r.batch_size} is not divisible by rl.micro_batch_size={r.micro_batch_size} "
+           "(rl.micro_batch_size follows train.micro_batch_size unless set)")
     _check(r.sample_batch_size > 0, "rl.sample_batch_size", f"must be > 0, got {r.sample_batch_size}")
     _check(r.lr > 0, "rl.lr", f"must be > 0, got {r.lr}")
     _check(0 < r.clip_ratio < 1, "rl.clip_ratio", f"must be in (0, 1), got {r.clip_ratio}")
@@ -328,6 +335,12 @@ def _validate_rl(r: Any) -> None:
     _check(0 < r.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(r.max_new_tokens > 0, "rl.max_new_tokens", f"must be > 0, got {r.max_new_tokens}")
     _check(r.grad_clip > 0, "rl.grad_clip", f"must be > 0, got {r.grad_clip}")
+    _check(r.warmup_steps >= 0, "rl.warmup_steps", f"must be >= 0, got {r.warmup_steps}")
+    _check(r.weight_decay >= 0, "rl.weight_decay", f"must be >= 0, got {r.weight_decay}")
+    _check(r.top_k >= 0, "rl.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
+    _check(r.repetition_penalty > 0, "rl.repetition_penalty", f"must be > 0 (1.0 = off), got {r.repetition_penalty}")
+    _check(r.updates_per_batch >= 1, "rl.updates_per_batch", f"must be >= 1, got {r.updates_per_batch}")
+    _check(r.loss_chunk_tokens >= 0, "rl.loss_chunk_tokens", "must be >= 0 (0 = no chunking)")
     _check(r.optimizer in KNOWN_OPTIMIZERS, "rl.optimizer", f"unknown {r.optimizer!r}; choose from {KNOWN_OPTIMIZERS}")
 
 

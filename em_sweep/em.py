@@ -156,7 +156,7 @@ def train_em(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_
     optimizer, lr_at = make_optimizer(model, train)
     for i in range(train.steps):
         metrics = em_step(model, tokenizer, optimizer, prompt_texts, train, start_step + i + 1, lr_at(i),
-                          seed=seed * 1_000_003 + i)
+                          seed=seed * 1_000_003 + start_step + i)  # a later stage draws new samples
         on_step(metrics)
         if on_eval is not None:
             on_eval(start_step + i + 1)

@@ -14,12 +14,13 @@ as EM, :mod:`em_sweep.em`) minimises the clipped-ratio GRPO loss
     loss    = sum over response tokens of L_t / number of response tokens in the batch
 
 (token-level mean over the batch, as DAPO/verl's "token-mean"; log-probabilities at the rollout
-temperature). With ``rl.updates_per_batch = 1`` the update is on-policy and rho = 1 (the clip
-only matters for more updates per batch). ``beta = rl.kl_coef``; 0 means no reference model is
+temperature). ``rl.updates_per_batch`` (GRPO's mu) updates reuse each batch: the first is
+on-policy (rho = 1, the clip inert), later ones see rho against the sampling policy's
+log-probabilities and the clip bounds them. Metrics average over the updates. ``beta = rl.kl_coef``; 0 means no reference model is
 kept; otherwise the reference is a frozen copy of the model as the RL stage begins.
 A step whose advantages are all zero and whose KL term is off has no gradient: it is recorded
 (``skipped``) and the weights are not touched (an AdamW step on a zero gradient would still
-apply weight decay).
+apply weight decay). With the KL term on such a step is taken (its gradient is the KL's).
 """
 
 from __future__ import annotations
@@ -167,37 +168,49 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     first = batch.prompt_len - 1
     n_tokens = batch.response_mask[:, first:-1].sum().clamp(min=1).float()
     skipped = bool((adv == 0).all()) and not rl.kl_coef
+    slices = [slice(s, s + rl.micro_batch_size) for s in range(0, batch.input_ids.shape[0], rl.micro_batch_size)]
+    mu = int(getattr(rl, "updates_per_batch", 1))
     loss_sum = kl_sum = clip_sum = 0.0
     grad_norm = 0.0
+    seconds_loss = seconds_optim = 0.0
     if not skipped:
         model.train()
-        optimizer.zero_grad(set_to_none=True)
-        for start in range(0, batch.input_ids.shape[0], rl.micro_batch_size):
-            rows = slice(start, start + rl.micro_batch_size)
-            logp, row_of = response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)
-            ref_logp = None
-            if reference is not None and rl.kl_coef:
-                with torch.no_grad():
-                    ref_logp, _ = response_logprobs(reference, batch, rows, rl.temperature, rl.loss_chunk_tokens)
-            # On-policy (one update per batch): the sampling policy is the current one.
-            losses, kl, clipped = grpo_token_losses(logp, logp.detach(), adv[rows][row_of], rl.clip_ratio,
-                                                    rl.kl_coef, ref_logp)
-            (losses.sum() / n_tokens).backward()
-            loss_sum += float(losses.detach().sum())
-            kl_sum += float(kl.sum())
-            clip_sum += float(clipped.float().sum())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip))
-    t3 = time.perf_counter()
-    if not skipped:
-        apply_update(optimizer, loss_sum / float(n_tokens), grad_norm, step, lr)
+        old: list[torch.Tensor] | None = None
+        if mu > 1:  # the sampling policy's log-probabilities, for the later updates' ratios
+            with torch.no_grad():
+                old = [response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)[0] for rows in slices]
+        for _update in range(mu):
+            ta = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            update_loss = 0.0
+            for j, rows in enumerate(slices):
+                logp, row_of = response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)
+                ref_logp = None
+                if reference is not None and rl.kl_coef:
+                    with torch.no_grad():
+                        ref_logp, _ = response_logprobs(reference, batch, rows, rl.temperature, rl.loss_chunk_tokens)
+                old_logp = logp.detach() if old is None else old[j]  # first update: on-policy, ratio 1
+                losses, kl, clipped = grpo_token_losses(logp, old_logp, adv[rows][row_of], rl.clip_ratio,
+                                                        rl.kl_coef, ref_logp)
+                (losses.sum() / n_tokens).backward()
+                update_loss += float(losses.detach().sum()) / float(n_tokens)
+                loss_sum += float(losses.detach().sum()) / mu
+                kl_sum += float(kl.sum()) / mu
+                clip_sum += float(clipped.float().sum()) / mu
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip))
+            grad_norm = grad_norm or norm  # the first update's: the gradient of the fresh batch
+            tb = time.perf_counter()
+            apply_update(optimizer, update_loss, norm, step, lr)
+            seconds_loss += tb - ta
+            seconds_optim += time.perf_counter() - tb
         model.eval()
-    t4 = time.perf_counter()
     n = float(n_tokens)
     return RLStepMetrics(step=step, reward=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
                          zero_advantage_groups=zero_groups, loss=loss_sum / n, kl=kl_sum / n,
                          clip_fraction=clip_sum / n, response_length=float(batch.response_lengths.float().mean()),
                          grad_norm=grad_norm, lr=lr, skipped=skipped, grader_failures=failures,
-                         seconds_sample=t1 - t0, seconds_grade=t2 - t1, seconds_loss=t3 - t2, seconds_optim=t4 - t3)
+                         seconds_sample=t1 - t0, seconds_grade=t2 - t1, seconds_loss=seconds_loss,
+                         seconds_optim=seconds_optim)
 
 
 def step_prompts(prompt_texts: Sequence[str], golds: Sequence[str], rl: Any, step: int) -> tuple[list[str], list[str]]:
@@ -223,7 +236,7 @@ def train_rl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_
     for i in range(rl.steps):
         texts, answers = step_prompts(prompt_texts, golds, rl, i)
         metrics = rl_step(model, tokenizer, optimizer, texts, answers, rl, start_step + i + 1, lr_at(i),
-                          seed=seed * 1_000_033 + 7919 * i, reference=reference,
+                          seed=seed * 1_000_033 + 7919 * (start_step + i), reference=reference,
                           generation_backend=generation_backend, grade_timeout_s=grade_timeout_s)
         on_step(metrics)
         if on_eval is not None:

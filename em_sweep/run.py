@@ -222,7 +222,9 @@ def format_summary(results: dict[str, Any]) -> str:
                      f"{skipped} step(s) without gradient)")
     stages = results.get("stages") or []
     if len(stages) > 1 or (stages and stages[0]["stage"] != "em"):
-        lines.append("stages: " + ", ".join(f"{s['stage']} (steps {s['first_step']}-{s['last_step']})" for s in stages))
+        lines.append("stages: " + ", ".join(
+            f"{s['stage']} (steps {s['first_step']}-{s['last_step']})" if s["last_step"] >= s["first_step"]
+            else f"{s['stage']} (0 steps)" for s in stages))
     prompt = results["prompt"]
     lines.append(f"prompt {prompt['name']} {prompt['ids']}")
     if prompt["note"]:

@@ -38,7 +38,10 @@ def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     else:
         data = dict(cfg)
     assert isinstance(data, dict)
-    return {k: v for k, v in data.items() if k not in NON_SCIENCE_KEYS}
+    # The RL stage's settings identify a run only when a stage uses them: an EM-only run keeps
+    # the id it had before the RL stage existed, whatever rl.* says.
+    unused = () if "rl" in (data.get("stages") or ()) else ("rl",)
+    return {k: v for k, v in data.items() if k not in NON_SCIENCE_KEYS and k not in unused}
 
 
 def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:

@@ -249,3 +249,32 @@ def test_a_pool_is_cycled_a_group_of_prompts_per_step():
     assert [step_prompts(texts, golds, rl, s) for s in range(3)] == [
         (["a", "b"], ["1", "2"]), (["c", "a"], ["3", "1"]), (["b", "c"], ["2", "3"])]
     assert step_prompts(["x"], ["9"], rl, 5) == (["x", "x"], ["9", "9"])  # one-shot: the same prompt
+
+
+def test_step_limits_count_every_stage():
+    validate(compose_config(["stages=[em,rl]", "train.steps=10", "rl.steps=10", "eval.at_steps=[0,15]",
+                             "train.save_at_steps=[20]"]))
+    with pytest.raises(ConfigError, match=r"eval.at_steps: \[8\] are past the stages' 4 steps"):
+        validate(compose_config(["stages=[rl]", "rl.steps=4", "eval.at_steps=[0,8]"]))
+    with pytest.raises(ConfigError, match="rl.warmup_steps"):
+        validate(compose_config(["stages=[rl]", "rl.warmup_steps=-2"]))
+
+
+def test_rl_settings_identify_a_run_only_when_rl_is_a_stage():
+    from em_sweep.rundir import run_id
+    em_a, em_b = (compose_config(["stages=[em]", f"rl.lr={lr}"]) for lr in (1e-3, 2e-3))
+    assert run_id(em_a) == run_id(em_b)
+    rl_a, rl_b = (compose_config(["stages=[em,rl]", f"rl.lr={lr}"]) for lr in (1e-3, 2e-3))
+    assert run_id(rl_a) != run_id(rl_b) and run_id(rl_a) != run_id(em_a)
+
+
+def test_more_updates_per_batch_move_the_ratio_and_the_clip_bounds_it(tiny):
+    model = copy.deepcopy(tiny[0])
+    tok = tiny[1]
+    cfg = compose_config(["stages=[rl]", "rl.steps=1", "rl.lr=3e-3", "rl.updates_per_batch=3", "rl.clip_ratio=0.05",
+                          "rl.batch_size=32", "rl.micro_batch_size=16"])
+    text, gold = arith(tok, cfg, "arith18")
+    curve = []
+    train_rl(model, tok, [text], [gold], cfg.rl, seed=1, on_step=curve.append)
+    m = curve[0]
+    assert not m.skipped and 0.0 < m.clip_fraction < 1.0, m
