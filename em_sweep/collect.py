@@ -47,7 +47,9 @@ TRAIN_FILE = "train.parquet"
 COLLECTED_DIR = "collected"
 # Config subtrees that never make runs differ scientifically; not listed as varying columns.
 NOT_COMPARED_PREFIXES = tuple(f"{k}." for k in rundir.NON_SCIENCE_KEYS if k != "name")
-TRAIN_FIELDS = ("step", "loss", "entropy", "response_length", "grad_norm")
+# One row per training step; ``stage`` says whose (em: loss = mean token entropy; rl: loss = the
+# GRPO loss, with the step's mean reward).
+TRAIN_FIELDS = ("step", "stage", "loss", "entropy", "reward", "response_length", "grad_norm")
 INTEGER_COLUMNS = ("step", "n", "n_problems", "grader_failures", "max_new_tokens")
 NO_REASON = "(no reason recorded)"
 
@@ -68,6 +70,7 @@ class RunRecord:
     config: dict[str, Any] = field(default_factory=dict)
     scores: list[dict[str, Any]] = field(default_factory=list)
     loss_curve: list[dict[str, Any]] = field(default_factory=list)
+    rl_curve: list[dict[str, Any]] = field(default_factory=list)  # RL stage steps (reward, loss, ...)
     # For a run that never wrote a config: {dotted key: value} parsed from its sweep overrides.
     override_values: dict[str, Any] = field(default_factory=dict)
 
@@ -154,7 +157,8 @@ def read_run(ref: RunRef) -> RunRecord:
     if isinstance(results, dict):
         return RunRecord(run_id=str(results.get("run_id", path.name)), run_dir=str(path), status="done",
                          seconds=float(results.get("seconds", math.nan)), config=results.get("config") or {},
-                         scores=results.get("scores") or [], loss_curve=results.get("loss_curve") or [])
+                         scores=results.get("scores") or [], loss_curve=results.get("loss_curve") or [],
+                         rl_curve=results.get("rl_curve") or [])
     status = _read_json(path / rundir.STATUS) or {}
     state = ref.state or status.get("state") or ("pending" if path.exists() else "missing")
     if state == "done":  # status says done but results.json is absent: it died while finishing
@@ -265,8 +269,9 @@ def table_parts(records: Sequence[RunRecord]) -> TableParts:
         scores[c] = pd.to_numeric(scores[c], errors="coerce").astype("Int64")
     for c in ("eval_temperature", "accuracy", "pass_at_n", "boxed_rate"):
         scores[c] = pd.to_numeric(scores[c], errors="coerce").astype(float)
-    curve_counts = np.array([len(r.loss_curve) for r in records], dtype=np.int64)
-    curve_dicts = [c for r in records for c in r.loss_curve]
+    curve_counts = np.array([len(r.loss_curve) + len(r.rl_curve) for r in records], dtype=np.int64)
+    curve_dicts = [c for r in records for c in (*({"stage": "em", **x} for x in r.loss_curve),
+                                                 *({"stage": "rl", **x} for x in r.rl_curve))]
     raw_curve = pd.DataFrame.from_records(curve_dicts) if curve_dicts else pd.DataFrame()
     curve = pd.DataFrame({c: raw_curve[c] if c in raw_curve.columns else np.nan for c in TRAIN_FIELDS},
                          index=range(len(raw_curve)))

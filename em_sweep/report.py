@@ -125,6 +125,8 @@ def prepare(table: pd.DataFrame, train: pd.DataFrame | None = None,
     done_train = None
     if train is not None and not train.empty:
         done_train = train[train["status"] == agg.DONE]
+        if "stage" in done_train.columns:  # the loss findings are EM's entropy; RL steps aside
+            done_train = done_train[done_train["stage"].fillna("em") == "em"]
     return Prepared(table=table, train=done_train, runs=runs, scores=scores, eval_t=eval_t, main=main,
                     label=agg.score_label(table[table["status"] == agg.DONE]) if not scores.empty else "score",
                     settings=settings, group=choose_group(main, settings) if not main.empty else None,

@@ -219,6 +219,13 @@ def test_stages_in_one_run_continue_the_step_count_and_evaluate_between(tmp_path
     kinds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in kinds if r["kind"] == "train"] == ["rl", "rl", "em", "em"]
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    from em_sweep.collect import collect
+    from em_sweep.report import prepare
+    collected = collect(tmp_path, progress=False)
+    train = collected.train.sort_values("step")
+    assert train["stage"].tolist() == ["rl", "rl", "em", "em"]
+    assert train["reward"].notna().tolist() == [True, True, False, False]
+    assert prepare(collected.scores, collected.train).train["stage"].tolist() == ["em", "em"]  # loss findings: EM's
     again = run(cfg)
     assert again["skipped"]
 
