@@ -97,7 +97,8 @@ def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: Mo
     rundir.reset_partial(path)
     rundir.write_text_atomic(path / rundir.CONFIG, OmegaConf.to_yaml(config))
     rundir.write_status(path, "running")
-    mirror = WandbMirror(cfg.logger, path, path.name, cfg.name, config, tags=[cfg.model.name, cfg.prompt.name])
+    tags = [cfg.model.name, cfg.prompt.name, "stages=" + ",".join(cfg.stages)]
+    mirror = WandbMirror(cfg.logger, path, path.name, cfg.name, config, tags=tags)
     recorder = RunRecorder(path, mirror)
     t_start = time.perf_counter()
     try:

@@ -218,7 +218,8 @@ def test_stages_in_one_run_continue_the_step_count_and_evaluate_between(tmp_path
     run_dir = tmp_path / "runs" / results["run_id"]
     kinds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in kinds if r["kind"] == "train"] == ["rl", "rl", "em", "em"]
-    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    wandb_files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert wandb_files and b"stages=rl,em" in wandb_files[0].read_bytes()  # the W&B run is tagged with its stages
     from em_sweep.collect import collect
     from em_sweep.report import prepare
     collected = collect(tmp_path, progress=False)
