@@ -135,7 +135,8 @@ class RLConfig:
     updates_per_batch: int = 1
     # PPO-style ratio clip (epsilon).
     clip_ratio: float = 0.2
-    # Weight of the k3 KL to a frozen copy of the model at the stage's start; 0 = none kept.
+    # Weight of the k3 KL to a frozen copy of the model at the stage's start; 0 = none kept (a
+    # copy costs the weights' memory again: 15 GB for a bf16 7B model).
     kl_coef: float = 0.0
     # Rollout sampling (temperature > 0: a group must be able to disagree).
     temperature: float = 1.0
