@@ -693,8 +693,13 @@ def finding_9(p: Prepared) -> Finding:
         return Finding(9, title, False, [f"Needs runs with different stage orders including RL "
                                          f"(`stages=[em,rl]`, `[rl,em]`, `[rl]`); stages here: {stages}."])
     stats = agg.summarize(last, ["stages"])
-    lines = [f"- `{r['stages']}`: {pct(r['mean'])} (std {100 * r['std']:.1f} pp, {int(r['n'])} runs)"
+    steps = {str(k): sorted(int(x) for x in g["step"].dropna().unique()) for k, g in last.groupby("stages")}
+    lines = [f"- `{r['stages']}`: {pct(r['mean'])} (std {100 * r['std']:.1f} pp, {int(r['n'])} runs, "
+             f"after {'/'.join(map(str, steps.get(str(r['stages']), [])))} steps)"
              for _, r in stats.iterrows()]
+    if len({tuple(v) for v in steps.values()}) > 1:
+        lines.append("- The orders ran different numbers of steps in all (one stage vs two): compare a two-stage "
+                     "order with its first stage alone as well as with the other orders.")
     return Finding(9, title, True, lines, "stages.png")
 
 
