@@ -241,6 +241,17 @@ KNOWN_EVAL_BACKENDS = ("hf", "vllm")
 _BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+def stage_plan(cfg: Any) -> list[tuple[str, int, int]]:
+    """(stage, first step, last step) of each of ``cfg.stages``: steps count on across stages
+    (em runs train.steps updates, rl runs rl.steps)."""
+    plan, done = [], 0
+    for name in cfg.stages:
+        n = int(cfg.train.steps if name == "em" else cfg.rl.steps)
+        plan.append((name, done + 1, done + n))
+        done += n
+    return plan
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -258,27 +269,23 @@ def validate(cfg: DictConfig | Config) -> None:
         "train.batch_size",
         f"{t.batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}",
     )
-    _check(t.sample_batch_size > 0, "train.sample_batch_size", "must be > 0")
     for key, value in (("train.sample_temperature", t.sample_temperature),
                        ("train.loss_temperature", t.loss_temperature)):
         _check(math.isfinite(value) and value > 0, key,
                f"must be > 0, got {value} (for greedy evaluation use eval.temperatures=[0.0])")
-    _check(0 < t.top_p <= 1, "train.top_p", f"must be in (0, 1], got {t.top_p}")
-    _check(t.top_k >= 0, "train.top_k", f"must be >= 0 (0 = off), got {t.top_k}")
-    _check(t.repetition_penalty > 0, "train.repetition_penalty", "must be > 0 (1.0 = off)")
-    _check(t.max_new_tokens > 0, "train.max_new_tokens", "must be > 0")
+    _check_stage_settings(t, "train")
     _check(t.lr >= 0 and math.isfinite(t.lr), "train.lr", f"must be a finite number >= 0, got {t.lr}")
-    _check(t.grad_clip > 0, "train.grad_clip", "must be > 0")
-    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _check(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", "must be >= 0 (0 = no chunking)")
     _check(all(s >= 0 for s in t.save_at_steps), "train.save_at_steps", "steps must be >= 0")
-    _check(t.optimizer in KNOWN_OPTIMIZERS, "train.optimizer",
-           f"unknown {t.optimizer!r}; choose from {KNOWN_OPTIMIZERS}")
     _check(t.generation_backend in KNOWN_GENERATION_BACKENDS, "train.generation_backend",
            f"unknown {t.generation_backend!r}; choose from {KNOWN_GENERATION_BACKENDS}")
 
     # Steps count on across stages (em: train.steps, rl: rl.steps), so step limits are the total.
-    total = sum(int(t.steps if st == "em" else c.rl.steps) for st in c.stages if st in KNOWN_STAGES)
+    unknown = [s for s in c.stages if s not in KNOWN_STAGES]
+    _check(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {KNOWN_STAGES}")
+    _check(len(c.stages) > 0, "stages", "needs at least one stage, e.g. [em]")
+    if "rl" in c.stages:
+        _validate_rl(c.rl)
+    total = stage_plan(c)[-1][2]
     what = f"train.steps={t.steps}" if list(c.stages) == ["em"] else f"the stages' {total} steps ({list(c.stages)})"
     late = [s for s in t.save_at_steps if s > total]
     _check(not late, "train.save_at_steps", f"{late} are past {what}")
@@ -312,11 +319,6 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(c.logger.mode in KNOWN_LOGGER_MODES, "logger.mode",
            f"unknown {c.logger.mode!r}; choose from {KNOWN_LOGGER_MODES}")
     _check(len(c.prompt.ids) > 0, "prompt.ids", "needs at least one prompt id")
-    unknown = [s for s in c.stages if s not in KNOWN_STAGES]
-    _check(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {KNOWN_STAGES}")
-    _check(len(c.stages) > 0, "stages", "needs at least one stage, e.g. [em]")
-    if "rl" in c.stages:
-        _validate_rl(c.rl)
 
 
 def _validate_rl(r: Any) -> None:
@@ -327,22 +329,29 @@ def _validate_rl(r: Any) -> None:
     _check(r.micro_batch_size > 0 and r.batch_size % r.micro_batch_size == 0, "rl.micro_batch_size",
            f"rl.batch_size={r.batch_size} is not divisible by rl.micro_batch_size={r.micro_batch_size} "
            "(rl.micro_batch_size follows train.micro_batch_size unless set)")
-    _check(r.sample_batch_size > 0, "rl.sample_batch_size", f"must be > 0, got {r.sample_batch_size}")
+    _check_stage_settings(r, "rl")
     _check(r.lr > 0, "rl.lr", f"must be > 0, got {r.lr}")
     _check(0 < r.clip_ratio < 1, "rl.clip_ratio", f"must be in (0, 1), got {r.clip_ratio}")
     _check(r.kl_coef >= 0, "rl.kl_coef", f"must be >= 0 (0 = no KL term), got {r.kl_coef}")
     _check(r.temperature > 0, "rl.temperature",
            f"must be > 0: greedy rollouts make every group agree (zero advantages), got {r.temperature}")
-    _check(0 < r.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {r.top_p}")
-    _check(r.max_new_tokens > 0, "rl.max_new_tokens", f"must be > 0, got {r.max_new_tokens}")
-    _check(r.grad_clip > 0, "rl.grad_clip", f"must be > 0, got {r.grad_clip}")
-    _check(r.warmup_steps >= 0, "rl.warmup_steps", f"must be >= 0, got {r.warmup_steps}")
     _check(r.weight_decay >= 0, "rl.weight_decay", f"must be >= 0, got {r.weight_decay}")
-    _check(r.top_k >= 0, "rl.top_k", f"must be >= 0 (0 = off), got {r.top_k}")
-    _check(r.repetition_penalty > 0, "rl.repetition_penalty", f"must be > 0 (1.0 = off), got {r.repetition_penalty}")
     _check(r.updates_per_batch >= 1, "rl.updates_per_batch", f"must be >= 1, got {r.updates_per_batch}")
-    _check(r.loss_chunk_tokens >= 0, "rl.loss_chunk_tokens", "must be >= 0 (0 = no chunking)")
-    _check(r.optimizer in KNOWN_OPTIMIZERS, "rl.optimizer", f"unknown {r.optimizer!r}; choose from {KNOWN_OPTIMIZERS}")
+
+
+def _check_stage_settings(x: Any, prefix: str) -> None:
+    """The sampling, update and memory settings train.* and rl.* share, checked alike."""
+    _check(x.sample_batch_size > 0, f"{prefix}.sample_batch_size", f"must be > 0, got {x.sample_batch_size}")
+    _check(0 < x.top_p <= 1, f"{prefix}.top_p", f"must be in (0, 1], got {x.top_p}")
+    _check(x.top_k >= 0, f"{prefix}.top_k", f"must be >= 0 (0 = off), got {x.top_k}")
+    _check(x.repetition_penalty > 0, f"{prefix}.repetition_penalty",
+           f"must be > 0 (1.0 = off), got {x.repetition_penalty}")
+    _check(x.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be > 0, got {x.max_new_tokens}")
+    _check(x.grad_clip > 0, f"{prefix}.grad_clip", f"must be > 0, got {x.grad_clip}")
+    _check(x.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {x.warmup_steps}")
+    _check(x.loss_chunk_tokens >= 0, f"{prefix}.loss_chunk_tokens", "must be >= 0 (0 = no chunking)")
+    _check(x.optimizer in KNOWN_OPTIMIZERS, f"{prefix}.optimizer",
+           f"unknown {x.optimizer!r}; choose from {KNOWN_OPTIMIZERS}")
 
 
 def _check_benchmarks(entries: Any) -> None:

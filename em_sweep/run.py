@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from em_sweep import rundir
 from em_sweep.benchmarks import BenchmarkError, resolve_spec
-from em_sweep.config import ConfigError, to_container, validate
+from em_sweep.config import ConfigError, stage_plan, to_container, validate
 from em_sweep.em import StepMetrics, train_em
 from em_sweep.evaluate import evaluate
 from em_sweep.models import ModelCache, ModelLoadError, resolve_model_path
@@ -36,17 +36,6 @@ INPUT_ERRORS = (ConfigError, PromptError, BenchmarkError, ModelLoadError)
 
 class RunFailed(RuntimeError):
     """The run started but did not finish; its status.json says why."""
-
-
-def stage_plan(cfg: Any) -> list[tuple[str, int, int]]:
-    """(stage, first step, last step) of each of ``cfg.stages``: steps count on across stages
-    (em runs train.steps updates, rl runs rl.steps)."""
-    plan, done = [], 0
-    for name in cfg.stages:
-        n = int(cfg.train.steps if name == "em" else cfg.rl.steps)
-        plan.append((name, done + 1, done + n))
-        done += n
-    return plan
 
 
 def eval_steps(cfg: Any) -> list[int]:
