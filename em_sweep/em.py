@@ -64,23 +64,32 @@ def sampling_settings(train: Any) -> SamplingSettings:
                             backend=getattr(train, "generation_backend", "auto"))
 
 
-def micro_batch_entropy_sum(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
-                            chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of entropies at tau, sum at tau (detached)) over the generated-token positions of ``rows``."""
+def response_outputs(model: PreTrainedModel, batch: SampleBatch, rows: slice) -> tuple[torch.Tensor, bool]:
+    """One forward of ``rows`` and its outputs at the positions that produced generated tokens, in
+    row-major order of the response mask: final hidden states [n, H] (True: apply the output head,
+    chunked) for architectures whose logits are lm_head(hidden), else logits [n, V] (False)."""
     ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
-    mask = batch.response_mask[rows].bool()
     # Only columns from the last prompt position on can carry the loss; skip the prompt's logits.
     first = batch.prompt_len - 1
+    mask = batch.response_mask[rows, first:].bool()
     if model.config.model_type in HIDDEN_STATE_LOSS_MODELS:
         hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
                                      use_cache=False).last_hidden_state
-        selected = hidden[:, first:][mask[:, first:]]
+        return hidden[:, first:][mask], True
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
+                   use_cache=False).logits[:, first:]
+    return logits[mask], False
+
+
+def micro_batch_entropy_sum(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
+                            chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of entropies at tau, sum at tau (detached)) over the generated-token positions of ``rows``."""
+    outputs, from_hidden = response_outputs(model, batch, rows)
+    if from_hidden:
         head = model.get_output_embeddings()
-        total = entropy_sum_from_hidden(selected, head.weight, temperature, chunk_tokens, head.bias)
+        total = entropy_sum_from_hidden(outputs, head.weight, temperature, chunk_tokens, head.bias)
     else:
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
-                       use_cache=False).logits[:, first:]
-        total = per_token_entropy(logits[mask[:, first:]], temperature).sum()
+        total = per_token_entropy(outputs, temperature).sum()
     return total, total.detach()
 
 

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from em_sweep.em import HIDDEN_STATE_LOSS_MODELS, apply_update, make_optimizer
+from em_sweep.em import apply_update, make_optimizer, response_outputs
 from em_sweep.grading import extract_answer, grade_many
 from em_sweep.loss import token_logprobs_from_hidden
-from em_sweep.sample import SampleBatch, SamplingSettings, position_ids_for, sample_responses
+from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
 
 ADV_EPS = 1e-6
 
@@ -129,21 +129,17 @@ def response_logprobs(model: PreTrainedModel, batch: SampleBatch, rows: slice, t
                       chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities at ``temperature`` of the generated tokens of ``rows``: (values [n]
     in row-major order of the response mask, the row index of each)."""
-    ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
     first = batch.prompt_len - 1
     mask = batch.response_mask[rows, first:-1].bool()  # position t predicts token t + 1
+    ids = batch.input_ids[rows]
     targets = ids[:, first + 1:][mask]
     row_of = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
-    if model.config.model_type in HIDDEN_STATE_LOSS_MODELS:
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
-                                     use_cache=False).last_hidden_state
+    outputs, from_hidden = response_outputs(model, batch, rows)
+    if from_hidden:
         head = model.get_output_embeddings()
-        logp = token_logprobs_from_hidden(hidden[:, first:-1][mask], head.weight, targets, temperature,
-                                          chunk_tokens, head.bias)
+        logp = token_logprobs_from_hidden(outputs, head.weight, targets, temperature, chunk_tokens, head.bias)
     else:
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
-                       use_cache=False).logits[:, first:-1]
-        logp = torch.log_softmax(logits[mask].float() / temperature, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        logp = torch.log_softmax(outputs.float() / temperature, dim=-1).gather(1, targets[:, None]).squeeze(1)
     return logp, row_of
 
 
