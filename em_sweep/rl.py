@@ -189,8 +189,9 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
                 losses, kl, clipped = grpo_token_losses(logp, old_logp, adv[rows][row_of], rl.clip_ratio,
                                                         rl.kl_coef, ref_logp)
                 (losses.sum() / n_tokens).backward()
-                update_loss += float(losses.detach().sum()) / float(n_tokens)
-                loss_sum += float(losses.detach().sum()) / mu
+                total = float(losses.detach().sum())  # one device sync for both sums
+                update_loss += total / float(n_tokens)
+                loss_sum += total / mu
                 kl_sum += float(kl.sum()) / mu
                 clip_sum += float(clipped.float().sum()) / mu
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip))

@@ -115,8 +115,9 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
     model, tokenizer = cache.get(cfg.model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    texts = [format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
-             for p in batch_prompts(prompts, cfg.train.batch_size)]
+    formatted = {p.id: format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
+                 for p in prompts}
+    texts = [formatted[p.id] for p in batch_prompts(prompts, cfg.train.batch_size)]
     at = set(eval_steps(cfg))
     primary_t = float(cfg.eval.temperatures[0])
     scores: list[dict[str, Any]] = []
@@ -158,18 +159,16 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
         if name == "em":
             train_em(model, tokenizer, texts, cfg.train, cfg.seed, on_step=on_step, on_eval=on_eval,
                      start_step=first - 1)
-        else:
-            rl_texts = [format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template) for p in prompts]
-            train_rl(model, tokenizer, rl_texts, [str(p.answer) for p in prompts], cfg.rl, cfg.seed,
-                     on_step=on_rl_step, on_eval=on_eval, start_step=first - 1,
+        else:  # each prompt once: rl.* decides how often it is sampled
+            train_rl(model, tokenizer, [formatted[p.id] for p in prompts], [str(p.answer) for p in prompts], cfg.rl,
+                     cfg.seed, on_step=on_rl_step, on_eval=on_eval, start_step=first - 1,
                      generation_backend=cfg.train.generation_backend, grade_timeout_s=cfg.eval.grade_timeout_s)
-    last = total
     return {
         "prompt": {"name": cfg.prompt.name, "ids": list(cfg.prompt.ids), "note": cfg.prompt.note},
         "stages": [{"stage": n, "first_step": f, "last_step": la} for n, f, la in plan],
         "scores": scores,
         "initial_scores": [s for s in scores if s["step"] == 0],
-        "final_scores": [s for s in scores if s["step"] == last],
+        "final_scores": [s for s in scores if s["step"] == total],
         "loss_curve": [{k: r[k] for k in ("step", "loss", "entropy", "response_length", "grad_norm")} for r in curve],
         "rl_curve": [{k: r[k] for k in ("step", "reward", "reward_std", "zero_advantage_groups", "loss", "kl",
                                         "clip_fraction", "response_length", "grad_norm", "skipped")} for r in rl_curve],
