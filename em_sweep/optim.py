@@ -274,6 +274,7 @@ class BF16AdamW(torch.optim.Optimizer):
             raise ValueError("BF16AdamW does not take a closure")
         for gi, group in enumerate(self.param_groups):
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            hps: dict[tuple[int, torch.device], torch.Tensor] = {}  # one per step count and device, not per tensor
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -287,9 +288,12 @@ class BF16AdamW(torch.optim.Optimizer):
                         state["compensation"] = torch.zeros_like(w)
                 state["step"] += 1
                 t = state["step"]
-                bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-                hp = torch.tensor([1 - b1, b2, 1 - b2, 1 - lr * wd, lr / bc1, math.sqrt(bc2), eps],
-                                  dtype=torch.float32).to(w.device, non_blocking=True)
+                hp = hps.get((t, w.device))
+                if hp is None:
+                    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+                    hp = hps[(t, w.device)] = torch.tensor(
+                        [1 - b1, b2, 1 - b2, 1 - lr * wd, lr / bc1, math.sqrt(bc2), eps], dtype=torch.float32
+                    ).to(w.device, non_blocking=True)
                 keys = [_mix64(self.seed, t, gi, pi, k) for k in range(3)]
                 self._update(w.view(-1), _local(p.grad).view(-1), state, hp, keys)
 
