@@ -32,7 +32,7 @@ def summarize(folder: Path) -> str:
         lines += ["", "| run | variant | sampling s | loss fwd+bwd s | optimizer s | step s | peak GiB | settings |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in em:
-            for key in ["reference"] + [k for k in r if k.split("@")[0] == "project"]:
+            for key in ["reference"] + [k for k in r if k.split("@")[0].split("+")[0] == "project"]:
                 p = r.get(key)
                 if not p:
                     continue
@@ -43,13 +43,15 @@ def summarize(folder: Path) -> str:
                     name, settings = "reference style, EXTRAPOLATED", p["label"]
                 else:
                     name = "em-sweep em_step, measured"
-                    settings = (f"{p['backend']}, {p['optimizer']}, micro {p['micro_batch']}, ckpt "
-                                f"{bool(p['gradient_checkpointing'])}, first step {p['first_step_s']} s")
+                    settings = (f"{key}: {p['backend']}, {p['optimizer']}, micro {p['micro_batch']}, ckpt "
+                                f"{bool(p['gradient_checkpointing'])}, compiled loss {p.get('compile_loss', False)}, "
+                                f"first step {p['first_step_s']} s")
                 peak = p.get("peak_gib", p.get("peak_gib_loss_micro"))
                 lines.append(f"| {r['run']} | {name} | {_f(p['sample_s'])} | {_f(p['loss_s'])} | "
                              f"{_f(p['optim_s'], 3)} | {_f(p['step_s'])} | {_f(peak)} | {settings} |")
             if "ratio_reference_over_project" in r:
-                lines.append(f"| {r['run']} | ratio reference / em-sweep | | | | {r['ratio_reference_over_project']}x | | |")
+                lines.append(f"| {r['run']} | ratio reference / em-sweep | | | | {r['ratio_reference_over_project']}x | | "
+                             f"against {r.get('ratio_project_part', 'project')} |")
     ev = [{**json.loads(f.read_text()), "run": f.stem} for f in files
           if json.loads(f.read_text()).get("benchmark") == "eval_throughput"]
     if ev:

@@ -104,6 +104,10 @@ class TrainConfig:
     # static_compile. auto: static KV cache replayed as CUDA graphs on CUDA for Qwen2/Llama-family
     # models, HF generate otherwise (CPU unchanged). Greedy output is identical across backends.
     generation_backend: str = "auto"
+    # Run the loss pass's decoder layers as torch.compile'd code (em.compiled_layers: fused norms,
+    # rotary embedding and activations, forward and backward; sampling and evaluation stay eager).
+    # The first step pays the compilation (seconds on CPU, ~10-30 s on a GPU). Single-process runs.
+    compile_loss: bool = False
 
 
 @dataclass
@@ -145,6 +149,7 @@ class RLConfig:
     repetition_penalty: float = 1.0
     max_new_tokens: int = II("train.max_new_tokens")
     loss_chunk_tokens: int = II("train.loss_chunk_tokens")
+    compile_loss: bool = II("train.compile_loss")
 
 
 @dataclass

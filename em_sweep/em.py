@@ -8,9 +8,11 @@ does not depend on the micro-batch size.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,45 @@ def sampling_settings(train: Any) -> SamplingSettings:
     return SamplingSettings(temperature=train.sample_temperature, top_p=train.top_p, top_k=train.top_k,
                             repetition_penalty=train.repetition_penalty, max_new_tokens=train.max_new_tokens,
                             backend=getattr(train, "generation_backend", "auto"))
+
+
+_compiled_module_call: Callable[..., Any] | None = None
+
+
+def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The decoder's list of layers (``model.get_decoder().layers``); a clear error where there is none."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"train.compile_loss: {type(model).__name__} has no decoder `layers` list to compile; "
+                         "set train.compile_loss=false")
+    return list(layers)
+
+
+@contextmanager
+def compiled_layers(model: PreTrainedModel, enabled: bool = True) -> Iterator[None]:
+    """While active, every decoder layer runs as torch.compile'd code, with its backward (the loss
+    pass's norms, rotary embedding, activations and residual adds fused); outside it the layers are
+    eager again, so sampling, evaluation and saving are untouched.
+
+    One compiled function (``nn.Module._call_impl``) serves all layers: their weights are graph
+    inputs, so the identical layers share one graph (plus one with a dynamic sequence length once
+    the length changes). Nothing compiled is stored on the model, so a deep copy stays independent.
+    """
+    if not enabled:
+        yield
+        return
+    global _compiled_module_call
+    if _compiled_module_call is None:
+        _compiled_module_call = torch.compile(torch.nn.Module._call_impl)
+    layers = decoder_layers(model)
+    before = [layer._compiled_call_impl for layer in layers]
+    for layer in layers:
+        layer._compiled_call_impl = functools.partial(_compiled_module_call, layer)
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, before, strict=True):
+            layer._compiled_call_impl = previous
 
 
 def response_outputs(model: PreTrainedModel, batch: SampleBatch, rows: slice) -> tuple[torch.Tensor, bool]:
@@ -137,7 +178,8 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     model.train()
     optimizer.zero_grad(set_to_none=True)
     n_tokens = batch.response_mask.sum().clamp(min=1)
-    loss = float(accumulate_entropy_gradients(model, batch, train, n_tokens)) / float(n_tokens)
+    with compiled_layers(model, getattr(train, "compile_loss", False)):
+        loss = float(accumulate_entropy_gradients(model, batch, train, n_tokens)) / float(n_tokens)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
     t2 = time.perf_counter()
     apply_update(optimizer, loss, grad_norm, step, lr)

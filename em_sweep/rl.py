@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from em_sweep.em import apply_update, make_optimizer, response_outputs
+from em_sweep.em import apply_update, compiled_layers, make_optimizer, response_outputs
 from em_sweep.grading import extract_answer, grade_many
 from em_sweep.loss import token_logprobs_from_hidden
 from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
@@ -171,35 +171,36 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     seconds_loss = seconds_optim = 0.0
     if not skipped:
         model.train()
-        old: list[torch.Tensor] | None = None
-        if mu > 1:  # the sampling policy's log-probabilities, for the later updates' ratios
-            with torch.no_grad():
-                old = [response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)[0] for rows in slices]
-        for _update in range(mu):
-            ta = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            update_loss = 0.0
-            for j, rows in enumerate(slices):
-                logp, row_of = response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)
-                ref_logp = None
-                if reference is not None and rl.kl_coef:
-                    with torch.no_grad():
-                        ref_logp, _ = response_logprobs(reference, batch, rows, rl.temperature, rl.loss_chunk_tokens)
-                old_logp = logp.detach() if old is None else old[j]  # first update: on-policy, ratio 1
-                losses, kl, clipped = grpo_token_losses(logp, old_logp, adv[rows][row_of], rl.clip_ratio,
-                                                        rl.kl_coef, ref_logp)
-                (losses.sum() / n_tokens).backward()
-                total = float(losses.detach().sum())  # one device sync for both sums
-                update_loss += total / float(n_tokens)
-                loss_sum += total / mu
-                kl_sum += float(kl.sum()) / mu
-                clip_sum += float(clipped.float().sum()) / mu
-            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip))
-            grad_norm = grad_norm or norm  # the first update's: the gradient of the fresh batch
-            tb = time.perf_counter()
-            apply_update(optimizer, update_loss, norm, step, lr)
-            seconds_loss += tb - ta
-            seconds_optim += time.perf_counter() - tb
+        with compiled_layers(model, getattr(rl, "compile_loss", False)):
+            old: list[torch.Tensor] | None = None
+            if mu > 1:  # the sampling policy's log-probabilities, for the later updates' ratios
+                with torch.no_grad():
+                    old = [response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)[0] for rows in slices]
+            for _update in range(mu):
+                ta = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                update_loss = 0.0
+                for j, rows in enumerate(slices):
+                    logp, row_of = response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)
+                    ref_logp = None
+                    if reference is not None and rl.kl_coef:
+                        with torch.no_grad():
+                            ref_logp, _ = response_logprobs(reference, batch, rows, rl.temperature, rl.loss_chunk_tokens)
+                    old_logp = logp.detach() if old is None else old[j]  # first update: on-policy, ratio 1
+                    losses, kl, clipped = grpo_token_losses(logp, old_logp, adv[rows][row_of], rl.clip_ratio,
+                                                            rl.kl_coef, ref_logp)
+                    (losses.sum() / n_tokens).backward()
+                    total = float(losses.detach().sum())  # one device sync for both sums
+                    update_loss += total / float(n_tokens)
+                    loss_sum += total / mu
+                    kl_sum += float(kl.sum()) / mu
+                    clip_sum += float(clipped.float().sum()) / mu
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip))
+                grad_norm = grad_norm or norm  # the first update's: the gradient of the fresh batch
+                tb = time.perf_counter()
+                apply_update(optimizer, update_loss, norm, step, lr)
+                seconds_loss += tb - ta
+                seconds_optim += time.perf_counter() - tb
         model.eval()
     n = float(n_tokens)
     return RLStepMetrics(step=step, reward=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,

@@ -25,6 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 # Top-level keys that say where or how a run is recorded, not what it computes.
 NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
 
+# Settings added after runs were recorded, at the value that reproduces the behaviour before they
+# existed: a run at that value keeps its old id (re-running an old sweep still skips its finished
+# runs); any other value enters the id.
+ID_NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"compile_loss": False},
+    "rl": {"compile_loss": False},
+}
+
 RESULTS = "results.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
@@ -41,7 +49,12 @@ def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     # The RL stage's settings identify a run only when a stage uses them: an EM-only run keeps
     # the id it had before the RL stage existed, whatever rl.* says.
     unused = () if "rl" in (data.get("stages") or ()) else ("rl",)
-    return {k: v for k, v in data.items() if k not in NON_SCIENCE_KEYS and k not in unused}
+    science = {k: v for k, v in data.items() if k not in NON_SCIENCE_KEYS and k not in unused}
+    for section, neutral in ID_NEUTRAL_DEFAULTS.items():
+        values = science.get(section)
+        if isinstance(values, dict):
+            science[section] = {k: v for k, v in values.items() if not (k in neutral and v == neutral[k])}
+    return science
 
 
 def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:

@@ -119,3 +119,11 @@ def test_fsdp2_on_two_processes_matches_one_process(tmp_path):
     assert got["step_loss"] > 0
     for name, mean_move in got["moved"].items():  # about lr per weight, finite
         assert 1e-4 < mean_move < 3e-3, (name, mean_move)
+
+
+def test_distributed_step_refuses_compile_loss_before_any_collective():
+    from em_sweep.distributed import em_step_distributed
+
+    train = SimpleNamespace(**vars(TRAIN), compile_loss=True)
+    with pytest.raises(ValueError, match="train.compile_loss is for single-process runs"):
+        em_step_distributed(None, None, None, [], train, step=1, lr=1e-3, seed=0)  # type: ignore[arg-type]

@@ -75,3 +75,68 @@ def test_nonfinite_loss_raises(fresh):
     with pytest.raises(NonFiniteLoss, match="loss=nan"):
         em_step(model, tok, opt, [format_prompt(tok, "What is 1+2?")] * 4, train, step=1, lr=1e-3, seed=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update applied
+
+
+def test_compiled_loss_pass_equals_the_eager_one_and_leaves_the_model_eager(fresh):
+    """compiled_layers: the same entropy and the same gradient as eager (to float rounding), also
+    for a second batch whose sequence length differs (the dynamic-shape graph); outside the context
+    every layer is eager again, and a deep copy made inside it is eager."""
+    from em_sweep.em import accumulate_entropy_gradients, compiled_layers, decoder_layers
+
+    model, tok = fresh
+    model.train()
+    train = train_cfg(batch_size=8, micro_batch_size=4)
+    texts = [format_prompt(tok, "What is 12+30-7+45?")] * 8
+    for new_tokens in (24, 40):
+        batch = sample_responses(model, tok, texts, SamplingSettings(temperature=1.0, max_new_tokens=new_tokens), 8,
+                                 seed=new_tokens)
+        results = []
+        for compile_loss in (False, True):
+            model.zero_grad(set_to_none=True)
+            with compiled_layers(model, compile_loss):
+                total = accumulate_entropy_gradients(model, batch, train, batch.response_mask.sum())
+            results.append((float(total), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (eager, g_eager), (compiled, g_compiled) = results
+        assert compiled == pytest.approx(eager, rel=1e-5)
+        for name, g in g_eager.items():
+            assert float((g_compiled[name] - g).norm() / g.norm()) < 1e-4, name
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+    with compiled_layers(model):
+        copy_ = copy.deepcopy(model)
+        assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(copy_))
+
+
+def test_em_step_runs_its_loss_pass_compiled_with_train_compile_loss(fresh, monkeypatch):
+    """The setting reaches em_step: the step's loss (measured before its update) is the eager one."""
+    from em_sweep import em
+
+    model, tok = fresh
+    texts = [format_prompt(tok, "What is 12+30-7+45?")] * 8
+    entered = []
+    real = em.compiled_layers
+
+    def recording(model, enabled=True):  # the real context, recording whether it compiled
+        entered.append(enabled)
+        return real(model, enabled)
+
+    monkeypatch.setattr(em, "compiled_layers", recording)
+    losses = []
+    for compile_loss in (False, True):
+        m = copy.deepcopy(model)
+        train = train_cfg(batch_size=8, micro_batch_size=4, max_new_tokens=24, compile_loss=compile_loss)
+        opt, _ = make_optimizer(m, train)
+        losses.append(em_step(m, tok, opt, texts, train, step=1, lr=1e-3, seed=24).loss)
+    assert entered == [False, True]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_compile_loss_needs_a_decoder_layer_list():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from em_sweep.em import compiled_layers
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    with pytest.raises(ValueError, match="train.compile_loss=false"), compiled_layers(gpt2):
+        pass

@@ -283,6 +283,16 @@ def test_rl_settings_identify_a_run_only_when_rl_is_a_stage():
     assert run_id(rl_a) != run_id(rl_b) and run_id(rl_a) != run_id(em_a)
 
 
+def test_settings_added_later_keep_old_run_ids_at_their_neutral_value():
+    """The default config's id as recorded before train.compile_loss existed: re-running an old sweep
+    must find its finished runs. A non-neutral value is a different run."""
+    from em_sweep.rundir import run_id
+    assert run_id(compose_config()) == "6e283dd37045a0bc"
+    assert run_id(compose_config(["stages=[em,rl]"])) == "cc5812694cdbf098"
+    assert run_id(compose_config(["train.compile_loss=true"])) != "6e283dd37045a0bc"
+    assert run_id(compose_config(["stages=[em,rl]", "rl.compile_loss=true"])) != "cc5812694cdbf098"
+
+
 def test_more_updates_per_batch_move_the_ratio_and_the_clip_bounds_it(tiny):
     model = copy.deepcopy(tiny[0])
     tok = tiny[1]
@@ -293,3 +303,29 @@ def test_more_updates_per_batch_move_the_ratio_and_the_clip_bounds_it(tiny):
     train_rl(model, tok, [text], [gold], cfg.rl, seed=1, on_step=curve.append)
     m = curve[0]
     assert not m.skipped and 0.0 < m.clip_fraction < 1.0, m
+
+
+def test_rl_step_runs_its_loss_pass_compiled_with_rl_compile_loss(tiny, monkeypatch):
+    """rl.compile_loss (following train.compile_loss) reaches rl_step's loss pass; the step's
+    first-update loss is the eager one."""
+    import em_sweep.rl as rl_module
+    from em_sweep.em import compiled_layers, make_optimizer
+
+    entered = []
+
+    def recording(model, enabled=True):  # the real context, recording whether it compiled
+        entered.append(enabled)
+        return compiled_layers(model, enabled)
+
+    monkeypatch.setattr(rl_module, "compiled_layers", recording)
+    tok = tiny[1]
+    losses = []
+    for flag in ("false", "true"):
+        model = copy.deepcopy(tiny[0])
+        cfg = compose_config(["stages=[rl]", "rl.batch_size=16", "rl.micro_batch_size=8",
+                              f"train.compile_loss={flag}"])
+        text, gold = arith(tok, cfg, "arith18")  # rewards differ within its groups
+        opt, _ = make_optimizer(model, cfg.rl)
+        losses.append(rl_step(model, tok, opt, [text, text], [gold, gold], cfg.rl, 1, 1e-3, seed=0).loss)
+    assert entered == [False, True]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-7)
