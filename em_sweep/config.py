@@ -316,6 +316,8 @@ def validate(cfg: DictConfig | Config) -> None:
                f"vllm scores the saved model.path only, but the stages {list(c.stages)} train it in memory "
                f"(train.steps={t.steps}, rl.steps={c.rl.steps}); use no training steps (or `em-sweep eval`) "
                "on a saved checkpoint (train.save_at_steps), or eval.backend=hf")
+        _check(not t.save_at_steps, "train.save_at_steps",
+               f"{list(t.save_at_steps)}: with eval.backend=vllm nothing trains, model.path is the saved model")
         _check(importlib.util.find_spec("vllm") is not None, "eval.backend",
                "vllm is not installed; `pip install vllm` on a CUDA machine (it is not an em-sweep "
                "dependency), or use eval.backend=hf")

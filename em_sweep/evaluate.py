@@ -53,8 +53,10 @@ def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         from em_sweep import vllm_backend  # lazy: vLLM is optional
 
         # The weights on disk: config.validate allows vllm only when nothing is trained in memory.
-        return vllm_backend.generate(model.name_or_path, str(model.dtype).removeprefix("torch."), tokenizer,
-                                     texts, n, settings, seed=eval_cfg.seed)
+        if not isinstance(model, vllm_backend.SavedModel):
+            raise TypeError("eval.backend=vllm scores a vllm_backend.SavedModel (vllm_backend.saved_model(cfg.model)), "
+                            f"not a loaded {type(model).__name__}")
+        return vllm_backend.generate(model, tokenizer, texts, n, settings, seed=eval_cfg.seed)
     jobs = sorted(((i, k) for i in range(len(texts)) for k in range(n)), key=lambda ik: len(texts[ik[0]]))
     responses = [[""] * n for _ in texts]
     for b, start in enumerate(range(0, len(jobs), eval_cfg.batch_size)):

@@ -23,7 +23,7 @@ from em_sweep.benchmarks import BenchmarkError, resolve_spec
 from em_sweep.config import ConfigError, stage_plan, to_container, validate
 from em_sweep.em import StepMetrics, train_em
 from em_sweep.evaluate import evaluate
-from em_sweep.models import ModelCache, ModelLoadError, resolve_model_path
+from em_sweep.models import ModelCache, ModelLoadError, load_tokenizer, resolve_model_path
 from em_sweep.prompts import PoolItem, PromptError, batch_prompts, format_prompt, select_prompts
 from em_sweep.record import RunRecorder, WandbMirror
 from em_sweep.rl import RLStepMetrics, train_rl
@@ -112,8 +112,13 @@ def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: Mo
 def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelCache,
              recorder: RunRecorder) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    model, tokenizer = cache.get(cfg.model)
-    if cfg.model.gradient_checkpointing:
+    if cfg.eval.backend == "vllm":  # nothing trains (validated): vLLM loads the weights, no HF copy takes the GPU
+        from em_sweep.vllm_backend import saved_model
+
+        model, tokenizer = saved_model(cfg.model), load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    else:
+        model, tokenizer = cache.get(cfg.model)
+    if cfg.model.gradient_checkpointing and cfg.eval.backend != "vllm":
         model.gradient_checkpointing_enable()
     formatted = {p.id: format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
                  for p in prompts}
@@ -155,7 +160,9 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
     total = plan[-1][2]
     rl_curve: list[dict[str, Any]] = []
     on_eval(0)
-    for name, first, _last in plan:
+    for name, first, last in plan:
+        if last < first:  # a stage without steps: nothing to set up (no optimizer, no reference copy)
+            continue
         if name == "em":
             train_em(model, tokenizer, texts, cfg.train, cfg.seed, on_step=on_step, on_eval=on_eval,
                      start_step=first - 1)

@@ -9,22 +9,43 @@ The settings map onto vLLM by pure functions (:func:`engine_kwargs`, :func:`samp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from em_sweep.models import pick_device, pick_dtype, resolve_model_path
 from em_sweep.sample import SamplingSettings
 
-# Share of the GPU memory free at engine start that vLLM may take (the run's HF copy of the model
-# stays loaded, so vLLM's default of 90% of the whole card would not fit).
+# Share of the GPU memory free at engine start that vLLM may take (vLLM's default is 90% of the
+# whole card, whatever else the process holds).
 FREE_MEMORY_SHARE = 0.9
 
-_engine: tuple[tuple[str, str, int], Any] | None = None
+
+@dataclass(frozen=True)
+class SavedModel:
+    """The model of a run scored by vLLM: weights on disk, loaded by vLLM itself. A vllm run holds
+    this instead of an HF copy, whose weights would take the GPU memory vLLM's KV cache needs."""
+
+    path: str
+    dtype: str
+    trust_remote_code: bool = False
 
 
-def engine_kwargs(model_path: str, dtype: str, seed: int, gpu_memory_utilization: float) -> dict[str, Any]:
-    """Arguments of ``vllm.LLM`` for a saved model (weights and tokenizer from ``model_path``)."""
-    return {"model": model_path, "dtype": dtype, "seed": seed, "gpu_memory_utilization": gpu_memory_utilization}
+def saved_model(model_cfg: Any) -> SavedModel:
+    """``model.*`` as vLLM takes it: the resolved path and the dtype an HF load would use."""
+    dtype = pick_dtype(model_cfg.dtype, pick_device(model_cfg.device))
+    return SavedModel(resolve_model_path(model_cfg.path), str(dtype).removeprefix("torch."),
+                      bool(model_cfg.trust_remote_code))
+
+
+_engine: tuple[tuple[SavedModel, int], Any] | None = None
+
+
+def engine_kwargs(model: SavedModel, seed: int, gpu_memory_utilization: float) -> dict[str, Any]:
+    """Arguments of ``vllm.LLM`` for a saved model (weights and tokenizer from its path)."""
+    return {"model": model.path, "dtype": model.dtype, "trust_remote_code": model.trust_remote_code, "seed": seed,
+            "gpu_memory_utilization": gpu_memory_utilization}
 
 
 def sampling_kwargs(settings: SamplingSettings, n: int, seed: int) -> dict[str, Any]:
@@ -50,21 +71,21 @@ def token_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[
     return [{"prompt_token_ids": list(row)} for row in ids]
 
 
-def _llm(model_path: str, dtype: str, seed: int) -> Any:
-    """One vLLM engine per process, rebuilt only when model, dtype or seed change."""
+def _llm(model: SavedModel, seed: int) -> Any:
+    """One vLLM engine per process, rebuilt only when the model (path, dtype) or seed change."""
     global _engine
     import torch
     import vllm
 
-    key = (model_path, dtype, seed)
+    key = (model, seed)
     if _engine is None or _engine[0] != key:
         _engine = None  # free the previous engine's memory first
         free, total = torch.cuda.mem_get_info()
-        _engine = (key, vllm.LLM(**engine_kwargs(model_path, dtype, seed, FREE_MEMORY_SHARE * free / total)))
+        _engine = (key, vllm.LLM(**engine_kwargs(model, seed, FREE_MEMORY_SHARE * free / total)))
     return _engine[1]
 
 
-def generate(model_path: str, dtype: str, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
+def generate(model: SavedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
              settings: SamplingSettings, seed: int) -> list[list[str]]:
     """``n`` responses to each prompt text, as ``[prompt][sample]`` (the HF path's structure).
 
@@ -72,7 +93,7 @@ def generate(model_path: str, dtype: str, tokenizer: PreTrainedTokenizerBase, te
     """
     import vllm
 
-    llm = _llm(model_path, dtype, seed)
+    llm = _llm(model, seed)
     params = [vllm.SamplingParams(**sampling_kwargs(settings, n, seed + i)) for i in range(len(texts))]
     outputs = llm.generate(token_prompts(tokenizer, texts), params, use_tqdm=False)
     return [[completion.text for completion in out.outputs] for out in outputs]

@@ -25,8 +25,57 @@ def test_sampling_kwargs_match_the_hf_settings() -> None:
 
 
 def test_engine_kwargs() -> None:
-    assert vllm_backend.engine_kwargs("/ckpt/step-10", "bfloat16", 1234, 0.5) == {
-        "model": "/ckpt/step-10", "dtype": "bfloat16", "seed": 1234, "gpu_memory_utilization": 0.5}
+    model = vllm_backend.SavedModel("/ckpt/step-10", "bfloat16", trust_remote_code=True)
+    assert vllm_backend.engine_kwargs(model, 1234, 0.5) == {
+        "model": "/ckpt/step-10", "dtype": "bfloat16", "trust_remote_code": True, "seed": 1234,
+        "gpu_memory_utilization": 0.5}
+
+
+def test_saved_model_resolves_the_path_and_the_dtype_an_hf_load_would_use() -> None:
+    from em_sweep.models import ASSETS
+
+    cfg = compose_config(["model.dtype=bfloat16"])
+    assert vllm_backend.saved_model(cfg.model) == vllm_backend.SavedModel(str(ASSETS / "tiny-arith"), "bfloat16", False)
+    assert vllm_backend.saved_model(compose_config().model).dtype == "float32"  # auto on CPU, as load_model
+
+
+def test_a_vllm_run_never_loads_the_model_into_the_process(tmp_path, monkeypatch) -> None:
+    """The run hands vLLM the saved model and loads only the tokenizer: an HF copy would hold GPU
+    memory vLLM needs. vLLM cannot exist here (CUDA only): its generate is replaced by a fake that
+    answers every problem with the gold answer, and the installed-check is told it exists."""
+    import importlib.util
+
+    from em_sweep import run as run_module
+    from em_sweep.benchmarks import load_benchmark, resolve_spec
+    from em_sweep.models import ModelCache
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    gold = {p.question: p.answers[0] for p in load_benchmark(resolve_spec("arith"), limit=6)}
+    seen = []
+
+    def fake_vllm_generate(model, tokenizer, texts, n, settings, seed):
+        seen.append(model)
+        return [[f"The answer is \\boxed{{{next(a for q, a in gold.items() if q in t)}}}."] * n for t in texts]
+
+    def no_hf_load(self, model_cfg):
+        raise AssertionError("a vllm run loaded the HF model")
+
+    monkeypatch.setattr(vllm_backend, "generate", fake_vllm_generate)
+    monkeypatch.setattr(ModelCache, "get", no_hf_load)
+    cfg = compose_config(["eval.backend=vllm", "train.steps=0", "eval.benchmarks=[arith]", "eval.limit=6",
+                          f"paths.runs_dir={tmp_path}", "logger.mode=disabled"])
+    results = run_module.run(cfg)
+    assert [s["accuracy"] for s in results["final_scores"]] == [1.0]
+    assert seen and all(isinstance(m, vllm_backend.SavedModel) and m.path.endswith("tiny-arith") for m in seen)
+
+
+def test_vllm_runs_reject_checkpoint_saving() -> None:
+    from em_sweep.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="train.save_at_steps"):
+        validate(compose_config(["eval.backend=vllm", "train.steps=0", "train.save_at_steps=[0]"]))
 
 
 def test_token_prompts_tokenize_as_the_hf_path(tiny) -> None:
@@ -43,11 +92,12 @@ def test_vllm_greedy_matches_hf_on_the_shipped_model() -> None:
 
     cfg = compose_config(["model.device=cuda", "eval.backend=vllm", "train.steps=0", "eval.at_steps=[0]"])
     model, tokenizer = ModelCache().get(cfg.model)
+    saved = vllm_backend.saved_model(cfg.model)
     texts = [f"What is {a}+{b}?" for a, b in ((1, 2), (30, 45), (7, 8), (12, 19))]
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=32)
-    by_vllm = generate_responses(model, tokenizer, texts, 1, greedy, cfg.eval)
+    by_vllm = generate_responses(saved, tokenizer, texts, 1, greedy, cfg.eval)
     by_hf = generate_responses(model, tokenizer, texts, 1, greedy, compose_config(["eval.backend=hf"]).eval)
     assert by_vllm == by_hf
-    sampled = generate_responses(model, tokenizer, texts, 3, SamplingSettings(temperature=1.0, max_new_tokens=32),
+    sampled = generate_responses(saved, tokenizer, texts, 3, SamplingSettings(temperature=1.0, max_new_tokens=32),
                                  cfg.eval)
     assert [len(row) for row in sampled] == [3] * len(texts)
