@@ -20,12 +20,15 @@ if str(ROOT) not in sys.path:  # the scripts run from a checkout, not an install
 
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-# Qwen2.5-Math-1.5B / -7B architectures (their config.json), and a tiny one for CPU smoke runs.
+# Qwen2.5-Math-1.5B / -7B architectures (their config.json), a tiny one for CPU smoke runs and a
+# small one (the 1.5B's layer layout scaled down) for CPU comparisons that are not all overhead.
 SHAPES: dict[str, dict[str, Any]] = {
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=4096),
+    "small": dict(hidden_size=384, intermediate_size=2240, num_hidden_layers=8, num_attention_heads=6,
+                  num_key_value_heads=2, vocab_size=16384, tie_word_embeddings=True, max_position_embeddings=4096),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False, max_position_embeddings=4096),
 }

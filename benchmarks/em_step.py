@@ -197,7 +197,7 @@ def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torc
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "1.5b", "7b"])
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "1.5b", "7b"])
     ap.add_argument("--parts", default="reference,project",
                     help="comma list of: reference, project[@<backend>][+compile_loss][+micro<N>] (another "
                          "sampling backend / the compiled loss pass / another loss micro-batch, same model; "

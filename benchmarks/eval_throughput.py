@@ -138,7 +138,7 @@ def pass_seconds(m: dict[str, list[float]], batch: int, capped: float, seed: int
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "1.5b", "7b"])
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "1.5b", "7b"])
     ap.add_argument("--paths", default="project,generate_b1", help="comma list of: project, generate_b1")
     ap.add_argument("--batch-sizes", default="64", help="em-sweep evaluation batch sizes to measure")
     ap.add_argument("--backend", default="auto", help="em-sweep generation backend")

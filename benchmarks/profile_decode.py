@@ -99,7 +99,7 @@ def profile_steps(model: Any, batch: int, prompt: int, steps: int, compile_step:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "1.5b", "7b"])
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "1.5b", "7b"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=100)
     ap.add_argument("--steps", type=int, default=8)
