@@ -80,3 +80,13 @@ def test_bad_input_fails_with_one_clear_line_and_no_results(tmp_path, overrides,
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_a_plain_multirun_validates_the_whole_grid_before_any_run(tmp_path):
+    """`-m` without sweeper/launcher overrides: one bad value in the grid fails the sweep before the
+    good runs compute anything."""
+    proc = launch(tmp_path, *FAST, "train.steps=1", "logger.mode=disabled", "train.loss_temperature=0.5,0",
+                  multirun=True)
+    assert proc.returncode != 0
+    assert "train.loss_temperature" in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob("status.json"))
