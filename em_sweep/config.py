@@ -190,6 +190,9 @@ class LoggerConfig:
     # offline | online | disabled
     mode: str = "offline"
     project: str = "em-sweep"
+    # W&B projects get slow past ~10k runs (MISSION.md s7): with N > 1, a run goes to project
+    # `<project>-<k>`, k = its run id mod N (the same project again when the run resumes).
+    project_shards: int = 1
     entity: str | None = None
     # Seconds allowed for wandb.init / finish before we carry on without W&B.
     init_timeout_s: float = 60.0
@@ -323,6 +326,7 @@ def validate(cfg: DictConfig | Config) -> None:
                "dependency), or use eval.backend=hf")
 
     _check(c.model.dtype in KNOWN_DTYPES, "model.dtype", f"unknown {c.model.dtype!r}; choose from {KNOWN_DTYPES}")
+    _check(c.logger.project_shards >= 1, "logger.project_shards", f"must be >= 1, got {c.logger.project_shards}")
     _check(c.logger.mode in KNOWN_LOGGER_MODES, "logger.mode",
            f"unknown {c.logger.mode!r}; choose from {KNOWN_LOGGER_MODES}")
     _check(len(c.prompt.ids) > 0, "prompt.ids", "needs at least one prompt id")

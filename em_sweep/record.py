@@ -37,6 +37,12 @@ def _bounded(fn: Callable[[], Any], timeout_s: float) -> tuple[bool, Any]:
     return "error" not in box, box.get("error", box.get("value"))
 
 
+def project_for(project: str, run_id: str, shards: int) -> str:
+    """The W&B project of a run: ``project`` itself, or with ``shards`` > 1 ``project-<k>`` where
+    k = the (hex) run id mod ``shards``: stable across restarts, even across a sweep's projects."""
+    return project if shards <= 1 else f"{project}-{int(run_id, 16) % shards}"
+
+
 class WandbMirror:
     """Mirrors metrics to W&B (offline by default: run files under ``<run_dir>/wandb``)."""
 
@@ -52,13 +58,13 @@ class WandbMirror:
             log.warning("W&B: wandb is not installed; logging to local files only")
             return
         os.environ.setdefault("WANDB_SILENT", "true")
+        project = project_for(logger_cfg.project, run_id, int(getattr(logger_cfg, "project_shards", 1)))
 
         def init() -> Any:
-            return wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=group, id=run_id,
-                              name=run_id, resume="allow", dir=str(run_dir), mode=logger_cfg.mode,
-                              config=dict(config), tags=tags or [], reinit="finish_previous",
-                              settings=wandb.Settings(init_timeout=self.timeout, console="off",
-                                                      x_disable_stats=True))
+            return wandb.init(project=project, entity=logger_cfg.entity, group=group, id=run_id, name=run_id,
+                              resume="allow", dir=str(run_dir), mode=logger_cfg.mode, config=dict(config),
+                              tags=tags or [], reinit="finish_previous",
+                              settings=wandb.Settings(init_timeout=self.timeout, console="off", x_disable_stats=True))
 
         ok, value = _bounded(init, self.timeout + 5)
         if ok:
