@@ -58,22 +58,23 @@ def train_settings(args: argparse.Namespace) -> SimpleNamespace:
         adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, warmup_steps=0, grad_clip=1.0,
         sample_temperature=0.5, top_p=0.95, top_k=0, repetition_penalty=1.15, max_new_tokens=args.new_tokens,
         sample_batch_size=args.batch, loss_temperature=0.5, loss_chunk_tokens=args.loss_chunk_tokens,
-        optimizer=args.optimizer, generation_backend=args.backend, compile_loss=bool(args.compile_loss))
+        optimizer=args.optimizer, generation_backend=args.backend, compile_loss=bool(args.compile_loss),
+        share_prompt_pass=bool(args.share_prompt))
 
 
 def part_args(part: str, args: argparse.Namespace) -> argparse.Namespace:
-    """``project[@backend][+compile_loss][+micro<N>]``: the run's settings with a part's changes."""
+    """``project[@backend][+compile_loss][+share_prompt][+micro<N>]``: the run's settings with a part's changes."""
     name, *options = part.split("+")
     changes: dict[str, Any] = {}
     if "@" in name:
         changes["backend"] = name.split("@", 1)[1]
     for option in options:
-        if option == "compile_loss":
-            changes["compile_loss"] = 1
+        if option in ("compile_loss", "share_prompt"):
+            changes[option] = 1
         elif option.startswith("micro") and option[5:].isdigit():
             changes["micro_batch"] = int(option[5:])
         else:
-            raise ValueError(f"unknown option {option!r} in part {part!r} (compile_loss, micro<N>)")
+            raise ValueError(f"unknown option {option!r} in part {part!r} (compile_loss, share_prompt, micro<N>)")
     return argparse.Namespace(**{**vars(args), **changes})
 
 
@@ -192,15 +193,16 @@ def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torc
             "optimizer": getattr(optimizer, "em_name", type(optimizer).__name__),
             "backend": resolve_backend(model, args.backend), "gradient_checkpointing": args.gradient_checkpointing,
             "micro_batch": args.micro_batch, "loss_chunk_tokens": args.loss_chunk_tokens,
-            "compile_loss": bool(args.compile_loss)}
+            "compile_loss": bool(args.compile_loss), "share_prompt": bool(args.share_prompt)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="tiny", choices=["tiny", "small", "1.5b", "7b"])
     ap.add_argument("--parts", default="reference,project",
-                    help="comma list of: reference, project[@<backend>][+compile_loss][+micro<N>] (another "
-                         "sampling backend / the compiled loss pass / another loss micro-batch, same model; "
+                    help="comma list of: reference, project[@<backend>][+compile_loss][+share_prompt][+micro<N>] "
+                         "(another sampling backend / the compiled loss pass / the prompt run once per "
+                         "micro-batch in the loss pass / another loss micro-batch, same model; "
                          "the ratio uses the fastest project part)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=None,
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gradient-checkpointing", type=int, default=None, help="1/0; default: on for 7b only")
     ap.add_argument("--loss-chunk-tokens", type=int, default=2048)
     ap.add_argument("--compile-loss", type=int, default=0, help="1/0: train.compile_loss (compiled loss-pass layers)")
+    ap.add_argument("--share-prompt", type=int, default=0, help="1/0: train.share_prompt_pass")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", default=None, help="write results here (a bare name goes under $OUT)")
@@ -287,6 +290,7 @@ def print_table(r: dict[str, Any]) -> None:
             continue
         print(f"  {key}: backend {p['backend']}, optimizer {p['optimizer']}, micro-batch {p['micro_batch']}, "
               f"checkpointing {bool(p['gradient_checkpointing'])}, compiled loss pass {p.get('compile_loss', False)}, "
+              f"shared prompt pass {p.get('share_prompt', False)}, "
               f"first step {p['first_step_s']} s")
     if "ratio_reference_over_project" in r:
         print(f"  ratio reference / em-sweep: {r['ratio_reference_over_project']}x (against {r['ratio_project_part']})")

@@ -108,6 +108,12 @@ class TrainConfig:
     # rotary embedding and activations, forward and backward; sampling and evaluation stay eager).
     # The first step pays the compilation (seconds on CPU, ~10-30 s on a GPU). Single-process runs.
     compile_loss: bool = False
+    # Loss pass: where a micro-batch's rows share their prompt (one-shot EM), run the prompt once
+    # and repeat its keys/values for the rows instead of recomputing it per row (~15% of the loss
+    # pass's FLOPs for a 100-token prompt and 512 new tokens); the same entropies and gradient.
+    # Not with gradient checkpointing (HF drops the cache there; the full pass runs). EM only,
+    # single-process.
+    share_prompt_pass: bool = False
 
 
 @dataclass

@@ -9,6 +9,7 @@ does not depend on the micro-batch size.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -105,27 +106,67 @@ def compiled_layers(model: PreTrainedModel, enabled: bool = True) -> Iterator[No
             layer._compiled_call_impl = previous
 
 
-def response_outputs(model: PreTrainedModel, batch: SampleBatch, rows: slice) -> tuple[torch.Tensor, bool]:
+def _shares_prompt(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, first: int) -> bool:
+    """Whether the rows' prompt columns can run once for all rows: identical prompts (one-shot EM),
+    a prompt of at least one token before the last, and no gradient checkpointing (HF layers drop
+    the cache under checkpointing in training)."""
+    if first < 1 or ids.shape[0] < 2 or getattr(model, "is_gradient_checkpointing", False):
+        return False
+    return bool((ids[:, :first] == ids[:1, :first]).all() and (attn[:, :first] == attn[:1, :first]).all())
+
+
+def _shared_prompt_hidden(decoder: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
+                          first: int) -> torch.Tensor | None:
+    """Final hidden states [rows, columns from ``first`` on] with the prompt columns before
+    ``first`` computed once for one row, their keys/values repeated for every row (with autograd:
+    the repeat's backward sums the rows' gradients, so the gradient is the unshared pass's).
+    None where the decoder takes no cache argument this way (the caller runs the full pass)."""
+    params = inspect.signature(decoder.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+    if key is None:
+        return None
+    prefix = decoder(input_ids=ids[:1, :first], attention_mask=attn[:1, :first], position_ids=pos[:1, :first],
+                     use_cache=True)
+    cache = getattr(prefix, "cache", None)
+    cache = getattr(prefix, "past_key_values", None) if cache is None else cache
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(ids.shape[0])
+    return decoder(input_ids=ids[:, first:], attention_mask=attn, position_ids=pos[:, first:], use_cache=True,
+                   **{key: cache}).last_hidden_state
+
+
+def response_outputs(model: PreTrainedModel, batch: SampleBatch, rows: slice,
+                     share_prompt: bool = False) -> tuple[torch.Tensor, bool]:
     """One forward of ``rows`` and its outputs at the positions that produced generated tokens, in
     row-major order of the response mask: final hidden states [n, H] (True: apply the output head,
-    chunked) for architectures whose logits are lm_head(hidden), else logits [n, V] (False)."""
+    chunked) for architectures whose logits are lm_head(hidden), else logits [n, V] (False).
+
+    ``share_prompt``: where all rows have the same prompt (one-shot EM), its columns run once for
+    the micro-batch instead of once per row (``train.share_prompt_pass``); same result and gradient.
+    """
     ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
     # Only columns from the last prompt position on can carry the loss; skip the prompt's logits.
     first = batch.prompt_len - 1
     mask = batch.response_mask[rows, first:].bool()
     if model.config.model_type in HIDDEN_STATE_LOSS_MODELS:
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
-                                     use_cache=False).last_hidden_state
-        return hidden[:, first:][mask], True
+        pos = position_ids_for(attn)
+        hidden = None
+        if share_prompt and _shares_prompt(model, ids, attn, first):
+            hidden = _shared_prompt_hidden(model.get_decoder(), ids, attn, pos, first)
+        if hidden is None:
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos,
+                                         use_cache=False).last_hidden_state[:, first:]
+        return hidden[mask], True
     logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_for(attn),
                    use_cache=False).logits[:, first:]
     return logits[mask], False
 
 
 def micro_batch_entropy_sum(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
-                            chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                            chunk_tokens: int, share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of entropies at tau, sum at tau (detached)) over the generated-token positions of ``rows``."""
-    outputs, from_hidden = response_outputs(model, batch, rows)
+    outputs, from_hidden = response_outputs(model, batch, rows, share_prompt)
     if from_hidden:
         head = model.get_output_embeddings()
         total = entropy_sum_from_hidden(outputs, head.weight, temperature, chunk_tokens, head.bias)
@@ -145,7 +186,12 @@ def accumulate_entropy_gradients(model: PreTrainedModel, batch: SampleBatch, tra
     exactly that of the batch's masked mean entropy whatever ``train.micro_batch_size``; a
     distributed step passes the global count and ``scale`` = world size (FSDP averages ranks).
     """
-    entropy_fn = entropy_fn or micro_batch_entropy_sum
+    if entropy_fn is None:
+        share = bool(getattr(train, "share_prompt_pass", False))
+
+        def entropy_fn(model: PreTrainedModel, batch: SampleBatch, rows: slice, tau: float, chunk: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+            return micro_batch_entropy_sum(model, batch, rows, tau, chunk, share)
     loss_sum = torch.zeros((), dtype=torch.float32, device=batch.input_ids.device)
     for start in range(0, batch.input_ids.shape[0], train.micro_batch_size):
         rows = slice(start, start + train.micro_batch_size)
@@ -190,7 +236,8 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     if train.sample_temperature != train.loss_temperature:
         with torch.no_grad():
             entropy = sum(float(micro_batch_entropy_sum(model, batch, slice(s, s + train.micro_batch_size),
-                                                        train.sample_temperature, train.loss_chunk_tokens)[1])
+                                                        train.sample_temperature, train.loss_chunk_tokens,
+                                                        bool(getattr(train, "share_prompt_pass", False)))[1])
                           for s in range(0, batch.input_ids.shape[0], train.micro_batch_size)) / float(n_tokens)
     return StepMetrics(step=step, loss=loss, entropy=entropy,
                        response_length=float(batch.response_lengths.float().mean()),

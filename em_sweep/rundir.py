@@ -29,7 +29,7 @@ NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
 # existed: a run at that value keeps its old id (re-running an old sweep still skips its finished
 # runs); any other value enters the id.
 ID_NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"compile_loss": False},
+    "train": {"compile_loss": False, "share_prompt_pass": False},
     "rl": {"compile_loss": False},
 }
 

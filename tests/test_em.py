@@ -140,3 +140,33 @@ def test_compile_loss_needs_a_decoder_layer_list():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
     with pytest.raises(ValueError, match="train.compile_loss=false"), compiled_layers(gpt2):
         pass
+
+
+@pytest.mark.parametrize("case", ["one prompt", "two prompts", "checkpointing"])
+def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case, monkeypatch):
+    """train.share_prompt_pass: one-shot rows run their prompt once (keys/values repeated with
+    autograd); rows with different prompts, or gradient checkpointing, take the full pass. Either
+    way the entropy and every gradient equal the full pass's."""
+    from em_sweep import em
+
+    model, tok = fresh
+    questions = ["What is 12+30-7+45?"] * 8 if case != "two prompts" else ["What is 12+30-7+45?", "What is 3+4?"] * 4
+    batch = sample_responses(model, tok, [format_prompt(tok, q) for q in questions],
+                             SamplingSettings(temperature=1.0, max_new_tokens=30), 8, seed=0)
+    if case == "checkpointing":
+        model.gradient_checkpointing_enable()
+    model.train()
+    shared_calls = []
+    real = em._shared_prompt_hidden
+    monkeypatch.setattr(em, "_shared_prompt_hidden", lambda *a: shared_calls.append(1) or real(*a))  # counted
+    results = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        total = em.accumulate_entropy_gradients(
+            model, batch, train_cfg(batch_size=8, micro_batch_size=4, share_prompt_pass=share), batch.response_mask.sum())
+        results.append((float(total), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(shared_calls) == (2 if case == "one prompt" else 0)  # two micro-batches shared their prompt
+    (full, g_full), (shared, g_shared) = results
+    assert shared == pytest.approx(full, rel=1e-5)
+    for name, g in g_full.items():
+        assert float((g_shared[name] - g).norm() / g.norm()) < 1e-4, name
