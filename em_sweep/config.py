@@ -106,13 +106,14 @@ class TrainConfig:
     generation_backend: str = "auto"
     # Run the loss pass's decoder layers as torch.compile'd code (em.compiled_layers: fused norms,
     # rotary embedding and activations, forward and backward; sampling and evaluation stay eager).
-    # The first step pays the compilation (seconds on CPU, ~10-30 s on a GPU). Single-process runs.
+    # The first steps pay the compilation (once per variant: padded micro-batches or not, RL's
+    # no-grad pass; ~10 s each on CPU). Single-process runs. Speed only: not part of the run id.
     compile_loss: bool = False
     # Loss pass: where a micro-batch's rows share their prompt (one-shot EM), run the prompt once
     # and repeat its keys/values for the rows instead of recomputing it per row (~15% of the loss
     # pass's FLOPs for a 100-token prompt and 512 new tokens); the same entropies and gradient.
     # Not with gradient checkpointing (HF drops the cache there; the full pass runs). EM only,
-    # single-process.
+    # single-process. Speed only: not part of the run id.
     share_prompt_pass: bool = False
 
 

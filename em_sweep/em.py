@@ -79,22 +79,34 @@ def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
     return list(layers)
 
 
+# Variants one run can meet in the compiled loss pass: sequence lengths (dynamic from the first
+# compile), an attention mask or none (padding or not), grad or no-grad (RL's ratio pass),
+# checkpointing, the shared prompt's two calls, another model in a packed task. Dynamo's default
+# of 8 compiled entries per code object would send later calls back to eager without a word.
+COMPILED_LOSS_RECOMPILE_LIMIT = 64
+
+
 @contextmanager
 def compiled_layers(model: PreTrainedModel, enabled: bool = True) -> Iterator[None]:
     """While active, every decoder layer runs as torch.compile'd code, with its backward (the loss
     pass's norms, rotary embedding, activations and residual adds fused); outside it the layers are
     eager again, so sampling, evaluation and saving are untouched.
 
-    One compiled function (``nn.Module._call_impl``) serves all layers: their weights are graph
-    inputs, so the identical layers share one graph (plus one with a dynamic sequence length once
-    the length changes). Nothing compiled is stored on the model, so a deep copy stays independent.
+    One compiled function (``nn.Module._call_impl``, dynamic shapes) serves all layers: their
+    weights are graph inputs, so the identical layers share a graph; new graphs come only with a
+    new variant of the call (mask or none, grad mode, another model), each compiled once per
+    process. Nothing compiled is stored on the model, so a deep copy stays independent.
     """
     if not enabled:
         yield
         return
     global _compiled_module_call
     if _compiled_module_call is None:
-        _compiled_module_call = torch.compile(torch.nn.Module._call_impl)
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   COMPILED_LOSS_RECOMPILE_LIMIT)
+        _compiled_module_call = torch.compile(torch.nn.Module._call_impl, dynamic=True)
     layers = decoder_layers(model)
     before = [layer._compiled_call_impl for layer in layers]
     for layer in layers:

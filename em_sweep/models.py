@@ -134,9 +134,20 @@ class ModelCache:
                     tensor.copy_(self._entry.snapshot[name])
             self._entry.model.zero_grad(set_to_none=True)
             return self._entry.model, self._entry.tokenizer
-        self._entry = None  # free the previous model before loading the next one
+        self.clear()  # free the previous model before loading the next one
         tokenizer = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
         model = load_model(model_cfg)
         snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         self._entry = _Entry(key, model, tokenizer, snapshot)
         return model, tokenizer
+
+    def clear(self) -> None:
+        """Drop the held model (its GPU memory goes back to the allocator's pool and the card)."""
+        if self._entry is None:
+            return
+        self._entry = None
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -115,8 +115,11 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
     if cfg.eval.backend == "vllm":  # nothing trains (validated): vLLM loads the weights, no HF copy takes the GPU
         from em_sweep.vllm_backend import saved_model
 
+        cache.clear()  # a packed task's earlier hf run may hold one
         model, tokenizer = saved_model(cfg.model), load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     else:
+        if "em_sweep.vllm_backend" in sys.modules:  # an earlier vllm run of this task: free its engine
+            sys.modules["em_sweep.vllm_backend"].release()
         model, tokenizer = cache.get(cfg.model)
     if cfg.model.gradient_checkpointing and cfg.eval.backend != "vllm":
         model.gradient_checkpointing_enable()

@@ -25,12 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 # Top-level keys that say where or how a run is recorded, not what it computes.
 NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
 
-# Settings added after runs were recorded, at the value that reproduces the behaviour before they
-# existed: a run at that value keeps its old id (re-running an old sweep still skips its finished
-# runs); any other value enters the id.
-ID_NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"compile_loss": False, "share_prompt_pass": False},
-    "rl": {"compile_loss": False},
+# Settings that change only speed, never results beyond float rounding, added after runs were
+# recorded: they are not part of a run's id, so turning them on (or upgrading em-sweep) finds the
+# finished runs again. (Older speed settings, e.g. the sampling backend or micro-batch size, stay
+# in the id so that recorded runs keep theirs.)
+NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
+    "train": ("compile_loss", "share_prompt_pass"),
+    "rl": ("compile_loss",),
 }
 
 RESULTS = "results.json"
@@ -50,10 +51,10 @@ def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     # the id it had before the RL stage existed, whatever rl.* says.
     unused = () if "rl" in (data.get("stages") or ()) else ("rl",)
     science = {k: v for k, v in data.items() if k not in NON_SCIENCE_KEYS and k not in unused}
-    for section, neutral in ID_NEUTRAL_DEFAULTS.items():
+    for section, keys in NOT_IN_RUN_ID.items():
         values = science.get(section)
         if isinstance(values, dict):
-            science[section] = {k: v for k, v in values.items() if not (k in neutral and v == neutral[k])}
+            science[section] = {k: v for k, v in values.items() if k not in keys}
     return science
 
 

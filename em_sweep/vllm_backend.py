@@ -85,6 +85,21 @@ def _llm(model: SavedModel, seed: int) -> Any:
     return _engine[1]
 
 
+def release() -> None:
+    """Shut the process's vLLM engine down (a packed run that loads an HF model next needs the memory)."""
+    global _engine
+    if _engine is None:
+        return
+    _engine = None
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def generate(model: SavedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
              settings: SamplingSettings, seed: int) -> list[list[str]]:
     """``n`` responses to each prompt text, as ``[prompt][sample]`` (the HF path's structure).

@@ -170,3 +170,26 @@ def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case
     assert shared == pytest.approx(full, rel=1e-5)
     for name, g in g_full.items():
         assert float((g_shared[name] - g).norm() / g.norm()) < 1e-4, name
+
+
+def test_compiled_loss_pass_compiles_per_variant_not_per_length(fresh):
+    """Lengths change every step in a real run: they must not each cost a compile (Dynamo keeps 8
+    entries per code object by default, then silently runs eager)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from em_sweep.em import accumulate_entropy_gradients, compiled_layers
+
+    model, tok = fresh
+    model.train()
+    train = train_cfg(batch_size=8, micro_batch_size=4)
+    one = [format_prompt(tok, "What is 12+30-7+45?")] * 8
+    two = [format_prompt(tok, q) for q in ("What is 12+30-7+45?", "What is 3+4?")] * 4  # left padding
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    for i, (texts, new_tokens) in enumerate([(one, 20), (one, 27), (two, 33), (one, 41), (two, 18), (one, 35)]):
+        batch = sample_responses(model, tok, texts, SamplingSettings(temperature=1.0, max_new_tokens=new_tokens), 8,
+                                 seed=i)
+        with compiled_layers(model):
+            accumulate_entropy_gradients(model, batch, train, batch.response_mask.sum())
+            with torch.no_grad():
+                micro_batch_entropy_sum(model, batch, slice(0, 4), 0.5, 0)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before <= 5  # 4 here (mask or not x grad or not); 8 when lengths recompile

@@ -41,14 +41,17 @@ def test_saved_model_resolves_the_path_and_the_dtype_an_hf_load_would_use() -> N
 
 def test_a_vllm_run_never_loads_the_model_into_the_process(tmp_path, monkeypatch) -> None:
     """The run hands vLLM the saved model and loads only the tokenizer: an HF copy would hold GPU
-    memory vLLM needs. vLLM cannot exist here (CUDA only): its generate is replaced by a fake that
-    answers every problem with the gold answer, and the installed-check is told it exists."""
+    memory vLLM needs; a packed task's cached HF model is dropped first, and an hf run after it
+    shuts the vLLM engine down. vLLM cannot exist here (CUDA only): its generate is replaced by a
+    fake that answers every problem with the gold answer, and the installed-check is told it exists."""
     import importlib.util
 
     from em_sweep import run as run_module
     from em_sweep.benchmarks import load_benchmark, resolve_spec
     from em_sweep.models import ModelCache
 
+    cache = ModelCache()
+    cache.get(compose_config().model)  # an earlier hf run of the same packed task
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
@@ -57,6 +60,7 @@ def test_a_vllm_run_never_loads_the_model_into_the_process(tmp_path, monkeypatch
 
     def fake_vllm_generate(model, tokenizer, texts, n, settings, seed):
         seen.append(model)
+        vllm_backend._engine = ((model, seed), "fake engine")  # what the real one keeps
         return [[f"The answer is \\boxed{{{next(a for q, a in gold.items() if q in t)}}}."] * n for t in texts]
 
     def no_hf_load(self, model_cfg):
@@ -64,11 +68,15 @@ def test_a_vllm_run_never_loads_the_model_into_the_process(tmp_path, monkeypatch
 
     monkeypatch.setattr(vllm_backend, "generate", fake_vllm_generate)
     monkeypatch.setattr(ModelCache, "get", no_hf_load)
-    cfg = compose_config(["eval.backend=vllm", "train.steps=0", "eval.benchmarks=[arith]", "eval.limit=6",
-                          f"paths.runs_dir={tmp_path}", "logger.mode=disabled"])
-    results = run_module.run(cfg)
+    common = ["train.steps=0", "eval.benchmarks=[arith]", "eval.limit=6", f"paths.root={tmp_path}",
+              "logger.mode=disabled"]
+    results = run_module.run(compose_config(["eval.backend=vllm", *common]), cache)
     assert [s["accuracy"] for s in results["final_scores"]] == [1.0]
     assert seen and all(isinstance(m, vllm_backend.SavedModel) and m.path.endswith("tiny-arith") for m in seen)
+    assert cache._entry is None and vllm_backend._engine is not None
+    monkeypatch.undo()  # the real HF load again, for an hf run in the same process
+    run_module.run(compose_config(["eval.backend=hf", *common]), cache)
+    assert vllm_backend._engine is None and cache._entry is not None
 
 
 def test_vllm_runs_reject_checkpoint_saving() -> None:
