@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from em_sweep import rundir
 from em_sweep.benchmarks import BenchmarkError, resolve_spec
 from em_sweep.config import ConfigError, stage_plan, to_container, validate
-from em_sweep.em import StepMetrics, train_em
+from em_sweep.em import StepMetrics, decoder_layers, train_em
 from em_sweep.evaluate import evaluate
 from em_sweep.models import ModelCache, ModelLoadError, load_tokenizer, resolve_model_path
 from em_sweep.prompts import PoolItem, PromptError, batch_prompts, format_prompt, select_prompts
@@ -121,6 +121,9 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
         if "em_sweep.vllm_backend" in sys.modules:  # an earlier vllm run of this task: free its engine
             sys.modules["em_sweep.vllm_backend"].release()
         model, tokenizer = cache.get(cfg.model)
+    compiled = cfg.train.compile_loss or ("rl" in cfg.stages and cfg.rl.compile_loss)
+    if compiled and cfg.eval.backend != "vllm":
+        decoder_layers(model)  # a model the setting cannot serve fails here, before the step-0 evaluation
     if cfg.model.gradient_checkpointing and cfg.eval.backend != "vllm":
         model.gradient_checkpointing_enable()
     formatted = {p.id: format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
