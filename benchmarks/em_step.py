@@ -49,6 +49,7 @@ from _common import (
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from em_sweep.em import em_step, make_optimizer
+from em_sweep.models import set_checkpointing
 
 
 def train_settings(args: argparse.Namespace) -> SimpleNamespace:
@@ -94,7 +95,7 @@ def reference_step(model: torch.nn.Module, args: argparse.Namespace, device: tor
     """The reference code's step on one micro-batch of 2, extrapolated to the batch (see module doc)."""
     micro, n_micro = 2, args.batch // 2
     p, new = args.prompt_tokens, args.new_tokens
-    model.gradient_checkpointing_enable()
+    set_checkpointing(model, True)
     model.train()
     hi = min(model.config.vocab_size, 5000)
     ids = torch.randint(100, hi, (micro, p), device=device)
@@ -145,7 +146,7 @@ def reference_step(model: torch.nn.Module, args: argparse.Namespace, device: tor
     _, fb_micro = timed(device, fwd_bwd)
     peak = peak_gib(device)
     model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_disable()
+    set_checkpointing(model, False)
     model.eval()
     return {
         "label": (f"EXTRAPOLATED: 1 of {n_micro} micro-batches; generation = no-cache forward timed at "
@@ -164,7 +165,7 @@ def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torc
     """em_sweep's em_step, ``--steps`` times; the first is reported apart (one-time costs)."""
     train = train_settings(args)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        set_checkpointing(model, True)
     optimizer, lr_at = make_optimizer(model, train)
     texts = [random_prompt(args.prompt_tokens, model.config.vocab_size, seed=1)] * args.batch
     tok = IdTokenizer()
@@ -181,7 +182,7 @@ def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torc
               f"optim {m.seconds_optim:.3f}) loss {m.loss:.4f} len {m.response_length:.0f}", flush=True)
     peak = peak_gib(device)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_checkpointing(model, False)
     from em_sweep import decode  # free the static cache before anything else runs on this model
     decode.release(model)
     timed_steps = steps[1:] or steps

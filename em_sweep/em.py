@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep.loss import entropy_sum_from_hidden, per_token_entropy
+from em_sweep.models import is_checkpointing
 from em_sweep.optim import make_adamw
 from em_sweep.sample import SampleBatch, SamplingSettings, position_ids_for, sample_responses
 
@@ -122,7 +123,7 @@ def _shares_prompt(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor
     """Whether the rows' prompt columns can run once for all rows: identical prompts (one-shot EM),
     a prompt of at least one token before the last, and no gradient checkpointing (HF layers drop
     the cache under checkpointing in training)."""
-    if first < 1 or ids.shape[0] < 2 or getattr(model, "is_gradient_checkpointing", False):
+    if first < 1 or ids.shape[0] < 2 or is_checkpointing(model):
         return False
     return bool((ids[:, :first] == ids[:1, :first]).all() and (attn[:, :first] == attn[:1, :first]).all())
 

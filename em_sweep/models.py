@@ -102,6 +102,19 @@ def load_model(model_cfg: Any) -> PreTrainedModel:
     return model.to(device)
 
 
+def set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Gradient (activation) checkpointing on or off, by this transformers version's name for it
+    (``activation_checkpointing_*``; older versions only have ``gradient_checkpointing_*``, newer
+    ones keep it as a deprecated alias)."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{prefix}_checkpointing_{'enable' if enabled else 'disable'}")()
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether any layer recomputes its activations in backward (what HF's flag property reads)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

@@ -23,7 +23,7 @@ from em_sweep.benchmarks import BenchmarkError, resolve_spec
 from em_sweep.config import ConfigError, stage_plan, to_container, validate
 from em_sweep.em import StepMetrics, decoder_layers, train_em
 from em_sweep.evaluate import evaluate
-from em_sweep.models import ModelCache, ModelLoadError, load_tokenizer, resolve_model_path
+from em_sweep.models import ModelCache, ModelLoadError, load_tokenizer, resolve_model_path, set_checkpointing
 from em_sweep.prompts import PoolItem, PromptError, batch_prompts, format_prompt, select_prompts
 from em_sweep.record import RunRecorder, WandbMirror
 from em_sweep.rl import RLStepMetrics, train_rl
@@ -125,7 +125,7 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
     if compiled and cfg.eval.backend != "vllm":
         decoder_layers(model)  # a model the setting cannot serve fails here, before the step-0 evaluation
     if cfg.model.gradient_checkpointing and cfg.eval.backend != "vllm":
-        model.gradient_checkpointing_enable()
+        set_checkpointing(model, True)
     formatted = {p.id: format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
                  for p in prompts}
     texts = [formatted[p.id] for p in batch_prompts(prompts, cfg.train.batch_size)]

@@ -12,6 +12,7 @@ from transformers.generation.logits_process import (
 )
 
 from em_sweep import decode
+from em_sweep.models import set_checkpointing
 from em_sweep.sample import (
     GenerationWithoutCache,
     SamplingSettings,
@@ -136,7 +137,7 @@ def test_auto_backend_is_hf_on_cpu_and_for_unsupported_models():
 def test_sampling_keeps_its_kv_cache_under_gradient_checkpointing_in_train_mode():
     """HF drops the cache in train mode with gradient checkpointing; sample_responses must not."""
     model, tok = random_qwen2(), word_tokenizer()
-    model.gradient_checkpointing_enable()
+    set_checkpointing(model, True)
     model.train()
     batch = sample_responses(model, tok, prompts(3), SamplingSettings(temperature=0.0, max_new_tokens=12,
                                                                       backend="hf"), 3)

@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 
 from em_sweep.em import NonFiniteLoss, em_step, make_optimizer, micro_batch_entropy_sum
 from em_sweep.loss import token_entropy
+from em_sweep.models import set_checkpointing
 from em_sweep.prompts import format_prompt
 from em_sweep.sample import SamplingSettings, position_ids_for, sample_responses
 from tests.conftest import compose_config
@@ -154,7 +155,7 @@ def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case
     batch = sample_responses(model, tok, [format_prompt(tok, q) for q in questions],
                              SamplingSettings(temperature=1.0, max_new_tokens=30), 8, seed=0)
     if case == "checkpointing":
-        model.gradient_checkpointing_enable()
+        set_checkpointing(model, True)
     model.train()
     shared_calls = []
     real = em._shared_prompt_hidden
