@@ -112,8 +112,8 @@ class TrainConfig:
     # Loss pass: where a micro-batch's rows share their prompt (one-shot EM), run the prompt once
     # and repeat its keys/values for the rows instead of recomputing it per row (~15% of the loss
     # pass's FLOPs for a 100-token prompt and 512 new tokens); the same entropies and gradient.
-    # Not with gradient checkpointing (HF drops the cache there; the full pass runs). EM only,
-    # single-process. Speed only: not part of the run id.
+    # Not with gradient checkpointing (HF drops the cache there; the full pass runs). EM and the
+    # RL stage (rl.share_prompt_pass follows it), single-process. Speed only: not part of the run id.
     share_prompt_pass: bool = False
 
 
@@ -157,6 +157,8 @@ class RLConfig:
     max_new_tokens: int = II("train.max_new_tokens")
     loss_chunk_tokens: int = II("train.loss_chunk_tokens")
     compile_loss: bool = II("train.compile_loss")
+    # Micro-batch rows of one prompt (a group) run it once in the loss pass (train.share_prompt_pass).
+    share_prompt_pass: bool = II("train.share_prompt_pass")
 
 
 @dataclass

@@ -126,15 +126,16 @@ def rl_sampling_settings(rl: Any, generation_backend: str) -> SamplingSettings:
 
 
 def response_logprobs(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
-                      chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_tokens: int, share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities at ``temperature`` of the generated tokens of ``rows``: (values [n]
-    in row-major order of the response mask, the row index of each)."""
+    in row-major order of the response mask, the row index of each). ``share_prompt``: rows of one
+    prompt (a GRPO group) run it once (em.response_outputs)."""
     first = batch.prompt_len - 1
     mask = batch.response_mask[rows, first:-1].bool()  # position t predicts token t + 1
     ids = batch.input_ids[rows]
     targets = ids[:, first + 1:][mask]
     row_of = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
-    outputs, from_hidden = response_outputs(model, batch, rows)
+    outputs, from_hidden = response_outputs(model, batch, rows, share_prompt)
     if from_hidden:
         head = model.get_output_embeddings()
         logp = token_logprobs_from_hidden(outputs, head.weight, targets, temperature, chunk_tokens, head.bias)
@@ -166,6 +167,7 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     skipped = bool((adv == 0).all()) and not rl.kl_coef
     slices = [slice(s, s + rl.micro_batch_size) for s in range(0, batch.input_ids.shape[0], rl.micro_batch_size)]
     mu = int(getattr(rl, "updates_per_batch", 1))
+    share = bool(getattr(rl, "share_prompt_pass", False))
     loss_sum = kl_sum = clip_sum = 0.0
     grad_norm = 0.0
     seconds_loss = seconds_optim = 0.0
@@ -175,17 +177,18 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
             old: list[torch.Tensor] | None = None
             if mu > 1:  # the sampling policy's log-probabilities, for the later updates' ratios
                 with torch.no_grad():
-                    old = [response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)[0] for rows in slices]
+                    old = [response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens, share)[0] for rows in slices]
             for _update in range(mu):
                 ta = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 update_loss = 0.0
                 for j, rows in enumerate(slices):
-                    logp, row_of = response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens)
+                    logp, row_of = response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens, share)
                     ref_logp = None
                     if reference is not None and rl.kl_coef:
                         with torch.no_grad():
-                            ref_logp, _ = response_logprobs(reference, batch, rows, rl.temperature, rl.loss_chunk_tokens)
+                            ref_logp, _ = response_logprobs(reference, batch, rows, rl.temperature, rl.loss_chunk_tokens,
+                                                           share)
                     old_logp = logp.detach() if old is None else old[j]  # first update: on-policy, ratio 1
                     losses, kl, clipped = grpo_token_losses(logp, old_logp, adv[rows][row_of], rl.clip_ratio,
                                                             rl.kl_coef, ref_logp)

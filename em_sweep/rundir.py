@@ -31,7 +31,7 @@ NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
 # in the id so that recorded runs keep theirs.)
 NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
     "train": ("compile_loss", "share_prompt_pass"),
-    "rl": ("compile_loss",),
+    "rl": ("compile_loss", "share_prompt_pass"),
 }
 
 RESULTS = "results.json"

@@ -125,6 +125,29 @@ def test_response_logprobs_are_the_models_own_at_the_generated_tokens(tiny):
     assert rows.tolist() == sorted(rows.tolist())
 
 
+def test_a_group_shares_its_prompt_pass_with_the_same_logprobs_and_gradient(tiny):
+    """rl.share_prompt_pass: a micro-batch of one group runs its prompt once; a micro-batch of two
+    groups takes the full pass. Log-probabilities and gradients equal the full pass's either way."""
+    model = copy.deepcopy(tiny[0])
+    tok = tiny[1]
+    cfg = compose_config(["stages=[rl]"])
+    texts = [arith(tok, cfg, pid)[0] for pid in ("arith1", "arith18") for _ in range(4)]
+    batch = sample_responses(model, tok, texts, rl_sampling_settings(cfg.rl, "auto"), 8, seed=0)
+    model.train()
+    for rows in (slice(0, 4), slice(2, 6)):  # one group; two groups
+        results = []
+        for share in (False, True):
+            model.zero_grad(set_to_none=True)
+            logp, row_of = response_logprobs(model, batch, rows, 1.0, 7, share)
+            logp.sum().backward()
+            results.append((logp.detach(), row_of, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (full, rows_full, g_full), (shared, rows_shared, g_shared) = results
+        assert torch.equal(rows_full, rows_shared)
+        assert torch.allclose(shared, full, atol=1e-5)
+        for name, g in g_full.items():
+            assert float((g_shared[name] - g).norm() / g.norm()) < 1e-4, name
+
+
 def test_rewards_grade_the_final_answer_against_gold():
     texts = ["3+4=7. \\boxed{7}", "3+4=8. \\boxed{8}", "no answer here", "The answer is 7."]
     rewards, failures = math_rewards(texts, ["7", "7", "7", "7.0"], 5.0)
