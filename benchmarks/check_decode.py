@@ -1,15 +1,18 @@
-"""Correctness of the static-cache decoder on this machine (run first in a GPU session).
+"""Correctness of the static-cache decoder and the loss-pass options on this machine.
 
 On a small random Qwen2 (seconds): greedy tokens of the static decoder with CUDA graphs and
-without, against HF generate, in fp32 and bf16; a seed reproduces sampled tokens; and a model
+without, against HF generate, in fp32 and bf16; a seed reproduces sampled tokens; a model
 whose logits are all equal samples uniformly, step after step (the graphs' random numbers
-advance at every replay). Prints one PASS/FAIL line per check and exits 1 on a failure.
+advance at every replay); and the loss pass with the shared prompt (train.share_prompt_pass) and
+compiled (train.compile_loss) gives the full eager pass's entropy and gradient with this
+machine's transformers and torch. Prints one PASS/FAIL line per check and exits 1 on a failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -17,6 +20,7 @@ from _common import IdTokenizer, environment, pick_device, write_json
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from em_sweep import decode
+from em_sweep.em import accumulate_entropy_gradients, compiled_layers
 from em_sweep.sample import SamplingSettings, sample_responses
 
 
@@ -36,6 +40,19 @@ def ragged_prompts(n: int, vocab: int) -> list[str]:
     g = torch.Generator().manual_seed(1)
     return [" ".join(str(int(t)) for t in torch.randint(1, vocab, (int(3 + 11 * i / n),), generator=g))
             for i in range(n)]
+
+
+def loss_pass_gradients(model: Qwen2ForCausalLM, batch: Any, share: bool, compiled: bool
+                        ) -> tuple[float, torch.Tensor]:
+    """(entropy sum, all gradients as one fp32 vector) of one loss pass over ``batch``."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    train = SimpleNamespace(micro_batch_size=4, loss_temperature=0.5, loss_chunk_tokens=64, share_prompt_pass=share)
+    with compiled_layers(model, compiled):
+        total = accumulate_entropy_gradients(model, batch, train, batch.response_mask.sum())
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    model.eval()
+    return float(total), grads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             report(f"uniform sampling {backend}", False, f"{type(e).__name__}: {e}")
         decode.release(flat)
+
+    # The loss pass: shared prompt and compiled layers against the full eager pass, one batch of
+    # 8 responses to one prompt (fp32: equal to float rounding; bf16: to bf16 rounding).
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        model = small_model(device, dtype, peaky=1.0)
+        batch = sample_responses(model, tok, [ragged_prompts(1, model.config.vocab_size)[0]] * 8,
+                                 SamplingSettings(temperature=1.0, max_new_tokens=args.new_tokens, backend="hf"), 8,
+                                 seed=0)
+        full, g_full = loss_pass_gradients(model, batch, share=False, compiled=False)
+        for share, compiled in ((True, False), (False, True), (True, True)):
+            name = f"loss pass{' shared prompt' if share else ''}{' compiled' if compiled else ''} == full eager " \
+                   f"({str(dtype)[6:]})"
+            try:
+                total, g = loss_pass_gradients(model, batch, share, compiled)
+                rel_loss = abs(total - full) / abs(full)
+                rel_grad = float((g - g_full).norm() / g_full.norm())
+                report(name, rel_loss < tol and rel_grad < tol,
+                       f"entropy rel. diff {rel_loss:.2e}, gradient rel. diff {rel_grad:.2e} (need < {tol:g})")
+            except Exception as e:
+                report(name, False, f"{type(e).__name__}: {e}")
     write_json(args.json, results)
     return 0 if all(c["ok"] for c in results["checks"].values()) else 1
 

@@ -88,7 +88,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.used,mem
 part em_step_1.5b       300    90 benchmarks/em_step.py --shape $S15 $EM --backend static_compile --parts project,project+share_prompt,project+share_prompt+compile_loss,reference --json em_step_1.5b.json
 part em_step_7b         260   120 benchmarks/em_step.py --shape $S7 $EM --backend static_compile --parts project,project+compile_loss,reference --json em_step_7b.json
 part profile_1.5b       100    45 benchmarks/profile_decode.py --shape $S15 $PROF --json profile_1.5b.json
-part check_decode        90    25 benchmarks/check_decode.py $CHECK --json check_decode.json
+part check_decode       150    40 benchmarks/check_decode.py $CHECK --json check_decode.json
 part eval_7b_compile    150    60 benchmarks/eval_throughput.py --shape $S7 --paths project --batch-sizes $BS7 $EV --backend static_compile --json eval_7b_compile.json
 part eval_1.5b          120    35 benchmarks/eval_throughput.py --shape $S15 --batch-sizes $BS15 $EV --json eval_1.5b.json
 part eval_7b            150    50 benchmarks/eval_throughput.py --shape $S7 --batch-sizes $BS7 $EV --json eval_7b.json
