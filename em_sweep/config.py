@@ -107,7 +107,8 @@ class TrainConfig:
     # Run the loss pass's decoder layers as torch.compile'd code (em.compiled_layers: fused norms,
     # rotary embedding and activations, forward and backward; sampling and evaluation stay eager).
     # The first steps pay the compilation (once per variant: padded micro-batches or not, RL's
-    # no-grad pass; ~10 s each on CPU). Single-process runs. Speed only: not part of the run id.
+    # no-grad pass; ~10 s each on CPU). Micro-batches that share_prompt_pass serves stay eager.
+    # Single-process runs. Speed only: not part of the run id.
     compile_loss: bool = False
     # Loss pass: where a micro-batch's rows share their prompt (one-shot EM), run the prompt once
     # and repeat its keys/values for the rows instead of recomputing it per row (~15% of the loss

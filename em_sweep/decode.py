@@ -277,7 +277,8 @@ class StaticDecoder:
 
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, settings: DecodeSettings,
                  use_graphs: bool, compile_step: bool = False) -> None:
-        self.model = model
+        # No reference to the model itself: _DECODERS is keyed weakly by it, and a value holding
+        # its key would keep model, weights and KV cache alive for the process's life.
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         cfg = model.config

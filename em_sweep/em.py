@@ -87,6 +87,16 @@ def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
 COMPILED_LOSS_RECOMPILE_LIMIT = 64
 
 
+def _compiled_unless_cached(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The compiled layer, except for calls with a KV cache (the shared prompt pass): Dynamo
+    specializes those on the layer's index, one graph per layer and call, past any recompile
+    limit, so they run eager."""
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return layer._call_impl(*args, **kwargs)
+    assert _compiled_module_call is not None
+    return _compiled_module_call(layer, *args, **kwargs)
+
+
 @contextmanager
 def compiled_layers(model: PreTrainedModel, enabled: bool = True) -> Iterator[None]:
     """While active, every decoder layer runs as torch.compile'd code, with its backward (the loss
@@ -96,7 +106,8 @@ def compiled_layers(model: PreTrainedModel, enabled: bool = True) -> Iterator[No
     One compiled function (``nn.Module._call_impl``, dynamic shapes) serves all layers: their
     weights are graph inputs, so the identical layers share a graph; new graphs come only with a
     new variant of the call (mask or none, grad mode, another model), each compiled once per
-    process. Nothing compiled is stored on the model, so a deep copy stays independent.
+    process. Calls with a KV cache (``share_prompt_pass``'s micro-batches) stay eager. Nothing
+    compiled is stored on the model, so a deep copy stays independent.
     """
     if not enabled:
         yield
@@ -111,7 +122,7 @@ def compiled_layers(model: PreTrainedModel, enabled: bool = True) -> Iterator[No
     layers = decoder_layers(model)
     before = [layer._compiled_call_impl for layer in layers]
     for layer in layers:
-        layer._compiled_call_impl = functools.partial(_compiled_module_call, layer)
+        layer._compiled_call_impl = functools.partial(_compiled_unless_cached, layer)
     try:
         yield
     finally:

@@ -158,6 +158,9 @@ class ModelCache:
         """Drop the held model (its GPU memory goes back to the allocator's pool and the card)."""
         if self._entry is None:
             return
+        from em_sweep import decode  # its cached static decoder holds the model and its KV cache
+
+        decode.release(self._entry.model)
         self._entry = None
         import gc
 

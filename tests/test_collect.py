@@ -137,3 +137,17 @@ def test_worker_processes_give_the_same_tables(sweep, monkeypatch):
     pd.testing.assert_frame_equal(one.scores, two.scores)
     pd.testing.assert_frame_equal(one.train, two.train)
     assert col.default_workers(10) == 1
+
+
+def test_speed_only_settings_do_not_split_runs(sweep):
+    """train.compile_loss / share_prompt_pass are outside the run id: a run that had them on (or a
+    run recorded before they existed) is the same experiment, so they are no varying column."""
+    run = sweep / "runs" / "b100000000000000"
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["train"].update(compile_loss=True, share_prompt_pass=True)
+    (run / "results.json").write_text(json.dumps(results))
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("train:\n", "train:\n  compile_loss: true\n  share_prompt_pass: true\n", 1))
+    table = col.collect(sweep, progress=False).scores
+    assert "train.compile_loss" not in table.columns and "train.share_prompt_pass" not in table.columns
+    assert "train.sample_temperature" in table.columns  # a setting that does vary still shows

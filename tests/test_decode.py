@@ -220,3 +220,39 @@ def test_compiled_layer_step_decodes_like_hf_and_is_seeded():
     a = decode.generate_static(model, ids, mask, sampled, 20, compile_step=True)
     torch.manual_seed(1)
     assert torch.equal(a, decode.generate_static(model, ids, mask, sampled, 20, compile_step=True))
+
+
+def test_clearing_the_model_cache_frees_a_model_its_static_decoder_held():
+    """The static decoder's cache (keyed weakly by model) holds the model; ModelCache.clear must
+    release it, or a packed task's next model (or vLLM) finds the memory still taken."""
+    import gc
+    import weakref
+
+    from em_sweep.models import ModelCache
+    from tests.conftest import compose_config
+
+    cache = ModelCache()
+    model, tok = cache.get(compose_config().model)
+    sample_responses(model, tok, ["What is 1+2?"] * 2, SamplingSettings(temperature=1.0, max_new_tokens=4,
+                                                                          backend="static_eager"), 2, seed=0)
+    assert len(decode._DECODERS) >= 1
+    alive = weakref.ref(model)
+    del model
+    cache.clear()
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_model_nothing_else_holds_is_freed_with_its_static_decoder(tiny):
+    import copy
+    import gc
+    import weakref
+
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    sample_responses(model, tok, ["What is 1+2?"] * 2, SamplingSettings(temperature=1.0, max_new_tokens=4,
+                                                                          backend="static_eager"), 2, seed=0)
+    alive = weakref.ref(model)
+    n = len(decode._DECODERS)
+    del model
+    gc.collect()
+    assert alive() is None and len(decode._DECODERS) == n - 1

@@ -159,14 +159,20 @@ def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case
     model.train()
     shared_calls = []
     real = em._shared_prompt_hidden
-    monkeypatch.setattr(em, "_shared_prompt_hidden", lambda *a: shared_calls.append(1) or real(*a))  # counted
+
+    def counted(*a):  # the real function; records whether it shared (None: fell back to the full pass)
+        hidden = real(*a)
+        shared_calls.append(hidden is not None)
+        return hidden
+
+    monkeypatch.setattr(em, "_shared_prompt_hidden", counted)
     results = []
     for share in (False, True):
         model.zero_grad(set_to_none=True)
         total = em.accumulate_entropy_gradients(
             model, batch, train_cfg(batch_size=8, micro_batch_size=4, share_prompt_pass=share), batch.response_mask.sum())
         results.append((float(total), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert len(shared_calls) == (2 if case == "one prompt" else 0)  # two micro-batches shared their prompt
+    assert shared_calls == ([True, True] if case == "one prompt" else [])  # both micro-batches shared
     (full, g_full), (shared, g_shared) = results
     assert shared == pytest.approx(full, rel=1e-5)
     for name, g in g_full.items():
@@ -194,3 +200,21 @@ def test_compiled_loss_pass_compiles_per_variant_not_per_length(fresh):
             with torch.no_grad():
                 micro_batch_entropy_sum(model, batch, slice(0, 4), 0.5, 0)
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before <= 5  # 4 here (mask or not x grad or not); 8 when lengths recompile
+
+
+def test_shared_prompt_calls_stay_eager_under_compiled_layers(fresh):
+    """With a KV cache argument Dynamo would compile a graph per layer and call, past any recompile
+    limit: compiled_layers runs those calls eager, so the combination compiles nothing new."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from em_sweep.em import accumulate_entropy_gradients, compiled_layers
+
+    model, tok = fresh
+    batch = sample_responses(model, tok, [format_prompt(tok, "What is 12+30-7+45?")] * 8,
+                             SamplingSettings(temperature=1.0, max_new_tokens=30), 8, seed=5)
+    model.train()
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    with compiled_layers(model):
+        accumulate_entropy_gradients(model, batch, train_cfg(batch_size=8, micro_batch_size=4, share_prompt_pass=True),
+                                     batch.response_mask.sum())
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == before
