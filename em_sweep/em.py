@@ -82,8 +82,8 @@ def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
 
 # Variants one run can meet in the compiled loss pass: sequence lengths (dynamic from the first
 # compile), an attention mask or none (padding or not), grad or no-grad (RL's ratio pass),
-# checkpointing, the shared prompt's two calls, another model in a packed task. Dynamo's default
-# of 8 compiled entries per code object would send later calls back to eager without a word.
+# checkpointing, another model in a packed task. Dynamo's default of 8 compiled entries per code
+# object would send later calls back to eager without a word.
 COMPILED_LOSS_RECOMPILE_LIMIT = 64
 
 
