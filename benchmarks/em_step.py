@@ -161,9 +161,22 @@ def reference_step(model: torch.nn.Module, args: argparse.Namespace, device: tor
     }
 
 
+def shared_prompt_pass_works(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether this transformers' decoder takes the shared prompt pass's cache (else em_step quietly
+    runs the full pass and a +share_prompt part measures nothing new)."""
+    from em_sweep import em
+    from em_sweep.sample import position_ids_for
+
+    ids = torch.randint(1, model.config.vocab_size, (2, 8), device=device)
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        return em._shared_prompt_hidden(model.get_decoder(), ids, attn, position_ids_for(attn), 5) is not None
+
+
 def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """em_sweep's em_step, ``--steps`` times; the first is reported apart (one-time costs)."""
     train = train_settings(args)
+    sharing = bool(args.share_prompt) and shared_prompt_pass_works(model, device)
     if args.gradient_checkpointing:
         set_checkpointing(model, True)
     optimizer, lr_at = make_optimizer(model, train)
@@ -194,7 +207,8 @@ def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torc
             "optimizer": getattr(optimizer, "em_name", type(optimizer).__name__),
             "backend": resolve_backend(model, args.backend), "gradient_checkpointing": args.gradient_checkpointing,
             "micro_batch": args.micro_batch, "loss_chunk_tokens": args.loss_chunk_tokens,
-            "compile_loss": bool(args.compile_loss), "share_prompt": bool(args.share_prompt)}
+            "compile_loss": bool(args.compile_loss), "share_prompt": bool(args.share_prompt),
+            "share_prompt_active": sharing}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -291,7 +305,7 @@ def print_table(r: dict[str, Any]) -> None:
             continue
         print(f"  {key}: backend {p['backend']}, optimizer {p['optimizer']}, micro-batch {p['micro_batch']}, "
               f"checkpointing {bool(p['gradient_checkpointing'])}, compiled loss pass {p.get('compile_loss', False)}, "
-              f"shared prompt pass {p.get('share_prompt', False)}, "
+              f"shared prompt pass {p.get('share_prompt', False)} (active {p.get('share_prompt_active', False)}), "
               f"first step {p['first_step_s']} s")
     if "ratio_reference_over_project" in r:
         print(f"  ratio reference / em-sweep: {r['ratio_reference_over_project']}x (against {r['ratio_project_part']})")

@@ -45,7 +45,7 @@ def summarize(folder: Path) -> str:
                     name = "em-sweep em_step, measured"
                     settings = (f"{key}: {p['backend']}, {p['optimizer']}, micro {p['micro_batch']}, ckpt "
                                 f"{bool(p['gradient_checkpointing'])}, compiled loss {p.get('compile_loss', False)}, "
-                                f"shared prompt {p.get('share_prompt', False)}, "
+                                f"shared prompt {p.get('share_prompt', False)} (active {p.get('share_prompt_active', False)}), "
                                 f"first step {p['first_step_s']} s")
                 peak = p.get("peak_gib", p.get("peak_gib_loss_micro"))
                 lines.append(f"| {r['run']} | {name} | {_f(p['sample_s'])} | {_f(p['loss_s'])} | "

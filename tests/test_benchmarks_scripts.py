@@ -49,7 +49,8 @@ def test_gpu_session_rehearsal_measures_everything_and_survives_a_failing_part(t
     assert all(em["project"][k] >= 0 for k in ("sample_s", "loss_s", "optim_s", "step_s"))
     assert em["project"]["steps"][0]["response_length"] == 12  # lengths forced
     assert em["project+compile_loss"]["compile_loss"] and not em["project"]["compile_loss"]
-    assert em["project+share_prompt"]["share_prompt"] and em["project+share_prompt"]["step_s"] > 0
+    assert em["project+share_prompt"]["share_prompt_active"] and em["project+share_prompt"]["step_s"] > 0
+    assert not em["project"]["share_prompt_active"]
     assert em["ratio_reference_over_project"] > 0 and em["ratio_project_part"].startswith("project")
     ev = json.loads((out / "eval_7b.json").read_text())
     assert ev["project_b4"]["tokens_per_s"] > 0 and ev["project_b8"]["four_benchmarks"]["seconds"] > 0
