@@ -191,3 +191,41 @@ def test_usr2_requeues_the_task_with_only_its_unfinished_runs(tmp_path):
     assert (first / rundir.RESULTS).stat().st_mtime_ns == first_results  # not run again
     log = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*.err"))
     assert "requeueing with 1 of 2 runs unfinished" in log, log[-3000:]
+
+
+def test_parallel_runs_share_a_task_across_processes(tmp_path):
+    """parallel_runs=2: a task's 4 runs go to 2 processes at once (2 each), every run completes."""
+    result = launch(tmp_path, "seed=0,1,2,3", "hydra.launcher.runs_per_task=4", "hydra.launcher.parallel_runs=2",
+                    "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4", "hydra.launcher.wait=true")
+    assert "4 runs in 1 array tasks (4 per task, 2 at once)" in result.stdout, result.stdout
+    entries = manifest.read_manifest(tmp_path / "sweep")
+    assert len(entries) == 4 and len({e.job_id for e in entries.values()}) == 1
+    statuses = [rundir.read_status(Path(e.run.run_dir)) for e in entries.values()]
+    assert [s["state"] for s in statuses] == ["done"] * 4
+    assert len({s["pid"] for s in statuses}) == 2  # two worker processes, two runs each
+
+
+def test_parallel_runs_must_be_positive(tmp_path):
+    result = launch(tmp_path, "seed=0", "hydra.launcher.parallel_runs=0", check=False)
+    assert result.returncode != 0 and "hydra.launcher.parallel_runs: must be >= 1" in result.stderr
+    assert not (tmp_path / "sweep" / manifest.MANIFEST).exists()
+
+
+def test_usr2_requeues_a_parallel_task_with_the_runs_its_processes_had_not_finished(tmp_path):
+    launch(tmp_path, "seed=5,6,7,8", "train.steps=30", "hydra.launcher.runs_per_task=4",
+           "hydra.launcher.parallel_runs=2", "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4")
+    entries = list(manifest.read_manifest(tmp_path / "sweep").values())
+    dirs = [Path(e.run.run_dir) for e in entries]
+    job_id = entries[0].job_id
+    # Process 0 runs seeds 5 then 7, process 1 seeds 6 then 8 (run i in process i mod 2).
+    state = lambda d: (rundir.read_status(d) or {}).get("state")  # noqa: E731
+    wait_until(lambda: all(rundir.is_complete(d) for d in dirs[:2]) and state(dirs[2]) == state(dirs[3]) == "running",
+               300, "the first two runs to finish and the last two to start", tuple(dirs))
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_until(lambda: "BeginTime" in _job_reason(job_id), 120, "the task to be requeued", tuple(dirs[:2]))
+    wait_until(lambda: state(dirs[2]) == state(dirs[3]) == "pending", 30, "both interrupted runs to be marked pending")
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True)
+    wait_until(lambda: all(rundir.is_complete(d) for d in dirs), 300, "the requeued task to finish", tuple(dirs[:2]))
+    wait_until(lambda: not queued(job_id), 60, "the task to leave the queue")
+    log = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*.err"))
+    assert "requeueing with 2 of 4 runs unfinished" in log, log[-3000:]

@@ -65,6 +65,11 @@ class SlurmLauncherConf(SweepLauncherConf):
     array_parallelism: int = 256
     # Runs per array task, run in one process sharing one loaded model.
     runs_per_task: int = 1
+    # Processes per array task running its runs at once on the task's GPU(s), each with its own
+    # model copy (run i in process i mod n): for models small enough that several runs fit one
+    # card (peak memory x n below the card's). 1 = the runs one after another in one process.
+    # With CUDA MPS (e.g. `nvidia-cuda-mps-control -d` in `setup`) their kernels overlap.
+    parallel_runs: int = 1
     # Cap on tasks per array below MaxArraySize (null: MaxArraySize as `scontrol show config` reports).
     max_tasks_per_array: int | None = None
     # Requeues after a time limit; each requeue carries only the task's unfinished runs.
@@ -163,7 +168,7 @@ def submit_to_slurm(sweep_dir: Path, runs: Sequence[PlannedRun], settings: dict[
     chunks, per_array = array_layout(len(packs), max_array_size, settings)
     executor = submitit.SlurmExecutor(folder=settings["submitit_folder"], max_num_timeout=settings["max_num_timeout"])
     executor.update_parameters(**_executor_parameters(settings), array_parallelism=per_array)
-    task = SweepTask(str(Path(sweep_dir).absolute() / manifest.CONTEXT))
+    task = SweepTask(str(Path(sweep_dir).absolute() / manifest.CONTEXT), settings.get("parallel_runs", 1))
     array_ids = []
     for chunk in chunks:
         chunk_packs = [packs[i] for i in chunk]
@@ -251,6 +256,8 @@ class SlurmSweepLauncher(SweepLauncher):
     def launch_plan(self, plan: SweepPlan) -> Sequence[JobReturn]:
         settings = self.settings
         dry_run = bool(settings["dry_run"])
+        if int(settings.get("parallel_runs", 1)) < 1:
+            raise SweepError(f"hydra.launcher.parallel_runs: must be >= 1, got {settings['parallel_runs']}")
         try:
             max_array_size = slurm_max_array_size()
             where = f"MaxArraySize {max_array_size}"
@@ -266,7 +273,8 @@ class SlurmSweepLauncher(SweepLauncher):
         pending = plan.pending
         n_tasks = math.ceil(len(pending) / max(1, settings["runs_per_task"]))
         chunks, throttle = array_layout(n_tasks, max_array_size, settings)
-        print(self.describe(plan, f"in {n_tasks} array tasks ({settings['runs_per_task']} per task), "
+        at_once = f", {settings['parallel_runs']} at once" if settings.get("parallel_runs", 1) > 1 else ""
+        print(self.describe(plan, f"in {n_tasks} array tasks ({settings['runs_per_task']} per task{at_once}), "
                                   f"{len(chunks)} array(s) of <= {len(chunks[0]) if chunks else 0} tasks "
                                   f"({where}), <= {throttle} running per array"), flush=True)
         if dry_run:

@@ -113,6 +113,18 @@ def run_packed(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, 
     An interruption (KeyboardInterrupt, SystemExit, or anything once a requeue was requested)
     marks the run in progress pending and propagates at once: the requeued task reruns it.
     """
+    outcomes = _run_each(context, runs)
+    _raise_if_failed(outcomes, len(runs))
+    return outcomes
+
+
+def _raise_if_failed(outcomes: dict[str, str], n_runs: int) -> None:
+    failed = {k: v for k, v in outcomes.items() if v.startswith("failed")}
+    if failed:
+        raise PackFailed(f"{len(failed)} of {n_runs} runs failed: " + "; ".join(f"{k} {v}" for k, v in failed.items()))
+
+
+def _run_each(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, str]:
     from em_sweep.models import ModelCache  # lazy: torch
     from em_sweep.run import RunFailed, run
 
@@ -142,22 +154,61 @@ def run_packed(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, 
             # it was stopped; it restarts cleanly when its task runs again.
             rundir.write_status(path, "pending", reason="interrupted (preempted, time limit or cancelled)")
             raise
-    failed = {k: v for k, v in outcomes.items() if v.startswith("failed")}
-    if failed:
-        raise PackFailed(f"{len(failed)} of {len(runs)} runs failed: "
-                         + "; ".join(f"{k} {v}" for k, v in failed.items()))
+    return outcomes
+
+
+def _interrupt_on_usr2(signum: int, frame: Any) -> None:
+    _requeue_requested.set()
+    raise KeyboardInterrupt("USR2: the task is being requeued")
+
+
+def _run_share(context_path: str, runs: Sequence[PlannedRun], cpus: int | None) -> dict[str, str]:
+    """One process of a parallel task: its share of the runs, one after another (its own model copy)."""
+    import signal
+
+    # SLURM signals every process of the step; the parent (submitit) requeues the task, this
+    # process marks its run in progress pending and stops.
+    signal.signal(signal.SIGUSR2, _interrupt_on_usr2)
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][%(name)s][pid {os.getpid()}] %(message)s")
+    if cpus:
+        import torch
+
+        torch.set_num_threads(cpus)
+    context = LaunchContext.load(Path(context_path))
+    context.activate()
+    return _run_each(context, runs)
+
+
+def run_parallel(context_path: str, runs: Sequence[PlannedRun], processes: int, cpus: int | None = None
+                 ) -> dict[str, str]:
+    """``runs`` spread over ``processes`` processes at once (run i goes to process i mod n), for
+    models small enough that several copies and their runs fit the task's GPU; each process runs
+    its share in turn with its own model cache. Outcomes as :func:`run_packed`, which it raises
+    the same way; a process that dies leaves its unfinished runs to the requeue or resubmit."""
+    import multiprocessing
+
+    shares = [list(runs[i::processes]) for i in range(processes) if runs[i::processes]]
+    per_process = max(1, cpus // len(shares)) if cpus else None
+    outcomes: dict[str, str] = {}
+    with multiprocessing.get_context("spawn").Pool(len(shares)) as pool:  # spawn: CUDA cannot fork
+        for share_outcomes in pool.starmap(_run_share, [(context_path, share, per_process) for share in shares]):
+            outcomes.update(share_outcomes)
+    _raise_if_failed(outcomes, len(runs))
     return outcomes
 
 
 class SweepTask:
     """The callable submitit runs in each array task: ``task(runs)`` runs a pack from the sweep's context file."""
 
-    def __init__(self, context_path: str) -> None:
+    def __init__(self, context_path: str, parallel_runs: int = 1) -> None:
         self.context_path = context_path
+        self.parallel_runs = parallel_runs
 
     def __call__(self, runs: Sequence[PlannedRun]) -> dict[str, str]:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if getattr(self, "parallel_runs", 1) > 1 and len(runs) > 1:
+            return run_parallel(self.context_path, runs, self.parallel_runs, int(cpus) if cpus else None)
         if cpus:
             import torch
 
@@ -179,5 +230,11 @@ class SweepTask:
         if not unfinished:
             return None
         _requeue_requested.set()
+        if getattr(self, "parallel_runs", 1) > 1:
+            # The worker processes mark their runs pending as USR2 reaches them, unless the pool is
+            # torn down first as this process exits: mark what is still running here too.
+            for r in unfinished:
+                if (rundir.read_status(Path(r.run_dir)) or {}).get("state") == "running":
+                    rundir.write_status(Path(r.run_dir), "pending", reason="interrupted (preempted, time limit or cancelled)")
         log.warning("requeueing with %d of %d runs unfinished", len(unfinished), len(runs))
         return submitit.helpers.DelayedSubmission(self, unfinished)
