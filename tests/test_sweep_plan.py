@@ -219,3 +219,14 @@ def test_status_finds_every_sweep_below_a_folder(tmp_path, capsys):
     assert "holds 2 sweeps" in capsys.readouterr().err
     assert cmd_status(argparse.Namespace(sweep_dir=str(tmp_path / "nothing"), resubmit=False, dry_run=False,
                                          reasons=10)) == 2
+
+
+def test_parallel_processes_take_the_tasks_gpus_in_turn(monkeypatch):
+    from em_sweep.sweep.worker import _child_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert [_child_env(i) for i in range(3)] == [{"CUDA_VISIBLE_DEVICES": d} for d in ("2", "5", "2")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert _child_env(1) == {}  # one GPU: every process shares it
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _child_env(0) == {}

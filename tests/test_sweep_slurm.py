@@ -229,3 +229,23 @@ def test_usr2_requeues_a_parallel_task_with_the_runs_its_processes_had_not_finis
     wait_until(lambda: not queued(job_id), 60, "the task to leave the queue")
     log = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*.err"))
     assert "requeueing with 2 of 4 runs unfinished" in log, log[-3000:]
+
+
+def test_a_parallel_worker_killed_for_memory_fails_its_run_and_the_other_process_finishes(tmp_path):
+    """What an out-of-memory kill does to one process of a parallel task (SIGKILL, no cleanup): its
+    run is recorded failed with the exit code, its later run is left for resubmit, and the other
+    process's runs complete; the task ends (it must not hang until its time limit)."""
+    import signal
+
+    launch(tmp_path, "seed=5,6,7,8", "train.steps=30", "hydra.launcher.runs_per_task=4",
+           "hydra.launcher.parallel_runs=2", "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4")
+    entries = list(manifest.read_manifest(tmp_path / "sweep").values())
+    dirs = [Path(e.run.run_dir) for e in entries]
+    job_id = entries[0].job_id
+    state = lambda d: (rundir.read_status(d) or {}).get("state")  # noqa: E731
+    wait_until(lambda: state(dirs[0]) == "running", 300, "the first run to start", (dirs[1],))
+    os.kill(rundir.read_status(dirs[0])["pid"], signal.SIGKILL)  # process 0: seeds 5 then 7
+    wait_until(lambda: not queued(job_id), 300, "the task to end")
+    assert state(dirs[0]) == "failed" and "worker process died (exit code -9" in rundir.read_status(dirs[0])["reason"]
+    assert not rundir.is_complete(dirs[2])  # process 0's second run never started: resubmit runs it
+    assert rundir.is_complete(dirs[1]) and rundir.is_complete(dirs[3])  # process 1 finished its share

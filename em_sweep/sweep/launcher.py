@@ -68,7 +68,9 @@ class SlurmLauncherConf(SweepLauncherConf):
     # Processes per array task running its runs at once on the task's GPU(s), each with its own
     # model copy (run i in process i mod n): for models small enough that several runs fit one
     # card (peak memory x n below the card's). 1 = the runs one after another in one process.
-    # With CUDA MPS (e.g. `nvidia-cuda-mps-control -d` in `setup`) their kernels overlap.
+    # With CUDA MPS (e.g. `nvidia-cuda-mps-control -d` in `setup`) their kernels overlap. With
+    # gpus_per_task > 1 process i gets visible GPU i mod n. Not for eval.backend=vllm runs: each
+    # process would size vLLM's memory share from the same free memory.
     parallel_runs: int = 1
     # Cap on tasks per array below MaxArraySize (null: MaxArraySize as `scontrol show config` reports).
     max_tasks_per_array: int | None = None

@@ -162,37 +162,87 @@ def _interrupt_on_usr2(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt("USR2: the task is being requeued")
 
 
-def _run_share(context_path: str, runs: Sequence[PlannedRun], cpus: int | None) -> dict[str, str]:
-    """One process of a parallel task: its share of the runs, one after another (its own model copy)."""
+def _run_share(context_path: str, runs: Sequence[PlannedRun], cpus: int | None, results: Any) -> None:
+    """One process of a parallel task: its share of the runs, one after another (its own model
+    copy); its outcomes go to ``results`` (a pipe end) as they are known, so a process that dies
+    later loses none of them."""
     import signal
 
-    # SLURM signals every process of the step; the parent (submitit) requeues the task, this
-    # process marks its run in progress pending and stops.
+    # SLURM signals every process of the step: on USR2 (requeue) this process marks its run in
+    # progress pending and stops; SIGTERM (the requeue's own, the parent's exit) must not kill it
+    # half-way through writing that, so it is ignored (SLURM's SIGKILL still ends a stuck process).
     signal.signal(signal.SIGUSR2, _interrupt_on_usr2)
-    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][%(name)s][pid {os.getpid()}] %(message)s")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO,
+                        format=f"[%(asctime)s][%(name)s][%(levelname)s][pid {os.getpid()}] %(message)s")
     if cpus:
         import torch
 
         torch.set_num_threads(cpus)
     context = LaunchContext.load(Path(context_path))
     context.activate()
-    return _run_each(context, runs)
+    for planned in runs:
+        outcome = _run_each(context, [planned])
+        results.send(outcome)
+    results.close()
+
+
+def _child_env(index: int) -> dict[str, str]:
+    """Process ``index``'s GPU: the task's visible GPUs in turn (all processes on one GPU when it has one)."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return {"CUDA_VISIBLE_DEVICES": visible[index % len(visible)]} if len(visible) > 1 else {}
 
 
 def run_parallel(context_path: str, runs: Sequence[PlannedRun], processes: int, cpus: int | None = None
                  ) -> dict[str, str]:
     """``runs`` spread over ``processes`` processes at once (run i goes to process i mod n), for
-    models small enough that several copies and their runs fit the task's GPU; each process runs
-    its share in turn with its own model cache. Outcomes as :func:`run_packed`, which it raises
-    the same way; a process that dies leaves its unfinished runs to the requeue or resubmit."""
+    models small enough that several copies and their runs fit the task's GPU(s); each process runs
+    its share in turn with its own model cache (non-daemonic, so a run may start processes of its
+    own). Outcomes as :func:`run_packed`, which it raises the same way. A process that dies (e.g.
+    killed for memory) fails its run in progress with the exit code as reason; its later runs
+    are reported not run (resubmit reruns both); the other processes go on."""
     import multiprocessing
 
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot fork
     shares = [list(runs[i::processes]) for i in range(processes) if runs[i::processes]]
     per_process = max(1, cpus // len(shares)) if cpus else None
+    children = []
+    for index, share in enumerate(shares):
+        receive, send = ctx.Pipe(duplex=False)
+        saved = dict(os.environ)
+        os.environ.update(_child_env(index))  # a spawned child copies the environment at start
+        try:
+            proc = ctx.Process(target=_run_share, args=(context_path, share, per_process, send), daemon=False)
+            proc.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        send.close()
+        children.append((proc, receive, share))
     outcomes: dict[str, str] = {}
-    with multiprocessing.get_context("spawn").Pool(len(shares)) as pool:  # spawn: CUDA cannot fork
-        for share_outcomes in pool.starmap(_run_share, [(context_path, share, per_process) for share in shares]):
-            outcomes.update(share_outcomes)
+    for proc, receive, share in children:
+        while True:
+            try:
+                outcomes.update(receive.recv())
+            except EOFError:  # the child closed its end: finished, or died
+                break
+        proc.join()
+        if proc.exitcode != 0:
+            reason = f"worker process died (exit code {proc.exitcode}{'; out of memory?' if proc.exitcode == -9 else ''})"
+            for planned in share:
+                if planned.run_id in outcomes:
+                    continue
+                path = Path(planned.run_dir)
+                status = rundir.read_status(path) or {}
+                if _requeue_requested.is_set():  # interrupted for a requeue: the run reruns
+                    if status.get("state") in ("running", "failed"):
+                        rundir.write_status(path, "pending", reason="interrupted (preempted, time limit or cancelled)")
+                    continue
+                if status.get("state") == "running" and status.get("pid") == proc.pid:
+                    rundir.write_status(path, "failed", reason=reason)
+                    outcomes[planned.run_id] = f"failed: {reason}"
+                else:
+                    outcomes[planned.run_id] = f"failed: not run ({reason} before it)"
     _raise_if_failed(outcomes, len(runs))
     return outcomes
 
