@@ -14,7 +14,7 @@ import logging
 import os
 import pickle
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,16 +124,29 @@ def _raise_if_failed(outcomes: dict[str, str], n_runs: int) -> None:
         raise PackFailed(f"{len(failed)} of {n_runs} runs failed: " + "; ".join(f"{k} {v}" for k, v in failed.items()))
 
 
-def _run_each(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, str]:
+def _mark_interrupted(path: Path) -> None:
+    """The run did not fail, it was stopped (requeue, cancel): pending, to restart cleanly."""
+    rundir.write_status(path, "pending", reason="interrupted (preempted, time limit or cancelled)")
+
+
+def _run_each(context: LaunchContext, runs: Sequence[PlannedRun],
+              report: Callable[[str, str], None] | None = None) -> dict[str, str]:
+    """The runs in turn on one model cache; ``report(run_id, outcome)`` as each outcome is known."""
     from em_sweep.models import ModelCache  # lazy: torch
     from em_sweep.run import RunFailed, run
 
     cache = ModelCache()
     outcomes: dict[str, str] = {}
+
+    def record(run_id: str, outcome: str) -> None:
+        outcomes[run_id] = outcome
+        if report is not None:
+            report(run_id, outcome)
+
     for planned in runs:
         path = Path(planned.run_dir)
         if rundir.is_complete(path):
-            outcomes[planned.run_id] = "skipped"
+            record(planned.run_id, "skipped")
             continue
         log.info("run %s: %s", planned.run_id, " ".join(planned.overrides))
         try:
@@ -144,15 +157,15 @@ def _run_each(context: LaunchContext, runs: Sequence[PlannedRun]) -> dict[str, s
                                    "conf/ changed since the sweep was launched (re-launch it), or the planner "
                                    "and Hydra disagree (please report)")
             run(cfg, cache=cache)
-            outcomes[planned.run_id] = "done"
+            record(planned.run_id, "done")
         except BaseException as e:
             interrupted = isinstance(e, SystemExit | KeyboardInterrupt) or _requeue_requested.is_set()
             if not interrupted and isinstance(e, Exception):
-                outcomes[planned.run_id] = _record_failure(path, e, isinstance(e, RunFailed))
+                record(planned.run_id, _record_failure(path, e, isinstance(e, RunFailed)))
                 continue
             # submitit's requeue (USR2: preemption, time limit) or a cancel: the run did not fail,
             # it was stopped; it restarts cleanly when its task runs again.
-            rundir.write_status(path, "pending", reason="interrupted (preempted, time limit or cancelled)")
+            _mark_interrupted(path)
             raise
     return outcomes
 
@@ -181,9 +194,7 @@ def _run_share(context_path: str, runs: Sequence[PlannedRun], cpus: int | None, 
         torch.set_num_threads(cpus)
     context = LaunchContext.load(Path(context_path))
     context.activate()
-    for planned in runs:
-        outcome = _run_each(context, [planned])
-        results.send(outcome)
+    _run_each(context, runs, report=lambda run_id, outcome: results.send({run_id: outcome}))
     results.close()
 
 
@@ -236,7 +247,7 @@ def run_parallel(context_path: str, runs: Sequence[PlannedRun], processes: int, 
                 status = rundir.read_status(path) or {}
                 if _requeue_requested.is_set():  # interrupted for a requeue: the run reruns
                     if status.get("state") in ("running", "failed"):
-                        rundir.write_status(path, "pending", reason="interrupted (preempted, time limit or cancelled)")
+                        _mark_interrupted(path)
                     continue
                 if status.get("state") == "running" and status.get("pid") == proc.pid:
                     rundir.write_status(path, "failed", reason=reason)
@@ -281,10 +292,10 @@ class SweepTask:
             return None
         _requeue_requested.set()
         if getattr(self, "parallel_runs", 1) > 1:
-            # The worker processes mark their runs pending as USR2 reaches them, unless the pool is
-            # torn down first as this process exits: mark what is still running here too.
+            # The worker processes mark their runs pending as USR2 reaches them; one that cannot (it
+            # was killed, or has not handled the signal yet) leaves its run running: mark it here too.
             for r in unfinished:
                 if (rundir.read_status(Path(r.run_dir)) or {}).get("state") == "running":
-                    rundir.write_status(Path(r.run_dir), "pending", reason="interrupted (preempted, time limit or cancelled)")
+                    _mark_interrupted(Path(r.run_dir))
         log.warning("requeueing with %d of %d runs unfinished", len(unfinished), len(runs))
         return submitit.helpers.DelayedSubmission(self, unfinished)
