@@ -121,11 +121,10 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
         if "em_sweep.vllm_backend" in sys.modules:  # an earlier vllm run of this task: free its engine
             sys.modules["em_sweep.vllm_backend"].release()
         model, tokenizer = cache.get(cfg.model)
-    compiled = cfg.train.compile_loss or ("rl" in cfg.stages and cfg.rl.compile_loss)
-    if compiled and cfg.eval.backend != "vllm":
-        decoder_layers(model)  # a model the setting cannot serve fails here, before the step-0 evaluation
-    if cfg.model.gradient_checkpointing and cfg.eval.backend != "vllm":
-        set_checkpointing(model, True)
+        if cfg.train.compile_loss or ("rl" in cfg.stages and cfg.rl.compile_loss):
+            decoder_layers(model)  # a model the setting cannot serve fails here, before the step-0 evaluation
+        if cfg.model.gradient_checkpointing:
+            set_checkpointing(model, True)
     formatted = {p.id: format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
                  for p in prompts}
     texts = [formatted[p.id] for p in batch_prompts(prompts, cfg.train.batch_size)]
