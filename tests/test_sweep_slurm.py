@@ -211,19 +211,28 @@ def test_parallel_runs_must_be_positive(tmp_path):
     assert not (tmp_path / "sweep" / manifest.MANIFEST).exists()
 
 
-def test_usr2_requeues_a_parallel_task_with_the_runs_its_processes_had_not_finished(tmp_path):
+def run_state(run_dir: Path) -> str | None:
+    return (rundir.read_status(run_dir) or {}).get("state")
+
+
+def launch_parallel_task(tmp_path: Path) -> tuple[list[Path], str]:
+    """One task of 4 runs (seeds 5-8, 30 steps each: a few seconds) in 2 processes: process 0 runs
+    seeds 5 then 7, process 1 seeds 6 then 8 (run i in process i mod 2). (Run dirs, job id.)"""
     launch(tmp_path, "seed=5,6,7,8", "train.steps=30", "hydra.launcher.runs_per_task=4",
            "hydra.launcher.parallel_runs=2", "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4")
     entries = list(manifest.read_manifest(tmp_path / "sweep").values())
-    dirs = [Path(e.run.run_dir) for e in entries]
-    job_id = entries[0].job_id
-    # Process 0 runs seeds 5 then 7, process 1 seeds 6 then 8 (run i in process i mod 2).
-    state = lambda d: (rundir.read_status(d) or {}).get("state")  # noqa: E731
-    wait_until(lambda: all(rundir.is_complete(d) for d in dirs[:2]) and state(dirs[2]) == state(dirs[3]) == "running",
+    return [Path(e.run.run_dir) for e in entries], entries[0].job_id
+
+
+def test_usr2_requeues_a_parallel_task_with_the_runs_its_processes_had_not_finished(tmp_path):
+    dirs, job_id = launch_parallel_task(tmp_path)
+    wait_until(lambda: all(rundir.is_complete(d) for d in dirs[:2])
+               and run_state(dirs[2]) == run_state(dirs[3]) == "running",
                300, "the first two runs to finish and the last two to start", tuple(dirs))
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     wait_until(lambda: "BeginTime" in _job_reason(job_id), 120, "the task to be requeued", tuple(dirs[:2]))
-    wait_until(lambda: state(dirs[2]) == state(dirs[3]) == "pending", 30, "both interrupted runs to be marked pending")
+    wait_until(lambda: run_state(dirs[2]) == run_state(dirs[3]) == "pending", 30,
+               "both interrupted runs to be marked pending")
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True)
     wait_until(lambda: all(rundir.is_complete(d) for d in dirs), 300, "the requeued task to finish", tuple(dirs[:2]))
     wait_until(lambda: not queued(job_id), 60, "the task to leave the queue")
@@ -237,15 +246,10 @@ def test_a_parallel_worker_killed_for_memory_fails_its_run_and_the_other_process
     process's runs complete; the task ends (it must not hang until its time limit)."""
     import signal
 
-    launch(tmp_path, "seed=5,6,7,8", "train.steps=30", "hydra.launcher.runs_per_task=4",
-           "hydra.launcher.parallel_runs=2", "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4")
-    entries = list(manifest.read_manifest(tmp_path / "sweep").values())
-    dirs = [Path(e.run.run_dir) for e in entries]
-    job_id = entries[0].job_id
-    state = lambda d: (rundir.read_status(d) or {}).get("state")  # noqa: E731
-    wait_until(lambda: state(dirs[0]) == "running", 300, "the first run to start", (dirs[1],))
+    dirs, job_id = launch_parallel_task(tmp_path)
+    wait_until(lambda: run_state(dirs[0]) == "running", 300, "the first run to start", (dirs[1],))
     os.kill(rundir.read_status(dirs[0])["pid"], signal.SIGKILL)  # process 0: seeds 5 then 7
     wait_until(lambda: not queued(job_id), 300, "the task to end")
-    assert state(dirs[0]) == "failed" and "worker process died (exit code -9" in rundir.read_status(dirs[0])["reason"]
+    assert run_state(dirs[0]) == "failed" and "worker process died (exit code -9" in rundir.read_status(dirs[0])["reason"]
     assert not rundir.is_complete(dirs[2])  # process 0's second run never started: resubmit runs it
     assert rundir.is_complete(dirs[1]) and rundir.is_complete(dirs[3])  # process 1 finished its share
