@@ -115,6 +115,15 @@ def is_checkpointing(model: torch.nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
+def free_gpu_memory() -> None:
+    """Hand memory of objects just dropped back to the card (gc first: reference cycles hold tensors)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -162,8 +171,4 @@ class ModelCache:
 
         decode.release(self._entry.model)
         self._entry = None
-        import gc
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_gpu_memory()

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from em_sweep.models import pick_device, pick_dtype, resolve_model_path
+from em_sweep.models import free_gpu_memory, pick_device, pick_dtype, resolve_model_path
 from em_sweep.sample import SamplingSettings
 
 # Share of the GPU memory free at engine start that vLLM may take (vLLM's default is 90% of the
@@ -91,13 +91,7 @@ def release() -> None:
     if _engine is None:
         return
     _engine = None
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_gpu_memory()
 
 
 def generate(model: SavedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
