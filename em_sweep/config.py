@@ -324,8 +324,7 @@ def validate(cfg: DictConfig | Config) -> None:
            f"unknown {e.backend!r}; choose from {KNOWN_EVAL_BACKENDS}")
     if e.backend == "vllm":
         # vLLM loads weights from model.path; EM changes them in memory, so only steps=0 is honest.
-        trained = ("em" in c.stages and t.steps > 0) or ("rl" in c.stages and c.rl.steps > 0)
-        _check(not trained, "eval.backend",
+        _check(total == 0, "eval.backend",
                f"vllm scores the saved model.path only, but the stages {list(c.stages)} train it in memory "
                f"(train.steps={t.steps}, rl.steps={c.rl.steps}); use no training steps (or `em-sweep eval`) "
                "on a saved checkpoint (train.save_at_steps), or eval.backend=hf")
