@@ -46,6 +46,7 @@ from _common import (
     timed,
     write_json,
 )
+from summarize import is_project
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from em_sweep.em import em_step, make_optimizer
@@ -277,10 +278,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(result)
     write_json(args.json, result)
     return result
-
-
-def is_project(key: str) -> bool:
-    return key.split("@")[0].split("+")[0] == "project"
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 
+def is_project(key: str) -> bool:
+    """Whether an em_step.py result key is a project part: ``project[@backend][+option...]``."""
+    return key.split("@")[0].split("+")[0] == "project"
+
+
 def _f(x: Any, d: int = 2) -> str:
     return "-" if x is None else (f"{x:.{d}f}" if isinstance(x, float) else str(x))
 
@@ -32,7 +37,7 @@ def summarize(folder: Path) -> str:
         lines += ["", "| run | variant | sampling s | loss fwd+bwd s | optimizer s | step s | peak GiB | settings |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in em:
-            for key in ["reference"] + [k for k in r if k.split("@")[0].split("+")[0] == "project"]:
+            for key in ["reference"] + [k for k in r if is_project(k)]:
                 p = r.get(key)
                 if not p:
                     continue
