@@ -80,14 +80,13 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     n = samples_per_problem(eval_cfg, spec.repeats, temperature)
     texts = [format_eval_prompt(tokenizer, p.question, eval_cfg.template) for p in problems]
     settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens)
-    generated = generate_responses(model, tokenizer, texts, n, settings, eval_cfg)
-    responses = {(i, k): generated[i][k] for i in range(len(problems)) for k in range(n)}
+    responses = generate_responses(model, tokenizer, texts, n, settings, eval_cfg)  # [problem][sample]
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
-    extracted = [extract_answer(responses[ik]) for ik in order]
+    extracted = [extract_answer(responses[i][k]) for i, k in order]
     grades = grade_many(extracted, [problems[i].answers for i, _ in order], timeout_s=eval_cfg.grade_timeout_s)
     records = [
         {"benchmark": name, "id": problems[i].id, "step": step, "temperature": temperature, "sample": k,
-         "response": responses[(i, k)], "extracted": ans, "gold": list(problems[i].answers),
+         "response": responses[i][k], "extracted": ans, "gold": list(problems[i].answers),
          "correct": g.correct, "grade_status": g.status}
         for (i, k), ans, g in zip(order, extracted, grades, strict=True)
     ]
