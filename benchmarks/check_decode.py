@@ -19,8 +19,9 @@ import torch
 from _common import IdTokenizer, environment, pick_device, write_json
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from em_sweep import decode
+from em_sweep import decode, em
 from em_sweep.em import accumulate_entropy_gradients, compiled_layers
+from em_sweep.models import set_checkpointing
 from em_sweep.sample import SamplingSettings, sample_responses
 
 
@@ -42,17 +43,31 @@ def ragged_prompts(n: int, vocab: int) -> list[str]:
             for i in range(n)]
 
 
-def loss_pass_gradients(model: Qwen2ForCausalLM, batch: Any, share: bool, compiled: bool
-                        ) -> tuple[float, torch.Tensor]:
-    """(entropy sum, all gradients as one fp32 vector) of one loss pass over ``batch``."""
+def loss_pass_gradients(model: Qwen2ForCausalLM, batch: Any, share: bool, compiled: bool, checkpointing: bool = False
+                        ) -> tuple[float, torch.Tensor, int]:
+    """(entropy sum, all gradients as one fp32 vector, micro-batches that ran their prompt once)
+    of one loss pass over ``batch``."""
     model.train()
     model.zero_grad(set_to_none=True)
+    set_checkpointing(model, checkpointing)
     train = SimpleNamespace(micro_batch_size=4, loss_temperature=0.5, loss_chunk_tokens=64, share_prompt_pass=share)
-    with compiled_layers(model, compiled):
-        total = accumulate_entropy_gradients(model, batch, train, batch.response_mask.sum())
+    real, shared = em._shared_prompt_hidden, []
+
+    def counted(*a: Any) -> Any:
+        hidden = real(*a)
+        shared.append(hidden is not None)
+        return hidden
+
+    em._shared_prompt_hidden = counted
+    try:
+        with compiled_layers(model, compiled):
+            total = accumulate_entropy_gradients(model, batch, train, batch.response_mask.sum())
+    finally:
+        em._shared_prompt_hidden = real
+        set_checkpointing(model, False)
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
     model.eval()
-    return float(total), grads
+    return float(total), grads, sum(shared)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,16 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         batch = sample_responses(model, tok, [ragged_prompts(1, model.config.vocab_size)[0]] * 8,
                                  SamplingSettings(temperature=1.0, max_new_tokens=args.new_tokens, backend="hf"), 8,
                                  seed=0)
-        full, g_full = loss_pass_gradients(model, batch, share=False, compiled=False)
-        for share, compiled in ((True, False), (False, True), (True, True)):
-            name = f"loss pass{' shared prompt' if share else ''}{' compiled' if compiled else ''} == full eager " \
-                   f"({str(dtype)[6:]})"
+        full, g_full, _ = loss_pass_gradients(model, batch, share=False, compiled=False)
+        for share, compiled, ckpt in ((True, False, False), (False, True, False), (True, True, False),
+                                      (True, False, True)):
+            name = f"loss pass{' shared prompt' if share else ''}{' compiled' if compiled else ''}" \
+                   f"{' checkpointed' if ckpt else ''} == full eager ({str(dtype)[6:]})"
             try:
-                total, g = loss_pass_gradients(model, batch, share, compiled)
+                total, g, n_shared = loss_pass_gradients(model, batch, share, compiled, ckpt)
                 rel_loss = abs(total - full) / abs(full)
                 rel_grad = float((g - g_full).norm() / g_full.norm())
-                report(name, rel_loss < tol and rel_grad < tol,
-                       f"entropy rel. diff {rel_loss:.2e}, gradient rel. diff {rel_grad:.2e} (need < {tol:g})")
+                report(name, rel_loss < tol and rel_grad < tol and n_shared == (2 if share else 0),
+                       f"entropy rel. diff {rel_loss:.2e}, gradient rel. diff {rel_grad:.2e} (need < {tol:g}); "
+                       f"{n_shared} of 2 micro-batches ran the prompt once")
             except Exception as e:
                 report(name, False, f"{type(e).__name__}: {e}")
     write_json(args.json, results)

@@ -27,6 +27,8 @@ import argparse
 import statistics
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -162,32 +164,41 @@ def reference_step(model: torch.nn.Module, args: argparse.Namespace, device: tor
     }
 
 
-def shared_prompt_pass_works(model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether this transformers' decoder takes the shared prompt pass's cache (else em_step quietly
-    runs the full pass and a +share_prompt part measures nothing new)."""
+@contextmanager
+def counting_shared_passes(outcomes: list[bool]) -> Iterator[None]:
+    """Records, per loss micro-batch that tried the shared prompt pass, whether it ran (False:
+    this transformers' decoder fell back to the full pass, so a +share_prompt part measures
+    nothing new)."""
     from em_sweep import em
-    from em_sweep.sample import position_ids_for
 
-    ids = torch.randint(1, model.config.vocab_size, (2, 8), device=device)
-    attn = torch.ones_like(ids)
-    with torch.no_grad():
-        return em._shared_prompt_hidden(model.get_decoder(), ids, attn, position_ids_for(attn), 5) is not None
+    real = em._shared_prompt_hidden
+
+    def counted(*a: Any) -> Any:
+        hidden = real(*a)
+        outcomes.append(hidden is not None)
+        return hidden
+
+    em._shared_prompt_hidden = counted
+    try:
+        yield
+    finally:
+        em._shared_prompt_hidden = real
 
 
 def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """em_sweep's em_step, ``--steps`` times; the first is reported apart (one-time costs)."""
     train = train_settings(args)
-    sharing = bool(args.share_prompt) and shared_prompt_pass_works(model, device)
     if args.gradient_checkpointing:
         set_checkpointing(model, True)
     optimizer, lr_at = make_optimizer(model, train)
     texts = [random_prompt(args.prompt_tokens, model.config.vocab_size, seed=1)] * args.batch
     tok = IdTokenizer()
-    steps = []
+    steps, shared = [], []
     reset_peak(device)
     for s in range(args.steps):
         t0 = time.perf_counter()
-        m = em_step(model, tok, optimizer, texts, train, step=s + 1, lr=lr_at(s), seed=1000 + s)
+        with counting_shared_passes(shared):
+            m = em_step(model, tok, optimizer, texts, train, step=s + 1, lr=lr_at(s), seed=1000 + s)
         sync(device)
         wall = time.perf_counter() - t0
         steps.append({"sample_s": m.seconds_sample, "loss_s": m.seconds_loss, "optim_s": m.seconds_optim,
@@ -209,7 +220,7 @@ def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torc
             "backend": resolve_backend(model, args.backend), "gradient_checkpointing": args.gradient_checkpointing,
             "micro_batch": args.micro_batch, "loss_chunk_tokens": args.loss_chunk_tokens,
             "compile_loss": bool(args.compile_loss), "share_prompt": bool(args.share_prompt),
-            "share_prompt_active": sharing}
+            "share_prompt_active": bool(shared) and all(shared)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

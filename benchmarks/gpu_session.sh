@@ -82,11 +82,11 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.used,mem
 # Most informative first: the 1.5B EM step (its 3 s target was missed by 0.16 s) with the
 # compiled decoder layer (static_compile): as measured before, with the prompt run once per loss
 # micro-batch (train.share_prompt_pass), and with the compiled loss pass (train.compile_loss;
-# apart: the shared prompt's cached calls stay eager), against the reference style; then 7B (fused bf16 AdamW, checkpointing, so
-# no shared prompt pass) without and with the compiled loss pass; then where a decoding step's time
-# goes; then the checks.
+# apart: the shared prompt's cached calls stay eager), against the reference style; then 7B (fused bf16 AdamW,
+# checkpointing) as measured, with the shared prompt pass (checkpointed by em-sweep, not HF) and
+# with the compiled loss pass; then where a decoding step's time goes; then the checks.
 part em_step_1.5b       300    90 benchmarks/em_step.py --shape $S15 $EM --backend static_compile --parts project,project+share_prompt,project+compile_loss,reference --json em_step_1.5b.json
-part em_step_7b         260   120 benchmarks/em_step.py --shape $S7 $EM --backend static_compile --parts project,project+compile_loss,reference --json em_step_7b.json
+part em_step_7b         320   150 benchmarks/em_step.py --shape $S7 $EM --backend static_compile --parts project,project+share_prompt,project+compile_loss,reference --json em_step_7b.json
 part profile_1.5b       100    45 benchmarks/profile_decode.py --shape $S15 $PROF --json profile_1.5b.json
 part check_decode       150    40 benchmarks/check_decode.py $CHECK --json check_decode.json
 part eval_7b_compile    150    60 benchmarks/eval_throughput.py --shape $S7 --paths project --batch-sizes $BS7 $EV --backend static_compile --json eval_7b_compile.json

@@ -113,8 +113,9 @@ class TrainConfig:
     # Loss pass: where a micro-batch's rows share their prompt (one-shot EM), run the prompt once
     # and repeat its keys/values for the rows instead of recomputing it per row (~15% of the loss
     # pass's FLOPs for a 100-token prompt and 512 new tokens); the same entropies and gradient.
-    # Not with gradient checkpointing (HF drops the cache there; the full pass runs). EM and the
-    # RL stage (rl.share_prompt_pass follows it), single-process. Speed only: not part of the run id.
+    # Under gradient checkpointing em-sweep checkpoints the rows' pass itself (HF's would drop the
+    # cache). EM and the RL stage (rl.share_prompt_pass follows it), single-process. Speed only:
+    # not part of the run id.
     share_prompt_pass: bool = False
 
 

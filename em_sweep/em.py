@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep.loss import entropy_sum_from_hidden, per_token_entropy
-from em_sweep.models import is_checkpointing
+from em_sweep.models import checkpointing_modules
 from em_sweep.optim import make_adamw
 from em_sweep.sample import SampleBatch, SamplingSettings, position_ids_for, sample_responses
 
@@ -130,34 +131,107 @@ def compiled_layers(model: PreTrainedModel, enabled: bool = True) -> Iterator[No
             layer._compiled_call_impl = previous
 
 
-def _shares_prompt(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, first: int) -> bool:
-    """Whether the rows' prompt columns can run once for all rows: identical prompts (one-shot EM),
-    a prompt of at least one token before the last, and no gradient checkpointing (HF layers drop
-    the cache under checkpointing in training)."""
-    if first < 1 or ids.shape[0] < 2 or is_checkpointing(model):
+def _shares_prompt(ids: torch.Tensor, attn: torch.Tensor, first: int) -> bool:
+    """Whether the rows' prompt columns can run once for all rows: identical prompts (one-shot EM)
+    and a prompt of at least one token before the last."""
+    if first < 1 or ids.shape[0] < 2:
         return False
     return bool((ids[:, :first] == ids[:1, :first]).all() and (attn[:, :first] == attn[:1, :first]).all())
 
 
-def _shared_prompt_hidden(decoder: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
+def _read_only(cache: Any) -> bool:
+    """Make ``cache`` hand out each layer's stored keys/values joined to the call's own without
+    storing them (what its ``update`` returns on a first call), so a layer recomputed in backward
+    under checkpointing sees exactly what it saw in forward. False where the cache does not keep
+    per-layer ``keys``/``values`` (the caller runs the full pass)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None or getattr(layer, "values", None) is None
+                         for layer in layers):
+        return False
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+    cache.update = update
+    return True
+
+
+def _without_hf_checkpointing(modules: list[torch.nn.Module], fn: Callable[..., Any], *args: Any, **kwargs: Any
+                              ) -> Any:
+    """``fn`` with HF's checkpointing off on ``modules`` (HF layers drop a KV cache under it)."""
+    before = [m.gradient_checkpointing for m in modules]
+    for m in modules:
+        m.gradient_checkpointing = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        for m, flag in zip(modules, before, strict=True):
+            m.gradient_checkpointing = flag
+
+
+def _checkpointed_layer_call(layer: torch.nn.Module, previous: Callable[..., Any] | None, *args: Any,
+                             **kwargs: Any) -> Any:
+    """One decoder layer call of the shared pass, checkpointed here instead of by HF; the
+    recomputation in backward runs with HF's flag off too."""
+    fn = previous if previous is not None else layer._call_impl
+    if not torch.is_grad_enabled():
+        return _without_hf_checkpointing([layer], fn, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(_without_hf_checkpointing, [layer], fn, *args, use_reentrant=False,
+                                             **kwargs)
+
+
+@contextmanager
+def _own_checkpointing(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
+    """While active, HF's gradient checkpointing is off and (``enabled``) every decoder layer call
+    is checkpointed by :func:`_checkpointed_layer_call`, which keeps the (read-only) cache."""
+    flagged = checkpointing_modules(model)
+    if not flagged:
+        yield
+        return
+    layers = decoder_layers(model) if enabled else []
+    before = [layer._compiled_call_impl for layer in layers]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    for layer, previous in zip(layers, before, strict=True):
+        layer._compiled_call_impl = functools.partial(_checkpointed_layer_call, layer, previous)
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+        for layer, previous in zip(layers, before, strict=True):
+            layer._compiled_call_impl = previous
+
+
+def _shared_prompt_hidden(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
                           first: int) -> torch.Tensor | None:
     """Final hidden states [rows, columns from ``first`` on] with the prompt columns before
     ``first`` computed once for one row, their keys/values repeated for every row (with autograd:
     the repeat's backward sums the rows' gradients, so the gradient is the unshared pass's).
+
+    Under gradient checkpointing the prompt pass (one row) keeps its activations and each layer
+    of the rows' pass is checkpointed here: HF's own checkpointing would drop the cache.
     None where the decoder takes no cache argument this way (the caller runs the full pass)."""
+    decoder = model.get_decoder()
     params = inspect.signature(decoder.forward).parameters
     key = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
     if key is None:
         return None
-    prefix = decoder(input_ids=ids[:1, :first], attention_mask=attn[:1, :first], position_ids=pos[:1, :first],
-                     use_cache=True)
+    with _own_checkpointing(model, enabled=False):
+        prefix = decoder(input_ids=ids[:1, :first], attention_mask=attn[:1, :first], position_ids=pos[:1, :first],
+                         use_cache=True)
     cache = getattr(prefix, "cache", None)
     cache = getattr(prefix, "past_key_values", None) if cache is None else cache
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(ids.shape[0])
-    return decoder(input_ids=ids[:, first:], attention_mask=attn, position_ids=pos[:, first:], use_cache=True,
-                   **{key: cache}).last_hidden_state
+    if not _read_only(cache):
+        return None
+    with _own_checkpointing(model, enabled=True):
+        return decoder(input_ids=ids[:, first:], attention_mask=attn, position_ids=pos[:, first:], use_cache=True,
+                       **{key: cache}).last_hidden_state
 
 
 def response_outputs(model: PreTrainedModel, batch: SampleBatch, rows: slice,
@@ -176,8 +250,8 @@ def response_outputs(model: PreTrainedModel, batch: SampleBatch, rows: slice,
     if model.config.model_type in HIDDEN_STATE_LOSS_MODELS:
         pos = position_ids_for(attn)
         hidden = None
-        if share_prompt and _shares_prompt(model, ids, attn, first):
-            hidden = _shared_prompt_hidden(model.get_decoder(), ids, attn, pos, first)
+        if share_prompt and _shares_prompt(ids, attn, first):
+            hidden = _shared_prompt_hidden(model, ids, attn, pos, first)
         if hidden is None:
             hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos,
                                          use_cache=False).last_hidden_state[:, first:]

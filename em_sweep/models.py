@@ -110,9 +110,9 @@ def set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
     getattr(model, f"{prefix}_checkpointing_{'enable' if enabled else 'disable'}")()
 
 
-def is_checkpointing(model: torch.nn.Module) -> bool:
-    """Whether any layer recomputes its activations in backward (what HF's flag property reads)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+def checkpointing_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose HF gradient-checkpointing flag is on (empty: no checkpointing)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
 
 
 def free_gpu_memory() -> None:

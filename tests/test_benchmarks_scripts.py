@@ -43,7 +43,8 @@ def test_gpu_session_rehearsal_measures_everything_and_survives_a_failing_part(t
 
     checks = json.loads((out / "check_decode.json").read_text())["checks"]
     assert checks and all(c["ok"] for c in checks.values())
-    assert sum(name.startswith("loss pass") for name in checks) == 6  # shared / compiled / both, fp32 and bf16
+    # shared / compiled / both / shared checkpointed, fp32 and bf16
+    assert sum(name.startswith("loss pass") for name in checks) == 8
     em = json.loads((out / "em_step_1.5b.json").read_text())
     assert "EXTRAPOLATED" in em["reference"]["label"] and em["reference"]["micro_batches"] == 4
     assert all(em["project"][k] >= 0 for k in ("sample_s", "loss_s", "optim_s", "step_s"))

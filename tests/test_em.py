@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from em_sweep.em import NonFiniteLoss, em_step, make_optimizer, micro_batch_entropy_sum
 from em_sweep.loss import token_entropy
-from em_sweep.models import set_checkpointing
+from em_sweep.models import checkpointing_modules, set_checkpointing
 from em_sweep.prompts import format_prompt
 from em_sweep.sample import SamplingSettings, position_ids_for, sample_responses
 from tests.conftest import compose_config
@@ -146,8 +146,9 @@ def test_compile_loss_needs_a_decoder_layer_list():
 @pytest.mark.parametrize("case", ["one prompt", "two prompts", "checkpointing"])
 def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case, monkeypatch):
     """train.share_prompt_pass: one-shot rows run their prompt once (keys/values repeated with
-    autograd); rows with different prompts, or gradient checkpointing, take the full pass. Either
-    way the entropy and every gradient equal the full pass's."""
+    autograd), also under gradient checkpointing (each layer of the rows' pass is recomputed in
+    backward); rows with different prompts take the full pass. Either way the entropy and every
+    gradient equal the full pass's."""
     from em_sweep import em
 
     model, tok = fresh
@@ -166,13 +167,20 @@ def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case
         return hidden
 
     monkeypatch.setattr(em, "_shared_prompt_hidden", counted)
+    layer_calls = []  # the first decoder layer's attention calls, forward and recomputed
+    model.get_decoder().layers[0].self_attn.register_forward_pre_hook(lambda *_: layer_calls.append(1))
     results = []
     for share in (False, True):
         model.zero_grad(set_to_none=True)
+        layer_calls.clear()
         total = em.accumulate_entropy_gradients(
             model, batch, train_cfg(batch_size=8, micro_batch_size=4, share_prompt_pass=share), batch.response_mask.sum())
         results.append((float(total), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert shared_calls == ([True, True] if case == "one prompt" else [])  # both micro-batches shared
+        # per micro-batch: the full pass (+ its recomputation); shared: prompt, rows (+ rows recomputed)
+        shares = share and case != "two prompts"
+        assert len(layer_calls) == 2 * (1 + shares + (case == "checkpointing")), (share, len(layer_calls))
+    assert shared_calls == ([] if case == "two prompts" else [True, True])  # both micro-batches shared
+    assert bool(checkpointing_modules(model)) == (case == "checkpointing")  # the flags are back as they were
     (full, g_full), (shared, g_shared) = results
     assert shared == pytest.approx(full, rel=1e-5)
     for name, g in g_full.items():
