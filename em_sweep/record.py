@@ -47,7 +47,9 @@ class WandbMirror:
     """Mirrors metrics to W&B (offline by default: run files under ``<run_dir>/wandb``)."""
 
     def __init__(self, logger_cfg: Any, run_dir: Path, run_id: str, group: str, config: Mapping[str, Any],
-                 tags: list[str] | None = None) -> None:
+                 tags: list[str] | None = None, attempt: int = 1) -> None:
+        """``attempt`` > 1 (a restart, which logs from step 0 again) gets a W&B run of its own,
+        ``<run_id>-<attempt>``, named ``run_id``: W&B drops steps a resumed run has already logged."""
         self.run: Any = None
         self.timeout = float(logger_cfg.init_timeout_s)
         if logger_cfg.mode == "disabled":
@@ -61,7 +63,8 @@ class WandbMirror:
         project = project_for(logger_cfg.project, run_id, int(getattr(logger_cfg, "project_shards", 1)))
 
         def init() -> Any:
-            return wandb.init(project=project, entity=logger_cfg.entity, group=group, id=run_id, name=run_id,
+            return wandb.init(project=project, entity=logger_cfg.entity, group=group,
+                              id=run_id if attempt == 1 else f"{run_id}-{attempt}", name=run_id,
                               resume="allow", dir=str(run_dir), mode=logger_cfg.mode, config=dict(config),
                               tags=tags or [], reinit="finish_previous",
                               settings=wandb.Settings(init_timeout=self.timeout, console="off", x_disable_stats=True))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -23,7 +24,14 @@ from em_sweep.benchmarks import BenchmarkError, resolve_spec
 from em_sweep.config import ConfigError, stage_plan, to_container, validate
 from em_sweep.em import StepMetrics, decoder_layers, train_em
 from em_sweep.evaluate import evaluate
-from em_sweep.models import ModelCache, ModelLoadError, load_tokenizer, resolve_model_path, set_checkpointing
+from em_sweep.models import (
+    ModelCache,
+    ModelLoadError,
+    checkpointing_modules,
+    load_tokenizer,
+    resolve_model_path,
+    set_checkpointing,
+)
 from em_sweep.prompts import PoolItem, PromptError, batch_prompts, format_prompt, select_prompts
 from em_sweep.record import RunRecorder, WandbMirror
 from em_sweep.rl import RLStepMetrics, train_rl
@@ -83,18 +91,18 @@ def run(cfg: DictConfig, cache: ModelCache | None = None) -> dict[str, Any]:
 
 def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelCache) -> dict[str, Any]:
     config = to_container(cfg)
-    rundir.reset_partial(path)
+    attempt = rundir.reset_partial(path)
     rundir.write_text_atomic(path / rundir.CONFIG, OmegaConf.to_yaml(config))
-    rundir.write_status(path, "running")
+    rundir.write_status(path, "running", attempt=attempt)
     tags = [cfg.model.name, cfg.prompt.name, "stages=" + ",".join(cfg.stages)]
-    mirror = WandbMirror(cfg.logger, path, path.name, cfg.name, config, tags=tags)
+    mirror = WandbMirror(cfg.logger, path, path.name, cfg.name, config, tags=tags, attempt=attempt)
     recorder = RunRecorder(path, mirror)
     t_start = time.perf_counter()
     try:
         results = _execute(cfg, path, prompts, cache, recorder)
     except BaseException as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
-        rundir.write_status(path, "failed", reason=reason, traceback=traceback.format_exc(limit=20))
+        rundir.write_status(path, "failed", reason=reason, traceback=traceback.format_exc(limit=20), attempt=attempt)
         mirror.finish(exit_code=1)
         if isinstance(e, KeyboardInterrupt | SystemExit):
             raise
@@ -105,7 +113,7 @@ def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: Mo
     mirror.summary({f"final/{s['benchmark']}": s["accuracy"] for s in results["final_scores"]})
     mirror.finish()
     rundir.write_json_atomic(path / rundir.RESULTS, results)  # last: its presence means "done"
-    rundir.write_status(path, "done")
+    rundir.write_status(path, "done", attempt=attempt)
     return results
 
 
@@ -123,8 +131,9 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
         model, tokenizer = cache.get(cfg.model)
         if cfg.train.compile_loss or ("rl" in cfg.stages and cfg.rl.compile_loss):
             decoder_layers(model)  # a model the setting cannot serve fails here, before the step-0 evaluation
-        if cfg.model.gradient_checkpointing:
-            set_checkpointing(model, True)
+        # Also off where an earlier run of a packed task turned it on (the cache restores weights only).
+        if cfg.model.gradient_checkpointing or checkpointing_modules(model):
+            set_checkpointing(model, bool(cfg.model.gradient_checkpointing))
     formatted = {p.id: format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
                  for p in prompts}
     texts = [formatted[p.id] for p in batch_prompts(prompts, cfg.train.batch_size)]
@@ -188,10 +197,13 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
 
 
 def save_checkpoint(model: Any, tokenizer: Any, out: Path) -> None:
-    """An HF-format checkpoint any tool (evaluation, analysis) accepts as ``model.path``."""
+    """An HF-format checkpoint any tool (evaluation, analysis) accepts as ``model.path``; written
+    beside it and renamed into place, so ``out`` is never half-written."""
     tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a save cut short
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
 

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -166,8 +167,36 @@ def claimed(path: Path) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def reset_partial(path: Path) -> None:
-    """Clear what an interrupted attempt left (metrics, eval records) so a restart is clean."""
+def is_claimed(path: Path) -> bool:
+    """Whether a live process holds the run directory's claim (:func:`claimed`); False if none
+    ever did. Reliable on the host that runs it (local launches)."""
+    try:
+        f = open(Path(path) / ".lock", "rb")
+    except FileNotFoundError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+ATTEMPTS = ".attempts"
+
+
+def reset_partial(path: Path) -> int:
+    """Clear what an interrupted attempt left (metrics, eval records, checkpoints, W&B files) so
+    a restart is clean; the number of the attempt now starting (1 for the first)."""
     path = Path(path)
     for name in (METRICS, "eval_records.jsonl"):
         (path / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "wandb"):
+        shutil.rmtree(path / name, ignore_errors=True)
+    try:
+        attempt = int((path / ATTEMPTS).read_text()) + 1
+    except (FileNotFoundError, ValueError):
+        attempt = 1
+    write_text_atomic(path / ATTEMPTS, f"{attempt}\n")
+    return attempt

@@ -76,3 +76,55 @@ def test_analysis_tools_accept_a_checkpoint_as_model(trained, tmp_path):
                     "--out-dir", str(tmp_path / "prompt"), "--ranking", str(ranking)) == 0
     record = json.loads(ranking.read_text())
     assert record["model"]["path"] == str(ckpt) and record["ranking"][0]["id"] == "q1"
+
+
+def test_a_restarted_run_starts_clean_over_what_the_interrupted_attempt_left(tmp_path):
+    """A run interrupted after saving a checkpoint (results.json never written) is restarted from
+    scratch: the old checkpoints, a half-written one and the old W&B files go, the checkpoint is
+    written again, and the restart logs to a W&B run of its own (W&B drops steps it has seen)."""
+    from em_sweep import rundir
+    from em_sweep.run import run
+    from tests.conftest import compose_config
+
+    fast = [o for o in FAST if not o.startswith("logger.")]
+    cfg = compose_config([f"paths.root={tmp_path}", *fast, "train.save_at_steps=[1]", "eval.at_steps=[]",
+                          "logger.mode=offline"])
+    first = run(cfg)
+    path = Path(first["run_dir"])
+    assert (path / rundir.ATTEMPTS).read_text().strip() == "1"
+    # What a preemption after the save leaves: no results.json, a "running" status, and a save cut short.
+    (path / rundir.RESULTS).unlink()
+    rundir.write_status(path, "running")
+    (path / "checkpoints" / "step-1.tmp").mkdir()
+    (path / "checkpoints" / "step-1.tmp" / "junk.bin").write_bytes(b"x")
+    again = run(cfg)
+    assert "skipped" not in again
+    assert [s["accuracy"] for s in again["final_scores"]] == [s["accuracy"] for s in first["final_scores"]]
+    assert sorted(p.name for p in (path / "checkpoints").iterdir()) == ["step-1"]
+    assert (path / "checkpoints" / "step-1" / "model.safetensors").is_file()
+    assert (path / rundir.ATTEMPTS).read_text().strip() == "2" and rundir.read_status(path)["attempt"] == 2
+    (wandb_run,) = (path / "wandb").glob("offline-run-*")  # the first attempt's files are gone
+    assert wandb_run.name.endswith(f"-{path.name}-2")
+
+
+def test_a_packed_run_does_not_inherit_gradient_checkpointing_from_the_run_before(tmp_path, monkeypatch):
+    """Runs of one task share a loaded model (ModelCache restores its weights): a run without
+    gradient checkpointing trains without it even after one with it."""
+    from em_sweep import em, run as run_module
+    from em_sweep.models import ModelCache, checkpointing_modules
+    from tests.conftest import compose_config
+
+    seen = []
+    real = em.accumulate_entropy_gradients
+
+    def recording(model, *args, **kwargs):
+        seen.append(bool(checkpointing_modules(model)))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(em, "accumulate_entropy_gradients", recording)
+    cache = ModelCache()
+    for ckpt in ("true", "false"):
+        seen.clear()
+        run_module.run(compose_config([f"paths.root={tmp_path}", *FAST, "train.steps=1", "eval.at_steps=[]",
+                                       f"model.gradient_checkpointing={ckpt}"]), cache)
+        assert seen == [ckpt == "true"]
