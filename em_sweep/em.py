@@ -326,21 +326,22 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
         loss = float(accumulate_entropy_gradients(model, batch, train, n_tokens)) / float(n_tokens)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
     t2 = time.perf_counter()
-    apply_update(optimizer, loss, grad_norm, step, lr)
-    if batch.input_ids.is_cuda:  # the update runs asynchronously: let seconds_optim measure it
-        torch.cuda.synchronize(batch.input_ids.device)
-    t3 = time.perf_counter()
     entropy = loss
-    if train.sample_temperature != train.loss_temperature:
+    if train.sample_temperature != train.loss_temperature:  # before the update, as the loss (its own pass)
         with torch.no_grad():
             entropy = sum(float(micro_batch_entropy_sum(model, batch, slice(s, s + train.micro_batch_size),
                                                         train.sample_temperature, train.loss_chunk_tokens,
                                                         bool(getattr(train, "share_prompt_pass", False)))[1])
                           for s in range(0, batch.input_ids.shape[0], train.micro_batch_size)) / float(n_tokens)
+    t_update = time.perf_counter()  # the entropy pass above is in neither timing
+    apply_update(optimizer, loss, grad_norm, step, lr)
+    if batch.input_ids.is_cuda:  # the update runs asynchronously: let seconds_optim measure it
+        torch.cuda.synchronize(batch.input_ids.device)
+    t3 = time.perf_counter()
     return StepMetrics(step=step, loss=loss, entropy=entropy,
                        response_length=float(batch.response_lengths.float().mean()),
                        eos_rate=float(batch.hit_eos.float().mean()), grad_norm=grad_norm, lr=lr,
-                       seconds_sample=t1 - t0, seconds_loss=t2 - t1, seconds_optim=t3 - t2)
+                       seconds_sample=t1 - t0, seconds_loss=t2 - t1, seconds_optim=t3 - t_update)
 
 
 def train_em(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], train: Any,

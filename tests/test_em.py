@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from em_sweep.em import NonFiniteLoss, em_step, make_optimizer, micro_batch_entropy_sum
+from em_sweep.em import NonFiniteLoss, em_step, make_optimizer, micro_batch_entropy_sum, sampling_settings
 from em_sweep.loss import token_entropy
 from em_sweep.models import checkpointing_modules, set_checkpointing
 from em_sweep.prompts import format_prompt
@@ -53,6 +53,29 @@ def test_one_step_is_one_update_whatever_the_micro_batch(fresh, micro):
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for k in w_a:
         assert torch.allclose(w_a[k], w_b[k], atol=1e-6), k
+
+
+def test_reported_entropy_at_the_sampling_temperature_is_the_models_before_its_update(fresh):
+    """StepMetrics.entropy is the loss's quantity at the sampling temperature: like the loss, of
+    the weights that sampled the batch, not of the updated ones."""
+    model, tok = fresh
+    texts = [format_prompt(tok, "What is 12+30-7+45?")] * 8
+    train = train_cfg(batch_size=8, micro_batch_size=4, max_new_tokens=24, sample_temperature=1.0,
+                      loss_temperature=0.5, lr=3e-2)
+    before = copy.deepcopy(model)
+    opt, _ = make_optimizer(model, train)
+    metrics = em_step(model, tok, opt, texts, train, step=1, lr=3e-2, seed=4)
+    # The same batch again (same seed, same weights), scored at the sampling temperature.
+    batch = sample_responses(before, tok, texts, sampling_settings(train), train.sample_batch_size, seed=4)
+    n = float(batch.response_mask.sum())
+
+    def entropy_of(m):
+        m.train()
+        with torch.no_grad():
+            return sum(float(micro_batch_entropy_sum(m, batch, slice(s, s + 4), 1.0, 0)[1]) for s in (0, 4)) / n
+
+    assert metrics.entropy == pytest.approx(entropy_of(before), rel=1e-4)
+    assert abs(entropy_of(model) - entropy_of(before)) > 1e-3  # the update moved it: the test can tell
 
 
 def test_ten_em_steps_lower_the_entropy_of_sampled_responses(fresh):
