@@ -34,8 +34,9 @@ class BenchmarkError(ValueError):
 class BenchmarkSpec:
     """Where a benchmark's file is and how to read one row of it.
 
-    ``file``: a path; a relative one resolves against ``em_sweep/data/benchmarks/``
-    (or, if no such file is shipped, against the current directory).
+    ``file``: a path. A relative one resolves against ``em_sweep/data/benchmarks/`` for the
+    shipped specs (:data:`BENCHMARKS`); for a user's spec against the current directory, and
+    against the shipped folder only where the current directory has no such file.
     ``answer_format``: ``"plain"`` (the field is the answer; a number becomes
     its canonical string), ``"list"`` (the field is a list of acceptable
     answers, e.g. OlympiadBench ``final_answer``), ``"boxed_in_solution"``
@@ -207,8 +208,10 @@ def benchmark_path(spec: BenchmarkSpec) -> Path:
     if path.is_absolute():
         return path
     shipped = BENCHMARK_DIR / path
-    local = Path.cwd() / path
-    return local if local.exists() and not shipped.exists() else shipped
+    if BENCHMARKS.get(spec.name) == spec:
+        return shipped
+    local = Path.cwd() / path  # a user's file of the same name as a shipped one is the user's
+    return local if local.exists() or not shipped.exists() else shipped
 
 
 @functools.lru_cache(maxsize=64)

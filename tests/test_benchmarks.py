@@ -235,3 +235,18 @@ def test_edited_file_is_read_again(tmp_path: Path) -> None:
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert [p.answers for p in load_benchmark(spec)] == [("2",), ("3",)]
+
+
+def test_a_users_relative_file_wins_over_a_shipped_file_of_the_same_name(tmp_path: Path, monkeypatch) -> None:
+    """A custom spec's relative path is read from the current directory, even where a shipped
+    benchmark has the same file name; the shipped spec keeps reading the shipped file."""
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "arith.jsonl", [{"id": "mine-0", "question": "What is 1+1?", "answer": "2"}])
+    mine = load_benchmark({"name": "mine", "path": "arith.jsonl", "question_field": "question",
+                           "answer_field": "answer", "id_field": "id"})
+    assert [p.id for p in mine] == ["mine-0"]
+    assert len(load_benchmark("arith")) == 400
+    # Where the current directory has no such file, a relative name still finds the shipped one.
+    (tmp_path / "arith.jsonl").unlink()
+    assert len(load_benchmark({"name": "mine", "path": "arith.jsonl", "question_field": "question",
+                               "answer_field": "answer"})) == 400
