@@ -53,7 +53,8 @@ class PromptConfig:
     name: str = MISSING
     # JSONL pool (fields id, problem, answer); relative paths resolve against em_sweep/data/prompts.
     pool: str = MISSING
-    # Ids from the pool; one id = one-shot EM, several = multi-shot (spread evenly over each batch).
+    # Ids from the pool; one id = one-shot EM, several = multi-shot (spread evenly over each batch;
+    # more ids than train.batch_size: each step takes the next batch_size of them, cycling).
     ids: list[str] = field(default_factory=list)
     # Optional system message; null = the user turn only.
     system: str | None = None

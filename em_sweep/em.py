@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from em_sweep.loss import entropy_sum_from_hidden, per_token_entropy
 from em_sweep.models import checkpointing_modules
 from em_sweep.optim import make_adamw
+from em_sweep.prompts import batch_prompts
 from em_sweep.sample import SampleBatch, SamplingSettings, position_ids_for, sample_responses
 
 # Architectures whose logits are exactly lm_head(final hidden state): the loss can be computed
@@ -349,10 +350,13 @@ def train_em(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_
              on_eval: Callable[[int], None] | None = None, start_step: int = 0) -> None:
     """The EM loop: ``train.steps`` updates, numbered from ``start_step + 1`` (a stage after
     another continues the run's count); ``on_eval(step)`` after each update (it decides whether
-    that step is evaluated), ``on_step`` with each step's metrics."""
+    that step is evaluated), ``on_step`` with each step's metrics. Each step samples
+    ``train.batch_size`` responses to ``prompt_texts`` (one prompt: all of them; several: see
+    :func:`em_sweep.prompts.batch_prompts`)."""
     optimizer, lr_at = make_optimizer(model, train)
     for i in range(train.steps):
-        metrics = em_step(model, tokenizer, optimizer, prompt_texts, train, start_step + i + 1, lr_at(i),
+        texts = batch_prompts(prompt_texts, train.batch_size, step=i)
+        metrics = em_step(model, tokenizer, optimizer, texts, train, start_step + i + 1, lr_at(i),
                           seed=seed * 1_000_003 + start_step + i)  # a later stage draws new samples
         on_step(metrics)
         if on_eval is not None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
+
+T = TypeVar("T")
 
 PROMPTS_DIR = Path(__file__).parent / "data" / "prompts"
 
@@ -96,6 +99,11 @@ def format_eval_prompt(tokenizer: PreTrainedTokenizerBase, question: str, templa
     raise PromptError(f"eval.template: unknown template {template!r}")
 
 
-def batch_prompts(prompts: list[PoolItem], batch_size: int) -> list[PoolItem]:
-    """Spread the prompt set evenly over a batch: prompt i fills slots i, i+n, i+2n, ..."""
-    return [prompts[i % len(prompts)] for i in range(batch_size)]
+def batch_prompts(prompts: Sequence[T], batch_size: int, step: int = 0) -> list[T]:
+    """The prompts of the batch of (0-based) ``step``. With n <= ``batch_size`` prompts every
+    batch spreads them evenly: prompt i fills slots i, i+n, i+2n, ... With more prompts than
+    slots each batch takes the next ``batch_size`` of them, cycling through the set, so every
+    prompt is trained on (as the RL stage's batches do)."""
+    n = len(prompts)
+    start = 0 if n <= batch_size else step * batch_size
+    return [prompts[(start + i) % n] for i in range(batch_size)]

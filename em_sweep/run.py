@@ -32,7 +32,7 @@ from em_sweep.models import (
     resolve_model_path,
     set_checkpointing,
 )
-from em_sweep.prompts import PoolItem, PromptError, batch_prompts, format_prompt, select_prompts
+from em_sweep.prompts import PoolItem, PromptError, format_prompt, select_prompts
 from em_sweep.record import RunRecorder, WandbMirror
 from em_sweep.rl import RLStepMetrics, train_rl
 
@@ -136,7 +136,7 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
             set_checkpointing(model, bool(cfg.model.gradient_checkpointing))
     formatted = {p.id: format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
                  for p in prompts}
-    texts = [formatted[p.id] for p in batch_prompts(prompts, cfg.train.batch_size)]
+    texts = [formatted[p.id] for p in prompts]  # train_em batches them per step (prompts.batch_prompts)
     at = set(eval_steps(cfg))
     primary_t = float(cfg.eval.temperatures[0])
     scores: list[dict[str, Any]] = []

@@ -25,7 +25,18 @@ def test_batch_prompts_is_as_even_as_the_batch_allows(n, batch):
     assert max(counts.values()) - min(counts.values()) <= 1
 
 
-def test_a_multi_shot_run_samples_every_listed_prompt_evenly_in_each_batch(tmp_path, monkeypatch):
+def test_more_prompts_than_slots_cycle_through_the_set_step_by_step():
+    prompts = [f"p{i}" for i in range(5)]
+    batches = [batch_prompts(prompts, 2, step) for step in range(5)]
+    assert batches[:3] == [["p0", "p1"], ["p2", "p3"], ["p4", "p0"]]
+    assert Counter(p for b in batches for p in b) == dict.fromkeys(prompts, 2)  # 5 steps: each prompt twice
+    assert batch_prompts(prompts[:2], 4, step=3) == ["p0", "p1", "p0", "p1"]  # room for all: every step the same
+
+
+@pytest.mark.parametrize("batch, steps", [(6, 2), (2, 3)])
+def test_a_multi_shot_run_samples_every_listed_prompt_evenly(tmp_path, monkeypatch, batch, steps):
+    """Every listed prompt is trained on: evenly in each batch where the batch has room for all,
+    else over the steps (3 prompts, batches of 2: m1 m2 | m3 m1 | m2 m3)."""
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"id": i, "problem": q, "answer": None}) + "\n" for i, q in PROBLEMS.items()))
     seen: list[list[str]] = []
@@ -37,12 +48,15 @@ def test_a_multi_shot_run_samples_every_listed_prompt_evenly_in_each_batch(tmp_p
 
     monkeypatch.setattr(em_sweep.em, "sample_responses", recording)
     cfg = compose_config([f"paths.root={tmp_path}", "logger.mode=disabled", "prompt.name=multi",
-                          f"prompt.pool={pool}", "prompt.ids=[m1,m2,m3]", "train.steps=2", "train.batch_size=6",
-                          "train.micro_batch_size=3", "train.max_new_tokens=16", "eval.limit=4"])
+                          f"prompt.pool={pool}", "prompt.ids=[m1,m2,m3]", f"train.steps={steps}",
+                          f"train.batch_size={batch}", "train.micro_batch_size=2", "train.max_new_tokens=16",
+                          "eval.limit=4"])
     results = run(cfg)
-    assert results["prompt"]["ids"] == ["m1", "m2", "m3"] and len(results["loss_curve"]) == 2
-    assert len(seen) == 2  # one sampling call per EM step
-    for texts in seen:
-        per_problem = Counter(next(i for i, q in PROBLEMS.items() if q in t) for t in texts)
-        assert per_problem == {"m1": 2, "m2": 2, "m3": 2}
+    assert results["prompt"]["ids"] == ["m1", "m2", "m3"] and len(results["loss_curve"]) == steps
+    assert len(seen) == steps  # one sampling call per EM step
+    per_step = [[next(i for i, q in PROBLEMS.items() if q in t) for t in texts] for texts in seen]
+    if batch == 6:
+        assert all(Counter(ids) == {"m1": 2, "m2": 2, "m3": 2} for ids in per_step)
+    else:
+        assert per_step == [["m1", "m2"], ["m3", "m1"], ["m2", "m3"]]
     assert Path(results["run_dir"]).is_dir()
