@@ -9,6 +9,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +147,24 @@ def fmt(x: Any, digits: int = 2) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+@contextmanager
+def counting_shared_passes(outcomes: list[bool]) -> Iterator[None]:
+    """Records, per loss micro-batch that tried the shared prompt pass, whether it ran (False:
+    this transformers' decoder fell back to the full pass, so a +share_prompt part measures
+    nothing new)."""
+    from em_sweep import em
+
+    real = em._shared_prompt_hidden
+
+    def counted(*a: Any) -> Any:
+        hidden = real(*a)
+        outcomes.append(hidden is not None)
+        return hidden
+
+    em._shared_prompt_hidden = counted
+    try:
+        yield
+    finally:
+        em._shared_prompt_hidden = real

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from _common import IdTokenizer, environment, pick_device, write_json
+from _common import IdTokenizer, counting_shared_passes, environment, pick_device, write_json
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from em_sweep import decode, em
+from em_sweep import decode
 from em_sweep.em import accumulate_entropy_gradients, compiled_layers
 from em_sweep.models import set_checkpointing
 from em_sweep.sample import SamplingSettings, sample_responses
@@ -51,19 +51,11 @@ def loss_pass_gradients(model: Qwen2ForCausalLM, batch: Any, share: bool, compil
     model.zero_grad(set_to_none=True)
     set_checkpointing(model, checkpointing)
     train = SimpleNamespace(micro_batch_size=4, loss_temperature=0.5, loss_chunk_tokens=64, share_prompt_pass=share)
-    real, shared = em._shared_prompt_hidden, []
-
-    def counted(*a: Any) -> Any:
-        hidden = real(*a)
-        shared.append(hidden is not None)
-        return hidden
-
-    em._shared_prompt_hidden = counted
+    shared: list[bool] = []
     try:
-        with compiled_layers(model, compiled):
+        with counting_shared_passes(shared), compiled_layers(model, compiled):
             total = accumulate_entropy_gradients(model, batch, train, batch.response_mask.sum())
     finally:
-        em._shared_prompt_hidden = real
         set_checkpointing(model, False)
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
     model.eval()

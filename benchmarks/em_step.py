@@ -27,8 +27,6 @@ import argparse
 import statistics
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 from _common import (
     IdTokenizer,
     build_model,
+    counting_shared_passes,
     environment,
     fmt,
     peak_gib,
@@ -162,27 +161,6 @@ def reference_step(model: torch.nn.Module, args: argparse.Namespace, device: tor
         "step_s": round((gen_micro + fb_micro) * n_micro, 1), "peak_gib_loss_micro": peak,
         "micro_measured": {"gen_s_extrapolated": round(gen_micro, 3), "fwd_bwd_s": round(fb_micro, 3)},
     }
-
-
-@contextmanager
-def counting_shared_passes(outcomes: list[bool]) -> Iterator[None]:
-    """Records, per loss micro-batch that tried the shared prompt pass, whether it ran (False:
-    this transformers' decoder fell back to the full pass, so a +share_prompt part measures
-    nothing new)."""
-    from em_sweep import em
-
-    real = em._shared_prompt_hidden
-
-    def counted(*a: Any) -> Any:
-        hidden = real(*a)
-        outcomes.append(hidden is not None)
-        return hidden
-
-    em._shared_prompt_hidden = counted
-    try:
-        yield
-    finally:
-        em._shared_prompt_hidden = real
 
 
 def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
