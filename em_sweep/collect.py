@@ -47,8 +47,8 @@ TRAIN_FILE = "train.parquet"
 COLLECTED_DIR = "collected"
 # Config subtrees that never make runs differ scientifically; not listed as varying columns.
 NOT_COMPARED_PREFIXES = tuple(f"{k}." for k in rundir.NON_SCIENCE_KEYS if k != "name")
-# Settings outside the run id (speed only, the prompt note): runs differing in them are the same experiment.
-NOT_IN_ID_COLUMNS = frozenset(f"{section}.{key}" for section, keys in rundir.NOT_IN_RUN_ID.items() for key in keys)
+# Settings outside the run id (speed only): runs differing in them are the same experiment.
+SPEED_ONLY_COLUMNS = frozenset(f"{section}.{key}" for section, keys in rundir.NOT_IN_RUN_ID.items() for key in keys)
 # One row per training step; ``stage`` says whose (em: loss = mean token entropy; rl: loss = the
 # GRPO loss, with the step's mean reward).
 TRAIN_FIELDS = ("step", "stage", "loss", "entropy", "reward", "response_length", "grad_norm")
@@ -290,7 +290,7 @@ def assemble_tables(parts: Sequence[TableParts]) -> tuple[pd.DataFrame, pd.DataF
     recorded = set().union(*(p.recorded for p in parts))
     if recorded:  # override-only keys (group names like `model`) say nothing the configs don't
         configs = configs[[c for c in configs.columns if c in recorded or c in KEY_CONFIG_COLUMNS]]
-    compared = [c for c in configs.columns if not c.startswith(NOT_COMPARED_PREFIXES) and c not in NOT_IN_ID_COLUMNS]
+    compared = [c for c in configs.columns if not c.startswith(NOT_COMPARED_PREFIXES) and c not in SPEED_ONLY_COLUMNS]
     varying = [c for c in compared if configs[c].nunique(dropna=False) > 1]
     keep = [c for c in KEY_CONFIG_COLUMNS if c in configs.columns]
     keep += sorted(c for c in varying if c not in keep)

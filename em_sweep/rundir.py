@@ -29,11 +29,10 @@ NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
 # Settings that change only speed, never results beyond float rounding, added after runs were
 # recorded: they are not part of a run's id, so turning them on (or upgrading em-sweep) finds the
 # finished runs again. (Older speed settings, e.g. the sampling backend or micro-batch size, stay
-# in the id so that recorded runs keep theirs.) And a prompt config's free-text note.
+# in the id so that recorded runs keep theirs.)
 NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
     "train": ("compile_loss", "share_prompt_pass"),
     "rl": ("compile_loss", "share_prompt_pass"),
-    "prompt": ("note",),  # documentation: rewording it must not re-run finished runs
 }
 
 RESULTS = "results.json"
