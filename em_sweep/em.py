@@ -328,7 +328,8 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
     t2 = time.perf_counter()
     entropy = loss
-    if train.sample_temperature != train.loss_temperature:  # before the update, as the loss (its own pass)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)  # else apply_update raises: no extra pass
+    if finite and train.sample_temperature != train.loss_temperature:  # before the update, as the loss
         with torch.no_grad():
             entropy = sum(float(micro_batch_entropy_sum(model, batch, slice(s, s + train.micro_batch_size),
                                                         train.sample_temperature, train.loss_chunk_tokens,

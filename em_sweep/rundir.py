@@ -167,20 +167,20 @@ def claimed(path: Path) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def is_claimed(path: Path) -> bool:
-    """Whether a live process holds the run directory's claim (:func:`claimed`); False if none
-    ever did. Reliable on the host that runs it (local launches)."""
+def process_alive(status: Mapping[str, Any]) -> bool | None:
+    """Whether the process a status record names (``host``, ``pid``) still exists: None where
+    this host cannot tell (another host, no pid). Takes no lock, so asking never disturbs a
+    run's claim."""
+    pid = status.get("pid")
+    if status.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return None
     try:
-        f = open(Path(path) / ".lock", "rb")
-    except FileNotFoundError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 ATTEMPTS = ".attempts"
@@ -190,13 +190,15 @@ def reset_partial(path: Path) -> int:
     """Clear what an interrupted attempt left (metrics, eval records, checkpoints, W&B files) so
     a restart is clean; the number of the attempt now starting (1 for the first)."""
     path = Path(path)
-    for name in (METRICS, "eval_records.jsonl"):
-        (path / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "wandb"):
-        shutil.rmtree(path / name, ignore_errors=True)
+    leftovers = [path / name for name in (METRICS, "eval_records.jsonl", "checkpoints", "wandb")]
     try:
         attempt = int((path / ATTEMPTS).read_text()) + 1
-    except (FileNotFoundError, ValueError):
-        attempt = 1
+    except (FileNotFoundError, ValueError):  # none counted yet: a run directory from before the count
+        attempt = 2 if any(p.exists() for p in leftovers) else 1
+    for p in leftovers:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     write_text_atomic(path / ATTEMPTS, f"{attempt}\n")
     return attempt

@@ -105,6 +105,11 @@ def test_a_restarted_run_starts_clean_over_what_the_interrupted_attempt_left(tmp
     assert (path / rundir.ATTEMPTS).read_text().strip() == "2" and rundir.read_status(path)["attempt"] == 2
     (wandb_run,) = (path / "wandb").glob("offline-run-*")  # the first attempt's files are gone
     assert wandb_run.name.endswith(f"-{path.name}-2")
+    # A run directory from before attempts were counted, interrupted: its restart is not a first attempt.
+    (path / rundir.RESULTS).unlink()
+    (path / rundir.ATTEMPTS).unlink()
+    run(cfg)
+    assert rundir.read_status(path)["attempt"] == 2
 
 
 def test_a_packed_run_does_not_inherit_gradient_checkpointing_from_the_run_before(tmp_path, monkeypatch):

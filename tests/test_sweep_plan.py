@@ -192,20 +192,24 @@ def test_status_is_read_from_run_files_and_the_queue(tmp_path):
     assert "1 x RuntimeError: boom" in text
 
 
-def test_a_local_run_is_running_only_while_a_process_holds_its_claim(tmp_path):
+def test_a_local_run_is_running_only_while_its_process_lives(tmp_path):
     """A local sweep has no queue to ask: a run whose process was killed (its status still says
-    running) is interrupted, not running forever."""
+    running) is interrupted, not running forever. Asking takes no lock (a run starting at that
+    moment must still get its claim)."""
+    import subprocess
+
     sweep = tmp_path / "sweep"
-    entries = [_entry(tmp_path, name, "local") for name in ("live", "killed", "waiting")]
+    entries = [_entry(tmp_path, name, "local") for name in ("live", "killed", "elsewhere", "waiting")]
     manifest.append_manifest(sweep, entries)
-    for name in ("live", "killed"):
-        rundir.write_status(tmp_path / name, "running")
-    (tmp_path / "killed" / ".lock").write_text("")  # claimed once, by a process now gone
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    rundir.write_status(tmp_path / "live", "running")  # this process
+    rundir.write_status(tmp_path / "killed", "running", pid=gone.pid)
+    rundir.write_status(tmp_path / "elsewhere", "running", host="another-node", pid=gone.pid)  # cannot tell
     with rundir.claimed(tmp_path / "live") as ours:
         assert ours
         states = {s.entry.run.run_id: s.state for s in manifest.sweep_status(sweep)}
-    assert states == {"live": "running", "killed": "interrupted", "waiting": "pending"}
-    assert {s.entry.run.run_id: s.state for s in manifest.sweep_status(sweep)}["live"] == "interrupted"
+    assert states == {"live": "running", "killed": "interrupted", "elsewhere": "running", "waiting": "pending"}
 
 
 def test_manifest_keeps_the_latest_submission_of_each_run(tmp_path):

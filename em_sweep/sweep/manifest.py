@@ -157,8 +157,8 @@ def run_status(entry: ManifestEntry, live: set[str] | None) -> RunStatus:
     if state == "failed":
         return RunStatus(entry, FAILED, status.get("reason") if status else None)
     if state in ("running", "done"):  # "done" without results.json: died while finishing
-        if entry.job_id == "local":  # a local run holds its directory's claim while it runs
-            alive = rundir.is_claimed(path)
+        if entry.job_id == "local" and status is not None:  # no queue to ask: is its process there?
+            alive = rundir.process_alive(status) is not False
         return RunStatus(entry, RUNNING if alive else INTERRUPTED)
     return RunStatus(entry, PENDING if alive else MISSING)
 
