@@ -13,7 +13,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,12 +89,28 @@ def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
 COMPILED_LOSS_RECOMPILE_LIMIT = 64
 
 
-def _compiled_unless_cached(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+@contextmanager
+def _layer_calls_through(layers: list[torch.nn.Module], wrapper: Callable[..., Any]) -> Iterator[None]:
+    """While active, a call of each layer runs ``wrapper(layer, previous, *args, **kwargs)``,
+    ``previous`` being the call it replaces (None: the module's own ``_call_impl``); afterwards
+    the layers call as before. Nothing is left on the model, so a deep copy stays independent."""
+    before = [layer._compiled_call_impl for layer in layers]
+    for layer, previous in zip(layers, before, strict=True):
+        layer._compiled_call_impl = functools.partial(wrapper, layer, previous)
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, before, strict=True):
+            layer._compiled_call_impl = previous
+
+
+def _compiled_unless_cached(layer: torch.nn.Module, previous: Callable[..., Any] | None, *args: Any,
+                            **kwargs: Any) -> Any:
     """The compiled layer, except for calls with a KV cache (the shared prompt pass): Dynamo
     specializes those on the layer's index, one graph per layer and call, past any recompile
     limit, so they run eager."""
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-        return layer._call_impl(*args, **kwargs)
+        return (previous or layer._call_impl)(*args, **kwargs)
     assert _compiled_module_call is not None
     return _compiled_module_call(layer, *args, **kwargs)
 
@@ -121,15 +137,8 @@ def compiled_layers(model: PreTrainedModel, enabled: bool = True) -> Iterator[No
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                    COMPILED_LOSS_RECOMPILE_LIMIT)
         _compiled_module_call = torch.compile(torch.nn.Module._call_impl, dynamic=True)
-    layers = decoder_layers(model)
-    before = [layer._compiled_call_impl for layer in layers]
-    for layer in layers:
-        layer._compiled_call_impl = functools.partial(_compiled_unless_cached, layer)
-    try:
+    with _layer_calls_through(decoder_layers(model), _compiled_unless_cached):
         yield
-    finally:
-        for layer, previous in zip(layers, before, strict=True):
-            layer._compiled_call_impl = previous
 
 
 def _shares_prompt(ids: torch.Tensor, attn: torch.Tensor, first: int) -> bool:
@@ -159,17 +168,23 @@ def _read_only(cache: Any) -> bool:
     return True
 
 
-def _without_hf_checkpointing(modules: list[torch.nn.Module], fn: Callable[..., Any], *args: Any, **kwargs: Any
-                              ) -> Any:
-    """``fn`` with HF's checkpointing off on ``modules`` (HF layers drop a KV cache under it)."""
+@contextmanager
+def _hf_checkpointing_off(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """HF's gradient-checkpointing flag off on ``modules`` while active (HF layers drop a KV cache
+    under it), back as it was afterwards."""
     before = [m.gradient_checkpointing for m in modules]
     for m in modules:
         m.gradient_checkpointing = False
     try:
-        return fn(*args, **kwargs)
+        yield
     finally:
         for m, flag in zip(modules, before, strict=True):
             m.gradient_checkpointing = flag
+
+
+def _call_without_hf_checkpointing(layer: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with _hf_checkpointing_off([layer]):
+        return fn(*args, **kwargs)
 
 
 def _checkpointed_layer_call(layer: torch.nn.Module, previous: Callable[..., Any] | None, *args: Any,
@@ -178,32 +193,9 @@ def _checkpointed_layer_call(layer: torch.nn.Module, previous: Callable[..., Any
     recomputation in backward runs with HF's flag off too."""
     fn = previous if previous is not None else layer._call_impl
     if not torch.is_grad_enabled():
-        return _without_hf_checkpointing([layer], fn, *args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(_without_hf_checkpointing, [layer], fn, *args, use_reentrant=False,
+        return _call_without_hf_checkpointing(layer, fn, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(_call_without_hf_checkpointing, layer, fn, *args, use_reentrant=False,
                                              **kwargs)
-
-
-@contextmanager
-def _own_checkpointing(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
-    """While active, HF's gradient checkpointing is off and (``enabled``) every decoder layer call
-    is checkpointed by :func:`_checkpointed_layer_call`, which keeps the (read-only) cache."""
-    flagged = checkpointing_modules(model)
-    if not flagged:
-        yield
-        return
-    layers = decoder_layers(model) if enabled else []
-    before = [layer._compiled_call_impl for layer in layers]
-    for m in flagged:
-        m.gradient_checkpointing = False
-    for layer, previous in zip(layers, before, strict=True):
-        layer._compiled_call_impl = functools.partial(_checkpointed_layer_call, layer, previous)
-    try:
-        yield
-    finally:
-        for m in flagged:
-            m.gradient_checkpointing = True
-        for layer, previous in zip(layers, before, strict=True):
-            layer._compiled_call_impl = previous
 
 
 def _shared_prompt_hidden(model: PreTrainedModel, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
@@ -220,7 +212,8 @@ def _shared_prompt_hidden(model: PreTrainedModel, ids: torch.Tensor, attn: torch
     key = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
     if key is None:
         return None
-    with _own_checkpointing(model, enabled=False):
+    flagged = checkpointing_modules(model)
+    with _hf_checkpointing_off(flagged):
         prefix = decoder(input_ids=ids[:1, :first], attention_mask=attn[:1, :first], position_ids=pos[:1, :first],
                          use_cache=True)
     cache = getattr(prefix, "cache", None)
@@ -230,7 +223,8 @@ def _shared_prompt_hidden(model: PreTrainedModel, ids: torch.Tensor, attn: torch
     cache.batch_repeat_interleave(ids.shape[0])
     if not _read_only(cache):
         return None
-    with _own_checkpointing(model, enabled=True):
+    checkpointed = _layer_calls_through(decoder_layers(model), _checkpointed_layer_call) if flagged else nullcontext()
+    with _hf_checkpointing_off(flagged), checkpointed:
         return decoder(input_ids=ids[:, first:], attention_mask=attn, position_ids=pos[:, first:], use_cache=True,
                        **{key: cache}).last_hidden_state
 
