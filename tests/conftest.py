@@ -31,3 +31,20 @@ def tiny():
     """(model, tokenizer) of the shipped default model, loaded once per session."""
     cfg = compose_config()
     return ModelCache().get(cfg.model)
+
+
+@pytest.fixture()
+def shared_passes(monkeypatch):
+    """For each call of em._shared_prompt_hidden (the real one), whether it ran the prompt once
+    (False: this decoder fell back to the full pass)."""
+    from em_sweep import em
+
+    real, outcomes = em._shared_prompt_hidden, []
+
+    def counted(*args):
+        hidden = real(*args)
+        outcomes.append(hidden is not None)
+        return hidden
+
+    monkeypatch.setattr(em, "_shared_prompt_hidden", counted)
+    return outcomes

@@ -167,7 +167,7 @@ def test_compile_loss_needs_a_decoder_layer_list():
 
 
 @pytest.mark.parametrize("case", ["one prompt", "two prompts", "checkpointing"])
-def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case, monkeypatch):
+def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case, shared_passes):
     """train.share_prompt_pass: one-shot rows run their prompt once (keys/values repeated with
     autograd), also under gradient checkpointing (each layer of the rows' pass is recomputed in
     backward); rows with different prompts take the full pass. Either way the entropy and every
@@ -181,15 +181,6 @@ def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case
     if case == "checkpointing":
         set_checkpointing(model, True)
     model.train()
-    shared_calls = []
-    real = em._shared_prompt_hidden
-
-    def counted(*a):  # the real function; records whether it shared (None: fell back to the full pass)
-        hidden = real(*a)
-        shared_calls.append(hidden is not None)
-        return hidden
-
-    monkeypatch.setattr(em, "_shared_prompt_hidden", counted)
     layer_calls = []  # the first decoder layer's attention calls, forward and recomputed
     model.get_decoder().layers[0].self_attn.register_forward_pre_hook(lambda *_: layer_calls.append(1))
     results = []
@@ -202,7 +193,7 @@ def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case
         # per micro-batch: the full pass (+ its recomputation); shared: prompt, rows (+ rows recomputed)
         shares = share and case != "two prompts"
         assert len(layer_calls) == 2 * (1 + shares + (case == "checkpointing")), (share, len(layer_calls))
-    assert shared_calls == ([] if case == "two prompts" else [True, True])  # both micro-batches shared
+    assert shared_passes == ([] if case == "two prompts" else [True, True])  # both micro-batches shared
     assert bool(checkpointing_modules(model)) == (case == "checkpointing")  # the flags are back as they were
     (full, g_full), (shared, g_shared) = results
     assert shared == pytest.approx(full, rel=1e-5)

@@ -125,7 +125,7 @@ def test_response_logprobs_are_the_models_own_at_the_generated_tokens(tiny):
     assert rows.tolist() == sorted(rows.tolist())
 
 
-def test_a_group_shares_its_prompt_pass_with_the_same_logprobs_and_gradient(tiny, monkeypatch):
+def test_a_group_shares_its_prompt_pass_with_the_same_logprobs_and_gradient(tiny, shared_passes):
     """rl.share_prompt_pass: a micro-batch of one group runs its prompt once; a micro-batch of two
     groups takes the full pass. Log-probabilities and gradients equal the full pass's either way."""
     model = copy.deepcopy(tiny[0])
@@ -134,25 +134,15 @@ def test_a_group_shares_its_prompt_pass_with_the_same_logprobs_and_gradient(tiny
     texts = [arith(tok, cfg, pid)[0] for pid in ("arith1", "arith18") for _ in range(4)]
     batch = sample_responses(model, tok, texts, rl_sampling_settings(cfg.rl, "auto"), 8, seed=0)
     model.train()
-    from em_sweep import em
-
-    real, shared = em._shared_prompt_hidden, []
-
-    def counted(*a):  # the real function; records whether it shared (None: fell back to the full pass)
-        hidden = real(*a)
-        shared.append(hidden is not None)
-        return hidden
-
-    monkeypatch.setattr(em, "_shared_prompt_hidden", counted)
     for rows, expect in ((slice(0, 4), [True]), (slice(2, 6), [])):  # one group; two groups
-        shared.clear()
+        shared_passes.clear()
         results = []
         for share in (False, True):
             model.zero_grad(set_to_none=True)
             logp, row_of = response_logprobs(model, batch, rows, 1.0, 7, share)
             logp.sum().backward()
             results.append((logp.detach(), row_of, {n: p.grad.clone() for n, p in model.named_parameters()}))
-        assert shared == expect
+        assert shared_passes == expect
         (full, rows_full, g_full), (by_share, rows_shared, g_shared) = results
         assert torch.equal(rows_full, rows_shared)
         assert torch.allclose(by_share, full, atol=1e-5)
