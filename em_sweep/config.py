@@ -119,6 +119,32 @@ class TrainConfig:
     # not part of the run id.
     share_prompt_pass: bool = False
 
+    # Reference-compatible semantics (docs/reproducing.md; `+experiment=one_shot_em_reference`
+    # sets all of them). The defaults are em-sweep's own: one step = one update of batch_size
+    # responses, one token mean over all of them, the exact generated-token positions.
+    # What one step is: update (one optimizer update of batch_size responses) | micro_step (a step
+    # of the reference train.py's loop: rank_batch_size responses on each of data_parallel_ranks
+    # ranks; the weights change at accumulation boundaries, every
+    # batch_size // (rank_batch_size * data_parallel_ranks) steps). In micro_step mode train.steps,
+    # eval.at_steps and train.save_at_steps count micro-steps.
+    step_unit: str = "update"
+    # Data-parallel ranks emulated on one device (the reference runs one per GPU).
+    data_parallel_ranks: int = 1
+    # Responses per rank per micro-step (the reference's micro batch: 2).
+    rank_batch_size: int = 2
+    # independent | identical (the reference seeds every rank with the same seed, so ranks given
+    # the same prompt draw the same responses; an update then holds batch_size / ranks distinct ones).
+    rank_sampling: str = "independent"
+    # batch_token_mean (one token mean over the batch) | rank_token_mean (the reference: a token
+    # mean per rank micro-batch of rank_batch_size responses, averaged over ranks and accumulation).
+    loss_averaging: str = "batch_token_mean"
+    # exact (the logits that produced each generated token, EOS included) | reference (train.py's
+    # gen_mask: positions from the prompt length on whose token is not the pad token).
+    loss_positions: str = "exact"
+    # Tokens that end a training sample: model_and_tokenizer (the model's generation_config EOS and
+    # the tokenizer's EOS) | generation_config (the model's only, as HF generate in the reference).
+    stop_tokens: str = "model_and_tokenizer"
+
 
 @dataclass
 class RLConfig:
@@ -257,6 +283,11 @@ KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
 KNOWN_OPTIMIZERS = ("auto", "adamw", "adamw_bf16_sr", "adamw_bf16_kahan", "adamw_8bit")
 KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile")
 KNOWN_EVAL_BACKENDS = ("hf", "vllm")
+KNOWN_STEP_UNITS = ("update", "micro_step")
+KNOWN_RANK_SAMPLING = ("independent", "identical")
+KNOWN_LOSS_AVERAGING = ("batch_token_mean", "rank_token_mean")
+KNOWN_LOSS_POSITIONS = ("exact", "reference")
+KNOWN_STOP_TOKENS = ("model_and_tokenizer", "generation_config")
 # A benchmark's name becomes a W&B key and a results column: keep it plain.
 _BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -298,6 +329,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(all(s >= 0 for s in t.save_at_steps), "train.save_at_steps", "steps must be >= 0")
     _check(t.generation_backend in KNOWN_GENERATION_BACKENDS, "train.generation_backend",
            f"unknown {t.generation_backend!r}; choose from {KNOWN_GENERATION_BACKENDS}")
+    _validate_reference_semantics(t)
 
     # Steps count on across stages (em: train.steps, rl: rl.steps), so step limits are the total.
     unknown = [s for s in c.stages if s not in KNOWN_STAGES]
@@ -341,6 +373,29 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(c.logger.mode in KNOWN_LOGGER_MODES, "logger.mode",
            f"unknown {c.logger.mode!r}; choose from {KNOWN_LOGGER_MODES}")
     _check(len(c.prompt.ids) > 0, "prompt.ids", "needs at least one prompt id")
+
+
+def _validate_reference_semantics(t: Any) -> None:
+    for key, value, known in (("step_unit", t.step_unit, KNOWN_STEP_UNITS),
+                              ("rank_sampling", t.rank_sampling, KNOWN_RANK_SAMPLING),
+                              ("loss_averaging", t.loss_averaging, KNOWN_LOSS_AVERAGING),
+                              ("loss_positions", t.loss_positions, KNOWN_LOSS_POSITIONS),
+                              ("stop_tokens", t.stop_tokens, KNOWN_STOP_TOKENS)):
+        _check(value in known, f"train.{key}", f"unknown {value!r}; choose from {known}")
+    _check(t.data_parallel_ranks >= 1, "train.data_parallel_ranks", f"must be >= 1, got {t.data_parallel_ranks}")
+    _check(t.rank_batch_size >= 1, "train.rank_batch_size", f"must be >= 1, got {t.rank_batch_size}")
+    per_micro_step = t.rank_batch_size * t.data_parallel_ranks
+    _check(t.batch_size % per_micro_step == 0, "train.batch_size",
+           f"{t.batch_size} is not a multiple of train.rank_batch_size x train.data_parallel_ranks = "
+           f"{t.rank_batch_size} x {t.data_parallel_ranks} (one accumulation window of whole micro-steps)")
+
+
+def accumulation_steps(train: Any) -> int:
+    """Micro-steps per optimizer update in ``train.step_unit=micro_step`` mode (the reference's
+    ``effective_batch // (micro_batch_size * world_size)``); 1 in update mode."""
+    if train.step_unit != "micro_step":
+        return 1
+    return max(1, train.batch_size // (train.rank_batch_size * train.data_parallel_ranks))
 
 
 def _validate_rl(r: Any) -> None:

@@ -21,10 +21,12 @@ import torch
 import torch.utils.checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from em_sweep.config import accumulation_steps
 from em_sweep.loss import entropy_sum_from_hidden, per_token_entropy
 from em_sweep.models import checkpointing_modules
 from em_sweep.optim import make_adamw
 from em_sweep.prompts import batch_prompts
+from em_sweep.reference import rank_batches, reference_positions, row_weights, weighted_tokens
 from em_sweep.sample import SampleBatch, SamplingSettings, position_ids_for, sample_responses
 
 # Architectures whose logits are exactly lm_head(final hidden state): the loss can be computed
@@ -48,6 +50,8 @@ class StepMetrics:
     seconds_sample: float
     seconds_loss: float
     seconds_optim: float
+    updated: bool = True  # the weights changed at this step (micro_step mode: only at accumulation boundaries)
+    responses: int = 0  # distinct responses sampled (identically seeded ranks share theirs)
 
 
 def make_optimizer(model: PreTrainedModel, train: Any) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
@@ -67,7 +71,8 @@ def make_optimizer(model: PreTrainedModel, train: Any) -> tuple[torch.optim.Opti
 def sampling_settings(train: Any) -> SamplingSettings:
     return SamplingSettings(temperature=train.sample_temperature, top_p=train.top_p, top_k=train.top_k,
                             repetition_penalty=train.repetition_penalty, max_new_tokens=train.max_new_tokens,
-                            backend=getattr(train, "generation_backend", "auto"))
+                            backend=getattr(train, "generation_backend", "auto"),
+                            stop_on_tokenizer_eos=train.stop_tokens == "model_and_tokenizer")
 
 
 _compiled_module_call: Callable[..., Any] | None = None
@@ -230,18 +235,22 @@ def _shared_prompt_hidden(model: PreTrainedModel, ids: torch.Tensor, attn: torch
 
 
 def response_outputs(model: PreTrainedModel, batch: SampleBatch, rows: slice,
-                     share_prompt: bool = False) -> tuple[torch.Tensor, bool]:
-    """One forward of ``rows`` and its outputs at the positions that produced generated tokens, in
-    row-major order of the response mask: final hidden states [n, H] (True: apply the output head,
-    chunked) for architectures whose logits are lm_head(hidden), else logits [n, V] (False).
+                     share_prompt: bool = False, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    """One forward of ``rows`` and its outputs at the scored positions (``positions`` [B, S], by
+    default the response mask: the positions that produced generated tokens), in row-major order:
+    final hidden states [n, H] (True: apply the output head, chunked) for architectures whose
+    logits are lm_head(hidden), else logits [n, V] (False).
 
     ``share_prompt``: where all rows have the same prompt (one-shot EM), its columns run once for
     the micro-batch instead of once per row (``train.share_prompt_pass``); same result and gradient.
     """
     ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
-    # Only columns from the last prompt position on can carry the loss; skip the prompt's logits.
+    scored = batch.response_mask[rows] if positions is None else positions[rows]
+    # Only columns from the first scored one on (the last prompt position) carry the loss; skip the prompt's logits.
     first = batch.prompt_len - 1
-    mask = batch.response_mask[rows, first:].bool()
+    if positions is not None and bool(scored[:, :first].any()):
+        first = int(scored.any(0).nonzero()[0])
+    mask = scored[:, first:].bool()
     if model.config.model_type in HIDDEN_STATE_LOSS_MODELS:
         pos = position_ids_for(attn)
         hidden = None
@@ -257,20 +266,29 @@ def response_outputs(model: PreTrainedModel, batch: SampleBatch, rows: slice,
 
 
 def micro_batch_entropy_sum(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
-                            chunk_tokens: int, share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of entropies at tau, sum at tau (detached)) over the generated-token positions of ``rows``."""
-    outputs, from_hidden = response_outputs(model, batch, rows, share_prompt)
+                            chunk_tokens: int, share_prompt: bool = False, positions: torch.Tensor | None = None,
+                            row_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of entropies at tau, the same detached) over the scored positions of ``rows``
+    (``positions``, default the generated-token positions), each row's entropies weighted by
+    ``row_weights[row]`` where given."""
+    outputs, from_hidden = response_outputs(model, batch, rows, share_prompt, positions)
+    token_weights = None
+    if row_weights is not None:
+        scored = batch.response_mask[rows] if positions is None else positions[rows]
+        token_weights = row_weights[rows].to(outputs.device).repeat_interleave(scored.sum(-1))
     if from_hidden:
         head = model.get_output_embeddings()
-        total = entropy_sum_from_hidden(outputs, head.weight, temperature, chunk_tokens, head.bias)
+        total = entropy_sum_from_hidden(outputs, head.weight, temperature, chunk_tokens, head.bias, token_weights)
     else:
-        total = per_token_entropy(outputs, temperature).sum()
+        h = per_token_entropy(outputs, temperature)
+        total = (h if token_weights is None else h * token_weights).sum()
     return total, total.detach()
 
 
 def accumulate_entropy_gradients(model: PreTrainedModel, batch: SampleBatch, train: Any, denominator: torch.Tensor,
                                  scale: float = 1.0,
-                                 entropy_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+                                 entropy_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                                 positions: torch.Tensor | None = None, row_weights: torch.Tensor | None = None
                                  ) -> torch.Tensor:
     """Backward ``scale * (entropy sum of each micro-batch) / denominator`` for every micro-batch of
     ``batch``; returns the (detached) entropy sum over the whole batch.
@@ -278,13 +296,15 @@ def accumulate_entropy_gradients(model: PreTrainedModel, batch: SampleBatch, tra
     With ``denominator`` = the batch's generated-token count, the accumulated gradient is
     exactly that of the batch's masked mean entropy whatever ``train.micro_batch_size``; a
     distributed step passes the global count and ``scale`` = world size (FSDP averages ranks).
+    ``positions`` and ``row_weights``: the scored positions and per-row weights of
+    :func:`micro_batch_entropy_sum` (the sums are then weighted).
     """
     if entropy_fn is None:
         share = bool(getattr(train, "share_prompt_pass", False))
 
         def entropy_fn(model: PreTrainedModel, batch: SampleBatch, rows: slice, tau: float, chunk: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-            return micro_batch_entropy_sum(model, batch, rows, tau, chunk, share)
+            return micro_batch_entropy_sum(model, batch, rows, tau, chunk, share, positions, row_weights)
     loss_sum = torch.zeros((), dtype=torch.float32, device=batch.input_ids.device)
     for start in range(0, batch.input_ids.shape[0], train.micro_batch_size):
         rows = slice(start, start + train.micro_batch_size)
@@ -307,52 +327,112 @@ def apply_update(optimizer: torch.optim.Optimizer, loss: float, grad_norm: float
     optimizer.zero_grad(set_to_none=True)
 
 
+@dataclass
+class Accumulation:
+    """Gradients accumulating over the micro-steps of one update (``train.step_unit=micro_step``)."""
+
+    steps: int  # micro-steps per update
+    done: int = 0  # micro-steps accumulated since the last update
+    tokens: float = 0.0  # their scored tokens (batch_token_mean divides the gradient by them at the update)
+
+
 def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
-            prompt_texts: list[str], train: Any, step: int, lr: float, seed: int) -> StepMetrics:
-    """Sample ``len(prompt_texts)`` responses, minimise their mean token entropy: one update."""
+            prompt_texts: list[str], train: Any, step: int, lr: float, seed: int,
+            accumulation: Accumulation | None = None) -> StepMetrics:
+    """Sample responses to ``prompt_texts`` and minimise their mean token entropy.
+
+    Without ``accumulation`` the texts are one update's batch and the step is one update. With it
+    (``train.step_unit=micro_step``) they are one micro-step's, the gradient accumulates, and the
+    update comes with the last micro-step of the window. How ranks, their samples, the averaging and
+    the scored positions map onto the batch: :mod:`em_sweep.reference` (defaults: one rank, one
+    token mean over the batch, the generated-token positions).
+    """
     t0 = time.perf_counter()
-    batch = sample_responses(model, tokenizer, prompt_texts, sampling_settings(train),
+    texts, ranks = rank_batches(prompt_texts, train.rank_batch_size, train.data_parallel_ranks,
+                                identical=train.rank_sampling == "identical")
+    batch = sample_responses(model, tokenizer, texts, sampling_settings(train),
                              batch_size=train.sample_batch_size, seed=seed)
     t1 = time.perf_counter()
     model.train()
-    optimizer.zero_grad(set_to_none=True)
-    n_tokens = batch.response_mask.sum().clamp(min=1)
+    if accumulation is None or accumulation.done == 0:
+        optimizer.zero_grad(set_to_none=True)
+    positions = None if train.loss_positions == "exact" else reference_positions(batch.input_ids, batch.prompt_len,
+                                                                                 tokenizer.pad_token_id)
+    scored = batch.response_mask if positions is None else positions
+    weights = row_weights(scored, ranks, train.loss_averaging)  # the step's loss: sum_rows weight * entropy sum
+    n_tokens = weighted_tokens(scored, ranks)
+    # The step's loss enters the update's gradient times `scale`: a micro-step's token means are
+    # averaged over the window's micro-steps; a window token mean divides by its tokens at the update.
+    scale = 1.0 if accumulation is None else (
+        1.0 / accumulation.steps if train.loss_averaging == "rank_token_mean" else max(n_tokens, 1.0))
+    plain = train.loss_averaging == "batch_token_mean" and all(r.copies == 1 for r in ranks)
+    share = bool(getattr(train, "share_prompt_pass", False))
     with compiled_layers(model, getattr(train, "compile_loss", False)):
-        loss = float(accumulate_entropy_gradients(model, batch, train, n_tokens)) / float(n_tokens)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
+        if plain:  # uniform weights: the batch's masked mean, as a sum over a token count
+            count = scored.sum().clamp(min=1)
+            total = accumulate_entropy_gradients(model, batch, train, count if accumulation is None else
+                                                 torch.ones((), device=count.device), positions=positions)
+            loss = float(total) / float(count)
+        else:
+            total = accumulate_entropy_gradients(model, batch, train, torch.ones((), device=batch.input_ids.device),
+                                                 positions=positions, row_weights=weights * scale)
+            loss = float(total) / scale
     t2 = time.perf_counter()
     entropy = loss
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)  # else apply_update raises: no extra pass
-    if finite and train.sample_temperature != train.loss_temperature:  # before the update, as the loss
+    if math.isfinite(loss) and train.sample_temperature != train.loss_temperature:  # before the update, as the loss
         with torch.no_grad():
             entropy = sum(float(micro_batch_entropy_sum(model, batch, slice(s, s + train.micro_batch_size),
-                                                        train.sample_temperature, train.loss_chunk_tokens,
-                                                        bool(getattr(train, "share_prompt_pass", False)))[1])
-                          for s in range(0, batch.input_ids.shape[0], train.micro_batch_size)) / float(n_tokens)
+                                                        train.sample_temperature, train.loss_chunk_tokens, share,
+                                                        positions, None if plain else weights)[1])
+                          for s in range(0, batch.input_ids.shape[0], train.micro_batch_size))
+            entropy = entropy / float(scored.sum().clamp(min=1)) if plain else entropy
+    updated, grad_norm = True, 0.0
+    if accumulation is not None:
+        accumulation.done += 1
+        accumulation.tokens += n_tokens
+        updated = accumulation.done == accumulation.steps
+        if not math.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"step {step}: loss={loss}")
+        if updated and train.loss_averaging == "batch_token_mean":
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(max(accumulation.tokens, 1.0))
+        if updated:
+            accumulation.done, accumulation.tokens = 0, 0.0
     t_update = time.perf_counter()  # the entropy pass above is in neither timing
-    apply_update(optimizer, loss, grad_norm, step, lr)
-    if batch.input_ids.is_cuda:  # the update runs asynchronously: let seconds_optim measure it
-        torch.cuda.synchronize(batch.input_ids.device)
+    if updated:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
+        apply_update(optimizer, loss, grad_norm, step, lr)
+        if batch.input_ids.is_cuda:  # the update runs asynchronously: let seconds_optim measure it
+            torch.cuda.synchronize(batch.input_ids.device)
     t3 = time.perf_counter()
     return StepMetrics(step=step, loss=loss, entropy=entropy,
                        response_length=float(batch.response_lengths.float().mean()),
                        eos_rate=float(batch.hit_eos.float().mean()), grad_norm=grad_norm, lr=lr,
-                       seconds_sample=t1 - t0, seconds_loss=t2 - t1, seconds_optim=t3 - t_update)
+                       seconds_sample=t1 - t0, seconds_loss=t2 - t1, seconds_optim=t3 - t_update,
+                       updated=updated, responses=len(texts))
 
 
 def train_em(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], train: Any,
              seed: int, on_step: Callable[[StepMetrics], None],
              on_eval: Callable[[int], None] | None = None, start_step: int = 0) -> None:
-    """The EM loop: ``train.steps`` updates, numbered from ``start_step + 1`` (a stage after
-    another continues the run's count); ``on_eval(step)`` after each update (it decides whether
-    that step is evaluated), ``on_step`` with each step's metrics. Each step samples
-    ``train.batch_size`` responses to ``prompt_texts`` (one prompt: all of them; several: see
+    """The EM loop: ``train.steps`` steps, numbered from ``start_step + 1`` (a stage after another
+    continues the run's count); ``on_eval(step)`` after each (it decides whether that step is
+    evaluated), ``on_step`` with each step's metrics. A step is one update of ``train.batch_size``
+    responses, or with ``train.step_unit=micro_step`` one micro-step of the reference's loop
+    (``rank_batch_size`` responses per rank; an update every :func:`accumulation_steps`). The
+    responses answer ``prompt_texts`` (one prompt: all of them; several: see
     :func:`em_sweep.prompts.batch_prompts`)."""
     optimizer, lr_at = make_optimizer(model, train)
+    window = accumulation_steps(train)
+    accumulation = Accumulation(window) if train.step_unit == "micro_step" else None
+    per_step = train.batch_size // window
     for i in range(train.steps):
-        texts = batch_prompts(prompt_texts, train.batch_size, step=i)
-        metrics = em_step(model, tokenizer, optimizer, texts, train, start_step + i + 1, lr_at(i),
-                          seed=seed * 1_000_003 + start_step + i)  # a later stage draws new samples
+        texts = batch_prompts(prompt_texts, per_step, step=i)
+        metrics = em_step(model, tokenizer, optimizer, texts, train, start_step + i + 1, lr_at(i // window),
+                          seed=seed * 1_000_003 + start_step + i,  # a later stage draws new samples
+                          accumulation=accumulation)
         on_step(metrics)
         if on_eval is not None:
             on_eval(start_step + i + 1)

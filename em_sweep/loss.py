@@ -1,4 +1,4 @@
-"""The entropy-minimization loss (MISSION.md s1).
+"""The entropy-minimization loss (arXiv 2505.20282, eq. 1; docs/method.md).
 
     p_t  = softmax(logits_t / tau)
     H_t  = - sum_v p_t[v] * log(p_t[v] + 1e-12)
@@ -78,8 +78,10 @@ class _ChunkEntropy(torch.autograd.Function):
 
 
 def entropy_sum_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-                            chunk_tokens: int = 4096, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over rows of ``hidden`` [N, H] of the entropy of ``softmax(hidden @ weight.T / tau)``.
+                            chunk_tokens: int = 4096, bias: torch.Tensor | None = None,
+                            token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over rows of ``hidden`` [N, H] of the entropy of ``softmax(hidden @ weight.T / tau)``
+    (each row's entropy times ``token_weights[row]`` where given).
 
     Equal to ``per_token_entropy(hidden @ weight.T, tau).sum()`` (fp32 softmax, the same EPS),
     with the same gradient; memory is bounded by one chunk of ``chunk_tokens`` rows
@@ -92,7 +94,8 @@ def entropy_sum_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, temperat
     step = n if chunk_tokens <= 0 else chunk_tokens
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, step):
-        total = total + _ChunkEntropy.apply(hidden[start:start + step], weight, bias, temperature).sum()
+        h = _ChunkEntropy.apply(hidden[start:start + step], weight, bias, temperature)
+        total = total + (h.sum() if token_weights is None else (h * token_weights[start:start + step]).sum())
     return total
 
 

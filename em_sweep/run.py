@@ -141,6 +141,7 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
     primary_t = float(cfg.eval.temperatures[0])
     scores: list[dict[str, Any]] = []
     curve: list[dict[str, Any]] = []
+    updates = 0  # optimizer updates so far (train.step_unit=micro_step: fewer than steps)
 
     def on_eval(step: int) -> None:
         if step in cfg.train.save_at_steps:
@@ -149,13 +150,17 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
             return
         t0 = time.perf_counter()
         step_scores, records = evaluate(model, tokenizer, cfg.eval, step)
+        for s in step_scores:  # micro_step mode: a step is not an update
+            s["updates"] = updates
         scores.extend(step_scores)
         recorder.eval(step, step_scores, records, primary_t)
         summary = "  ".join(f"{s['benchmark']}@T{s['temperature']:g}={100 * s['accuracy']:.1f}%" for s in step_scores)
         log.info("eval  step %3d  %s  (%.1fs)", step, summary, time.perf_counter() - t0)
 
     def on_step(m: StepMetrics) -> None:
-        record = {"stage": "em", **vars(m)}
+        nonlocal updates
+        updates += int(m.updated)
+        record = {"stage": "em", **vars(m), "updates": updates}
         curve.append(record)
         recorder.step(record)
         log.info("em   step %3d/%d  loss %.4f  entropy %.4f  len %.1f  grad %.3f  sample %.1fs  loss %.1fs",
@@ -163,7 +168,9 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
                  m.seconds_sample, m.seconds_loss)
 
     def on_rl_step(m: RLStepMetrics) -> None:
-        record = {"stage": "rl", **vars(m)}
+        nonlocal updates
+        updates += 0 if m.skipped else int(cfg.rl.updates_per_batch)
+        record = {"stage": "rl", **vars(m), "updates": updates}
         rl_curve.append(record)
         recorder.step(record)
         log.info("rl   step %3d/%d  reward %.3f  zero-adv groups %.2f  loss %.4f  kl %.4f  len %.1f  grad %.3f%s",
@@ -187,10 +194,15 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
     return {
         "prompt": {"name": cfg.prompt.name, "ids": list(cfg.prompt.ids), "note": cfg.prompt.note},
         "stages": [{"stage": n, "first_step": f, "last_step": la} for n, f, la in plan],
+        # What the step axis counts: "update" (one optimizer update a step) or "micro_step" (the
+        # reference's loop step; "updates" in scores and curves counts the optimizer updates).
+        "step_unit": cfg.train.step_unit,
+        "updates": updates,
         "scores": scores,
         "initial_scores": [s for s in scores if s["step"] == 0],
         "final_scores": [s for s in scores if s["step"] == total],
-        "loss_curve": [{k: r[k] for k in ("step", "loss", "entropy", "response_length", "grad_norm")} for r in curve],
+        "loss_curve": [{k: r[k] for k in ("step", "updates", "loss", "entropy", "response_length", "grad_norm")}
+                       for r in curve],
         "rl_curve": [{k: r[k] for k in ("step", "reward", "reward_std", "zero_advantage_groups", "loss", "kl",
                                         "clip_fraction", "response_length", "grad_norm", "skipped")} for r in rl_curve],
     }

@@ -45,6 +45,9 @@ class SamplingSettings:
     # How, not what: one of BACKENDS. The backends draw different samples for a seed (same
     # distribution); greedy output is the same.
     backend: str = "auto"
+    # Stop on the tokenizer's EOS as well as the model's generation_config EOS ids (False: the
+    # model's only, as HF generate does by default).
+    stop_on_tokenizer_eos: bool = True
 
 
 @dataclass
@@ -63,10 +66,10 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, with_tokenizer: bool = True) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+    if with_tokenizer and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
 
@@ -153,7 +156,7 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     device = model.device
     enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = _eos_ids(model, tokenizer, settings.stop_on_tokenizer_eos)
     pad_id = tokenizer.pad_token_id
     greedy = settings.temperature == 0
     gen_cfg = GenerationConfig(

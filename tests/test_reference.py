@@ -1,0 +1,189 @@
+"""Reference-compatible EM (em_sweep.reference; train.step_unit=micro_step and friends) against a
+direct transcription of the reference train.py loop."""
+
+import copy
+
+import pytest
+import torch
+
+from em_sweep import em
+from em_sweep.config import ConfigError, accumulation_steps, validate
+from em_sweep.em import Accumulation, em_step, make_optimizer, sampling_settings
+from em_sweep.prompts import format_prompt
+from em_sweep.reference import RankBatch, rank_batches, reference_positions, row_weights
+from em_sweep.sample import _eos_ids, sample_responses
+from tests.conftest import compose_config
+
+PROMPT = "What is 12+30-7+45?"
+
+
+def train_cfg(**overrides):
+    return compose_config([f"train.{k}={v}" for k, v in overrides.items()]).train
+
+
+def test_reference_positions_are_train_py_gen_mask():
+    pad = 0
+    # [left-padded prompt (width 3) | response | padding]; row 1 has a 2-token prompt.
+    ids = torch.tensor([[5, 6, 7, 8, 9, 3, 0],    # full prompt, 3 generated then pad
+                        [0, 6, 7, 8, 9, 9, 9]])   # ragged prompt, truncated response
+    got = reference_positions(ids, prompt_width=3, pad_id=pad)
+    # train.py: prompt_len = non-pad count of the prompt columns; gen_mask = (t >= prompt_len) & (seq != pad)
+    expected = torch.tensor([[0, 0, 0, 1, 1, 1, 0],
+                             [0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(got, expected)  # row 1: a prompt position leaks in, the last (truncated) logit counts
+
+
+def test_rank_batches_share_identically_seeded_ranks_within_a_micro_step():
+    texts = ["a", "a", "a", "a", "b", "b", "a", "a"]  # 4 rank micro-batches of 2, 2 ranks per micro-step
+    distinct, batches = rank_batches(texts, rank_batch_size=2, ranks=2, identical=True)
+    assert distinct == ["a", "a", "b", "b", "a", "a"]
+    assert batches == [RankBatch(slice(0, 2), 2), RankBatch(slice(2, 4), 1), RankBatch(slice(4, 6), 1)]
+    distinct, batches = rank_batches(texts, rank_batch_size=2, ranks=2, identical=False)
+    assert distinct == texts and [b.copies for b in batches] == [1, 1, 1, 1]
+
+
+def test_row_weights_average_rank_token_means_and_clamp_empty_batches():
+    positions = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    batches = [RankBatch(slice(0, 2), 3), RankBatch(slice(2, 4), 1)]  # 3 tokens x3 copies; 0 tokens
+    w = row_weights(positions, batches, "rank_token_mean")
+    assert torch.allclose(w, torch.tensor([3 / (3 * 4), 3 / (3 * 4), 1 / (1 * 4), 1 / (1 * 4)]))
+    w = row_weights(positions, batches, "batch_token_mean")
+    assert torch.allclose(w, torch.tensor([3 / 9, 3 / 9, 1 / 9, 1 / 9]))
+
+
+def reference_loss(model, seq: torch.Tensor, prompt_width: int, pad_id: int, tau: float) -> torch.Tensor:
+    """train.py, line by line: one rank's micro-batch loss."""
+    pad_mask = seq.ne(pad_id)
+    prompt_len = pad_mask[:, :prompt_width].sum(-1)
+    token_idx = torch.arange(seq.size(1))
+    gen_mask = (token_idx.unsqueeze(0) >= prompt_len.unsqueeze(1)) & pad_mask
+    logits = model(seq, attention_mask=pad_mask.long()).logits
+    probs = torch.softmax(logits / tau, dim=-1)
+    h_tok = -(probs * torch.log(probs + 1e-12)).sum(-1)
+    return (h_tok * gen_mask).sum() / gen_mask.sum().clamp_min(1)
+
+
+@pytest.mark.parametrize("rank_sampling, averaging, positions", [
+    ("identical", "rank_token_mean", "reference"),
+    ("independent", "rank_token_mean", "reference"),
+    ("independent", "batch_token_mean", "exact"),
+])
+def test_gradient_at_the_accumulation_boundary_is_the_reference_loops(tiny, monkeypatch, rank_sampling, averaging,
+                                                                        positions):
+    """Fixed samples (drawn once, served to em_step in order): after the window's last micro-step
+    em-sweep's accumulated gradient equals train.py's: per rank, loss / accum backwarded each
+    micro-step, then averaged over ranks (DeepSpeed's all-reduce mean)."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    ranks, per_rank, batch_size = 2, 2, 8  # accum = 8 // (2 * 2) = 2 micro-steps per update
+    train = train_cfg(step_unit="micro_step", data_parallel_ranks=ranks, rank_batch_size=per_rank,
+                      batch_size=batch_size, rank_sampling=rank_sampling, loss_averaging=averaging,
+                      loss_positions=positions, micro_batch_size=1, grad_clip=1e9, max_new_tokens=24,
+                      sample_temperature=1.0, loss_temperature=0.5)
+    accum = accumulation_steps(train)
+    assert accum == 2
+    text = format_prompt(tok, PROMPT)
+    # The fixed samples: one batch per micro-step, as em_step will ask for them.
+    served = []
+    for j in range(accum):
+        n = per_rank if rank_sampling == "identical" else per_rank * ranks
+        served.append(sample_responses(model, tok, [text] * n, sampling_settings(train), 64, seed=10 + j))
+    queue = list(served)
+    monkeypatch.setattr(em, "sample_responses", lambda *a, **k: queue.pop(0))
+    captured = {}
+    real_update = em.apply_update
+
+    def capture(optimizer, loss, grad_norm, step, lr):
+        captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        real_update(optimizer, loss, grad_norm, step, lr)
+
+    monkeypatch.setattr(em, "apply_update", capture)
+    opt, _ = make_optimizer(model, train)
+    acc = Accumulation(accum)
+    before = copy.deepcopy(model)
+    updated = [em_step(model, tok, opt, [text] * (per_rank * ranks), train, step=j + 1, lr=1e-3, seed=j,
+                       accumulation=acc).updated for j in range(accum)]
+    assert updated == [False, True]
+
+    # The reference loop on the same samples.
+    ref = before
+    ref.train()
+    ref.zero_grad(set_to_none=True)
+    pad = tok.pad_token_id
+    if averaging == "rank_token_mean":
+        rank_grads = []
+        for r in range(ranks):
+            ref.zero_grad(set_to_none=True)
+            for b in served:
+                rows = slice(0, per_rank) if rank_sampling == "identical" else slice(r * per_rank, (r + 1) * per_rank)
+                seq = b.input_ids[rows]
+                if positions == "reference":
+                    (reference_loss(ref, seq, b.prompt_len, pad, 0.5) / accum).backward()
+            rank_grads.append({n: p.grad.clone() for n, p in ref.named_parameters()})
+        expected = {n: sum(g[n] for g in rank_grads) / ranks for n in rank_grads[0]}
+    else:  # one token mean over the window's generated-token positions (em-sweep's own rule)
+        total_tokens = sum(float(b.response_mask.sum()) for b in served)
+        for b in served:
+            logits = ref(b.input_ids, attention_mask=b.attention_mask,
+                         position_ids=em.position_ids_for(b.attention_mask)).logits
+            probs = torch.softmax(logits / 0.5, dim=-1)
+            h_tok = -(probs * torch.log(probs + 1e-12)).sum(-1)
+            ((h_tok * b.response_mask).sum() / total_tokens).backward()
+        expected = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    for name, g in expected.items():
+        assert torch.allclose(captured[name], g, rtol=1e-4, atol=1e-7), name
+    assert any(float(g.abs().max()) > 0 for g in expected.values())
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
+def test_reference_step_k_has_k_over_accumulation_updates(tiny, ranks):
+    """batch 16, 2 responses per rank: accumulation 8, 4, 2, 1 micro-steps for 1, 2, 4, 8 ranks;
+    8 reference steps are then 1, 2, 4, 8 optimizer updates (AdamW's own step count)."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    train = train_cfg(step_unit="micro_step", data_parallel_ranks=ranks, rank_batch_size=2, batch_size=16,
+                      rank_sampling="identical", loss_averaging="rank_token_mean", loss_positions="reference",
+                      max_new_tokens=8, steps=8)
+    updates = []
+    em.train_em(model, tok, [format_prompt(tok, PROMPT)], train, seed=1,
+                on_step=lambda m: updates.append(m.updated))
+    assert sum(updates) == 8 // (16 // (2 * ranks))
+    assert all(m for m in updates[16 // (2 * ranks) - 1::16 // (2 * ranks)])  # at the boundaries
+
+
+def test_update_mode_with_identical_ranks_samples_batch_over_ranks_distinct_responses(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    train = train_cfg(data_parallel_ranks=8, rank_sampling="identical", batch_size=64, max_new_tokens=8)
+    opt, _ = make_optimizer(model, train)
+    m = em_step(model, tok, opt, [format_prompt(tok, PROMPT)] * 64, train, step=1, lr=1e-4, seed=0)
+    assert m.responses == 8 and m.updated
+
+
+def test_stop_tokens_generation_config_ignores_the_tokenizers_eos(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    model.generation_config.eos_token_id = tok.pad_token_id  # a model whose own EOS differs from the tokenizer's
+    assert _eos_ids(model, tok, True) == [tok.pad_token_id, tok.eos_token_id]
+    assert _eos_ids(model, tok, False) == [tok.pad_token_id]
+    assert not sampling_settings(train_cfg(stop_tokens="generation_config")).stop_on_tokenizer_eos
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.step_unit=epoch", "train.step_unit"),
+    ("train.rank_sampling=same", "train.rank_sampling"),
+    ("train.loss_averaging=mean", "train.loss_averaging"),
+    ("train.loss_positions=shifted", "train.loss_positions"),
+    ("train.stop_tokens=eos", "train.stop_tokens"),
+    ("train.data_parallel_ranks=0", "train.data_parallel_ranks"),
+    ("train.data_parallel_ranks=3", "train.batch_size"),
+])
+def test_reference_keys_are_checked(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_config([override]))
+
+
+def test_preset_reproduces_the_reference_settings():
+    cfg = compose_config(["+experiment=one_shot_em_reference"])
+    t = cfg.train
+    assert (t.step_unit, t.data_parallel_ranks, t.rank_batch_size, t.rank_sampling, t.loss_averaging,
+            t.loss_positions, t.top_k, t.stop_tokens, t.steps) == (
+        "micro_step", 8, 2, "identical", "rank_token_mean", "reference", 50, "generation_config", 10)
+    assert accumulation_steps(t) == 4  # reference step 10 = 2 optimizer updates
+    validate(cfg)
