@@ -436,9 +436,17 @@ def _raw_rows(file: str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+STOPS = ["</s>", "<|im_end|>", "<|endoftext|>"]
+
+
+def _as_evaluated(response: str) -> str | None:
+    """The answer evaluation takes from ``response`` (eval's defaults: stop strings, all fallbacks)."""
+    return extract(cut_at_stop(response, STOPS), last_number=True).answer
+
+
 def test_math500_reference_solutions_agree_with_gold() -> None:
     rows = _raw_rows("math500.jsonl")
-    predictions = [extract_answer(r["solution"]) for r in rows]
+    predictions = [_as_evaluated(r["solution"]) for r in rows]
     golds = [p.answers for p in load_benchmark("math500")]
     assert [p.answers[0] for p in load_benchmark("math500")] == [r["answer"] for r in rows]
     self_rate, shuffled_rate = _agreement("math500", predictions, golds)
@@ -448,7 +456,7 @@ def test_math500_reference_solutions_agree_with_gold() -> None:
 
 def test_minerva_boxed_answers_agree_with_themselves() -> None:
     rows = _raw_rows("minerva_math.jsonl")
-    predictions = [extract_answer(r["solution"]) for r in rows]
+    predictions = [_as_evaluated(r["solution"]) for r in rows]
     golds = [p.answers for p in load_benchmark("minerva_math")]
     self_rate, shuffled_rate = _agreement("minerva_math", predictions, golds)
     assert self_rate >= 0.99
@@ -464,6 +472,27 @@ def test_olympiadbench_final_answers_agree_with_themselves(delimiters: str) -> N
     self_rate, shuffled_rate = _agreement(f"olympiadbench ({delimiters})", predictions, golds)
     assert self_rate >= 0.99
     assert shuffled_rate <= 0.02
+
+
+@pytest.mark.parametrize("form", ["boxed", "answer is", "last number"])
+def test_amc23_answers_agree_with_gold(form: str) -> None:
+    # AMC23 ships no solutions: its answers (floats such as 27.0) written as a model states them.
+    from em_sweep.benchmarks import canonical_number
+
+    rows = _raw_rows("amc23.jsonl")
+    written = [canonical_number(r["answer"]) for r in rows]
+    responses = {
+        "boxed": [f"Adding up, 1 + 2 = 3, so we get $\\boxed{{{a}}}$.<|im_end|>junk 999" for a in written],
+        "answer is": [f"Adding up, 1 + 2 = 3, so the answer is {a}." for a in written],
+        "last number": [f"Adding up, 1 + 2 = 3, and in all we have {a} ways." for a in written],
+    }[form]
+    golds = [p.answers for p in load_benchmark("amc23")]
+    self_rate, shuffled_rate = _agreement(f"amc23 ({form})", [_as_evaluated(r) for r in responses], golds)
+    assert self_rate == 1.0
+    # 40 problems, many sharing an answer (3, 4, 36, ...): a shuffled gold is right exactly where
+    # it is the same number.
+    perm = _derangement(len(golds))
+    assert shuffled_rate == sum(golds[i] == golds[j] for i, j in enumerate(perm)) / len(golds)
 
 
 def test_gsm8k_worked_solutions_agree_with_gold() -> None:
