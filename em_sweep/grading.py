@@ -70,7 +70,7 @@ class Grade:
 # Which rule gave an answer, in order of precedence; "none": no rule did.
 EXTRACTION_RULES = ("boxed", "gsm8k", "answer_is", "last_number", "none")
 # Extraction reads at most the last this many characters of a response (the final answer is at
-# the end), so its work per response is bounded whatever the model wrote: ~10 ms at this size,
+# the end), so its work per response is bounded whatever the model wrote: tens of ms at this size,
 # far below any grading timeout. Generation budgets (3,072 tokens) stay well under it.
 MAX_EXTRACT_CHARS = 100_000
 # "The answer is ..." reads at most this many characters after the phrase, and tries at most the
