@@ -209,7 +209,9 @@ class EvalConfig:
     batch_size: int = 64
     # Limit problems per benchmark (null = all); for smoke tests only.
     limit: int | None = None
-    # qwen25-math-cot | plain | chat (the model's chat template, user turn only).
+    # qwen25-math-cot: the Qwen2.5-Math toolkit's hard-coded ChatML prompt, the same string for
+    # every model (Llama too) | chat-cot: the model's own chat template, the same instruction as
+    # its system turn | chat: the model's own chat template, user turn only | plain. docs/evaluation.md.
     template: str = "qwen25-math-cot"
     # Seconds before a single grading call is abandoned (counted as wrong, logged).
     grade_timeout_s: float = 5.0
@@ -219,6 +221,12 @@ class EvalConfig:
     # | vllm (em_sweep/vllm_backend.py; optional, CUDA only). vLLM loads the weights from
     # model.path, so it scores saved models only: train.steps=0 or `em-sweep eval`.
     backend: str = "hf"
+    # Each response is cut at the first of these strings (as the toolkit stops generation on them,
+    # besides the EOS ids); [] = EOS ids only.
+    stop_strings: list[str] = field(default_factory=lambda: ["</s>", "<|im_end|>", "<|endoftext|>"])
+    # With no boxed answer, no "####" and no "the answer is", take the last number in the response
+    # (the toolkit's last resort); false = such a response has no answer.
+    last_number_fallback: bool = True
 
 
 @dataclass
@@ -275,7 +283,7 @@ def register() -> None:
 register()
 
 KNOWN_STAGES = ("em", "rl")
-KNOWN_TEMPLATES = ("qwen25-math-cot", "plain", "chat")
+KNOWN_TEMPLATES = ("qwen25-math-cot", "plain", "chat", "chat-cot")
 KNOWN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
 # Kept in step with em_sweep.optim.OPTIMIZERS and em_sweep.sample.BACKENDS (tests/test_optim.py
@@ -353,6 +361,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(e.limit is None or e.limit > 0, "eval.limit", "must be > 0 or null")
     _check(e.template in KNOWN_TEMPLATES, "eval.template", f"unknown {e.template!r}; choose from {KNOWN_TEMPLATES}")
     _check(e.grade_timeout_s > 0, "eval.grade_timeout_s", "must be > 0")
+    _check(all(isinstance(x, str) and x for x in e.stop_strings), "eval.stop_strings",
+           f"must be non-empty strings, got {list(e.stop_strings)}")
     _check_benchmarks(e.benchmarks)
     _check(e.backend in KNOWN_EVAL_BACKENDS, "eval.backend",
            f"unknown {e.backend!r}; choose from {KNOWN_EVAL_BACKENDS}")

@@ -18,9 +18,9 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spec
-from em_sweep.grading import extract_answer, grade_many
+from em_sweep.grading import EXTRACTION_RULES, cut_at_stop, extract, grade_many, grader_versions
 from em_sweep.prompts import format_eval_prompt
-from em_sweep.sample import SamplingSettings, sample_responses
+from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
 
 
 @dataclass(frozen=True)
@@ -34,16 +34,55 @@ class Score:
     pass_at_n: float  # share of problems with at least one correct sample
     n: int  # samples per problem
     n_problems: int
-    boxed_rate: float  # share of responses with an extractable answer
+    boxed_rate: float  # share of responses whose answer came from a \boxed{}
     grader_failures: int  # timeouts or grader errors (counted as wrong)
     template: str
     max_new_tokens: int
     seconds: float
+    # Responses by the extraction rule that gave their answer (em_sweep.grading.EXTRACTION_RULES).
+    extraction_boxed: int = 0
+    extraction_gsm8k: int = 0
+    extraction_answer_is: int = 0
+    extraction_last_number: int = 0
+    extraction_none: int = 0
+    last_number_fallback: bool = True
+    # The grader's packages: math-verify's verdicts may change with them.
+    math_verify_version: str = ""
+    latex2sympy2_extended_version: str = ""
+    antlr4_version: str = ""
 
 
 def samples_per_problem(eval_cfg: Any, repeats: int, temperature: float) -> int:
     """Greedy decoding gives the same answer every time: 1 sample; else max(n_samples, repeats)."""
     return 1 if temperature == 0 else max(eval_cfg.n_samples, repeats)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stop_strings: list[str]) -> set[int]:
+    """Ids of the stop strings that are single tokens which decoding drops (special tokens such
+    as Qwen's ``<|im_end|>``): a decoded response no longer shows them, so responses are cut at
+    these ids before decoding (the other stop strings are cut in the text)."""
+    ids = set()
+    for stop in stop_strings:
+        enc = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1 and tokenizer.decode(enc, skip_special_tokens=True) == "":
+            ids.add(enc[0])
+    return ids
+
+
+def response_texts(batch: SampleBatch, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> list[str]:
+    """The decoded responses of ``batch``, each cut before its first token in ``stop_ids``."""
+    texts = list(batch.texts)
+    if not stop_ids:
+        return texts
+    generated = batch.input_ids[:, batch.prompt_len:]
+    kept = batch.attention_mask[:, batch.prompt_len:].bool()
+    for r in range(len(texts)):
+        ids = generated[r][kept[r]].tolist()
+        cut = next((j for j, t in enumerate(ids) if t in stop_ids), None)
+        # A stop id as the last token (usually EOS) is dropped by decoding anyway.
+        if cut is not None and cut < len(ids) - 1:
+            texts[r] = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+    return texts
 
 
 def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
@@ -59,13 +98,21 @@ def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         return vllm_backend.generate(model, tokenizer, texts, n, settings, seed=eval_cfg.seed)
     jobs = sorted(((i, k) for i in range(len(texts)) for k in range(n)), key=lambda ik: len(texts[ik[0]]))
     responses = [[""] * n for _ in texts]
+    stop_ids = stop_token_ids(tokenizer, list(eval_cfg.stop_strings))
     for b, start in enumerate(range(0, len(jobs), eval_cfg.batch_size)):
         chunk = jobs[start:start + eval_cfg.batch_size]
         out = sample_responses(model, tokenizer, [texts[i] for i, _ in chunk], settings,
                                batch_size=eval_cfg.batch_size, seed=eval_cfg.seed + b)
-        for (i, k), text in zip(chunk, out.texts, strict=True):
+        for (i, k), text in zip(chunk, response_texts(out, tokenizer, stop_ids), strict=True):
             responses[i][k] = text
     return responses
+
+
+def version_fields() -> dict[str, str]:
+    """The grader's package versions as :class:`Score` fields."""
+    v = grader_versions()
+    return {"math_verify_version": v["math-verify"], "latex2sympy2_extended_version": v["latex2sympy2_extended"],
+            "antlr4_version": v["antlr4-python3-runtime"]}
 
 
 def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: Any,
@@ -81,15 +128,20 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     texts = [format_eval_prompt(tokenizer, p.question, eval_cfg.template) for p in problems]
     settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens)
     responses = generate_responses(model, tokenizer, texts, n, settings, eval_cfg)  # [problem][sample]
+    # The toolkit's rules: cut at the stop strings, then extract (boxed, "####", "the answer is",
+    # the last number); docs/evaluation.md.
+    responses = [[cut_at_stop(r, eval_cfg.stop_strings) for r in row] for row in responses]
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
-    extracted = [extract_answer(responses[i][k]) for i, k in order]
+    extractions = [extract(responses[i][k], last_number=eval_cfg.last_number_fallback) for i, k in order]
+    extracted = [e.answer for e in extractions]
     grades = grade_many(extracted, [problems[i].answers for i, _ in order], timeout_s=eval_cfg.grade_timeout_s)
     records = [
         {"benchmark": name, "id": problems[i].id, "step": step, "temperature": temperature, "sample": k,
-         "response": responses[i][k], "extracted": ans, "gold": list(problems[i].answers),
-         "correct": g.correct, "grade_status": g.status}
-        for (i, k), ans, g in zip(order, extracted, grades, strict=True)
+         "response": responses[i][k], "extracted": e.answer, "extraction": e.rule,
+         "gold": list(problems[i].answers), "correct": g.correct, "grade_status": g.status}
+        for (i, k), e, g in zip(order, extractions, grades, strict=True)
     ]
+    by_rule = {rule: sum(e.rule == rule for e in extractions) for rule in EXTRACTION_RULES}
     correct = [r["correct"] for r in records]
     per_problem = [any(correct[i * n:(i + 1) * n]) for i in range(len(problems))]
     score = Score(
@@ -97,10 +149,13 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         accuracy=sum(correct) / max(len(correct), 1),
         pass_at_n=sum(per_problem) / max(len(problems), 1),
         n=n, n_problems=len(problems),
-        boxed_rate=sum(a is not None for a in extracted) / max(len(extracted), 1),
+        boxed_rate=by_rule["boxed"] / max(len(extractions), 1),
         grader_failures=sum(g.status in ("timeout", "error") for g in grades),
         template=eval_cfg.template, max_new_tokens=eval_cfg.max_new_tokens,
         seconds=time.perf_counter() - t0,
+        **{f"extraction_{rule}": count for rule, count in by_rule.items()},
+        last_number_fallback=bool(eval_cfg.last_number_fallback),
+        **version_fields(),
     )
     return score, records
 
@@ -119,5 +174,5 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cf
             accs[score.benchmark] = score.accuracy
         if all(b in accs for b in PAPER_FOUR):
             scores.append({"benchmark": "avg4", "step": step, "temperature": float(temperature),
-                           "accuracy": sum(accs[b] for b in PAPER_FOUR) / len(PAPER_FOUR)})
+                           "accuracy": sum(accs[b] for b in PAPER_FOUR) / len(PAPER_FOUR), **version_fields()})
     return scores, records

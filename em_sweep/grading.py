@@ -2,11 +2,13 @@
 
 Two separate steps, as in the Qwen2.5-Math toolkit (parser vs grader):
 
-* :func:`extract_answer` pulls the final answer out of a response (the last
-  ``\\boxed{...}``, with fallbacks). Pure string work.
+* :func:`extract` / :func:`extract_answer` pull the final answer out of a response
+  (the last ``\\boxed{...}``, with fallbacks; :func:`extract` also says which rule
+  gave it). Pure string work, linear in the response and capped in length.
 * :func:`grade` / :func:`grade_many` decide mathematical equivalence with the
-  golds: a cheap exact path first (normalised strings, plain numbers compared
-  as numbers), then math-verify for everything else.
+  golds: percent signs and ``{,}`` separators dropped, then a cheap exact path
+  (normalised strings, plain numbers compared as numbers), then math-verify for
+  everything else.
 
 math-verify can hang: its own timeout uses SIGALRM (main thread only) and some
 inputs (nested powers) sit in C code that no signal interrupts. So math-verify
@@ -21,6 +23,7 @@ parent (torch).
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import re
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -63,39 +67,62 @@ class Grade:
 # Extraction
 # ---------------------------------------------------------------------------
 
+# Which rule gave an answer, in order of precedence; "none": no rule did.
+EXTRACTION_RULES = ("boxed", "gsm8k", "answer_is", "last_number", "none")
+# Extraction reads at most the last this many characters of a response (the final answer is at
+# the end), so its work per response is bounded whatever the model wrote: tens of ms at this size,
+# far below any grading timeout. Generation budgets (3,072 tokens) stay well under it.
+MAX_EXTRACT_CHARS = 100_000
+# "The answer is ..." reads at most this many characters after the phrase, and tries at most the
+# last _MAX_ANSWER_IS phrases.
+_ANSWER_IS_WINDOW = 2_000
+_MAX_ANSWER_IS = 64
+
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _GSM8K_RE = re.compile(r"####\s*([^\n]+)")
 _ANSWER_IS_RE = re.compile(r"(?:final\s+answer|answer)\s+is\s*:?\s*", re.IGNORECASE)
+# A backslash escapes the next character (\{ and \} are literal braces); else a brace.
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
+_SPACE_RE = re.compile(r"\s*")
+_BARE_ARG_RE = re.compile(r"[^\s$]+")
+# The toolkit's last-number pattern (Qwen2.5-Eval/evaluation/parser.py, extract_answer).
+_LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")
+# A thousands separator, "," or LaTeX's "{,}", between a digit and a group of exactly three.
+_THOUSANDS_SEP_RE = re.compile(r"(?<=\d)(?:,|\{,\})(?=\d{3}(?!\d))")
 
 
-def _braced(text: str, start: int) -> str | None:
-    """Content of the brace group opening at ``text[start] == "{"``, or None if unbalanced."""
-    depth = 0
-    i = start
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2  # skip escaped characters such as \{ and \}
-            continue
+@dataclass(frozen=True)
+class Extraction:
+    """The final answer of a response (None if no rule found one) and the rule that gave it
+    (one of :data:`EXTRACTION_RULES`)."""
+
+    answer: str | None
+    rule: str
+
+
+def _brace_matches(text: str) -> dict[int, int]:
+    """Position of each ``{`` -> position of its closing ``}`` (unclosed ones absent); one pass."""
+    matches: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_TOKEN_RE.finditer(text):
+        c = m.group()
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-        i += 1
-    return None
+            stack.append(m.start())
+        elif c == "}" and stack:
+            matches[stack.pop()] = m.start()
+    return matches
 
 
-def _box_content(text: str, end: int) -> str | None:
-    """Argument of a ``\\boxed``/``\\fbox`` command that ends at ``end``."""
-    rest = text[end:]
-    stripped = rest.lstrip()
-    if stripped.startswith("{"):
-        return _braced(text, end + len(rest) - len(stripped))
-    if rest[:1].isspace():
+def _box_content(text: str, end: int, matches: dict[int, int]) -> str | None:
+    """Argument of a ``\\boxed``/``\\fbox`` command that ends at ``end``, or None if it has none
+    (an unclosed brace group counts as none)."""
+    start = _SPACE_RE.match(text, end).end()
+    if start < len(text) and text[start] == "{":
+        close = matches.get(start)
+        return None if close is None else text[start + 1 : close]
+    if start > end:
         # "\boxed 5": the argument runs to the next space or math delimiter.
-        m = re.match(r"[^\s$]+", stripped)
+        m = _BARE_ARG_RE.match(text, start)
         return m.group(0) if m else None
     return None
 
@@ -124,37 +151,84 @@ def _answer_is_tail(tail: str) -> str | None:
     return _clean(line)
 
 
-def extract_answer(text: str) -> str | None:
-    """Final answer of a model response, or None if it states none.
+def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """The last match of ``pattern`` in ``text`` (one pass, no list of all matches)."""
+    last = deque(pattern.finditer(text), maxlen=1)
+    return last[0] if last else None
 
-    Order of precedence (the last occurrence of each wins):
 
-    1. ``\\boxed{...}`` / ``\\fbox{...}`` with nested braces, or ``\\boxed 5``;
-       an unbalanced (truncated) box is skipped in favour of an earlier one;
-    2. GSM8K's ``#### 42``;
-    3. "The final answer is ..." / "the answer is ...".
+def _last_number(text: str) -> str | None:
+    """The last number in ``text``, thousands separators removed (``1,000`` and ``1{,}000`` -> 1000)."""
+    last = _last_match(_LAST_NUMBER_RE, _THOUSANDS_SEP_RE.sub("", text))
+    return last.group() if last else None
 
-    Surrounding ``$``/``\\(``/``\\[`` delimiters, whitespace and a trailing
-    period are removed; the answer is otherwise returned verbatim.
+
+def extract(text: str, last_number: bool = True) -> Extraction:
+    """Final answer of a model response and the rule that found it.
+
+    Rules, in order of precedence (within each, the last occurrence wins):
+
+    1. ``boxed``: ``\\boxed{...}`` / ``\\fbox{...}`` with nested braces, or ``\\boxed 5``; an
+       unclosed (truncated) box is skipped in favour of an earlier one;
+    2. ``gsm8k``: GSM8K's ``#### 42``;
+    3. ``answer_is``: "The final answer is ..." / "the answer is ...": a leading ``$...$`` span,
+       else the rest of the sentence;
+    4. ``last_number`` (only if ``last_number``): the last number in the text, as the
+       Qwen2.5-Math toolkit's fallback (thousands separators removed);
+
+    else ``none`` (answer None). Surrounding ``$``/``\\(``/``\\[`` delimiters, whitespace and a
+    trailing period are removed; the answer is otherwise returned verbatim. Reads at most the
+    last :data:`MAX_EXTRACT_CHARS` characters, in time linear in that length.
     """
     if not text:
-        return None
-    for m in reversed(list(_BOX_RE.finditer(text))):
-        content = _box_content(text, m.end())
-        if content is not None:
-            cleaned = _clean(content)
-            if cleaned is not None:
-                return cleaned
-    hashes = _GSM8K_RE.findall(text)
-    if hashes:
-        cleaned = _clean(hashes[-1])
+        return Extraction(None, "none")
+    text = text[-MAX_EXTRACT_CHARS:]
+    boxes = list(_BOX_RE.finditer(text))
+    if boxes:
+        matches = _brace_matches(text)
+        for m in reversed(boxes):
+            content = _box_content(text, m.end(), matches)
+            if content is not None:
+                cleaned = _clean(content)
+                if cleaned is not None:
+                    return Extraction(cleaned, "boxed")
+    last_hashes = _last_match(_GSM8K_RE, text)
+    if last_hashes is not None:
+        cleaned = _clean(last_hashes.group(1))
         if cleaned is not None:
-            return cleaned
-    for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
-        cleaned = _answer_is_tail(text[m.end() :])
+            return Extraction(cleaned, "gsm8k")
+    for m in list(_ANSWER_IS_RE.finditer(text))[::-1][:_MAX_ANSWER_IS]:
+        cleaned = _answer_is_tail(text[m.end() : m.end() + _ANSWER_IS_WINDOW])
         if cleaned is not None:
-            return cleaned
-    return None
+            return Extraction(cleaned, "answer_is")
+    if last_number:
+        number = _last_number(text)
+        if number is not None:
+            return Extraction(number, "last_number")
+    return Extraction(None, "none")
+
+
+def extract_answer(text: str, last_number: bool = False) -> str | None:
+    """Final answer of a model response, or None if it states none: :func:`extract`'s answer.
+
+    The last-number fallback is off by default here (RL rewards and prompt selection score only
+    answers a response states); evaluation turns it on with ``eval.last_number_fallback``.
+    """
+    return extract(text, last_number=last_number).answer
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to (not including) the first occurrence of any of ``stop_strings``.
+
+    The text before a stop is the same whether generation stopped there or ran on, so cutting
+    afterwards gives what stopping on these strings would have produced.
+    """
+    cut = len(text)
+    for stop in stop_strings:
+        i = text.find(stop) if stop else -1
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
 
 
 # ---------------------------------------------------------------------------
@@ -188,6 +262,40 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
     s = re.sub(r"\s+", "", s)
     return s.rstrip(".")
+
+
+_LATEX_THOUSANDS_RE = re.compile(r"(?<=\d)\{,\}(?=\d{3}(?!\d))")
+
+
+def strip_percent_and_separators(answer: str) -> str:
+    """``answer`` without percent signs (``\\%``, ``%``) or ``{,}`` thousands separators.
+
+    The Qwen2.5-Math toolkit drops percent signs from predictions and golds alike
+    (``strip_string`` in Qwen2.5-Eval/evaluation/parser.py), so ``35.0\\%`` is 35.0; it also keeps
+    math-verify's verdict independent of its parser runtime, whose LaTeX grammar reads ``35.0\\%``
+    as 35.0 under antlr4-python3-runtime 4.9 but as 0.35 under 4.13. ``1{,}000`` is LaTeX's
+    spelling of the thousands comma the toolkit removes from numbers (``1{,}000`` -> ``1000``).
+    """
+    return _LATEX_THOUSANDS_RE.sub("", answer.replace("\\%", "").replace("%", ""))
+
+
+# Packages whose versions decide math-verify's verdicts; recorded with every score.
+GRADER_PACKAGES = ("math-verify", "latex2sympy2_extended", "antlr4-python3-runtime")
+
+
+@functools.lru_cache(maxsize=1)
+def grader_versions() -> dict[str, str]:
+    """Installed version of each of :data:`GRADER_PACKAGES` (``"absent"`` if not installed);
+    the grading workers run the same interpreter and import path, so the same versions."""
+    from importlib import metadata
+
+    versions = {}
+    for name in GRADER_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
 
 
 def _as_number(s: str) -> Decimal | None:
@@ -433,7 +541,8 @@ def grade_many(
 ) -> list[Grade]:
     """Grade ``predictions[i]`` against ``golds_list[i]``, in order.
 
-    Correct if equivalent to any gold. Items the exact path decides never
+    Correct if equivalent to any gold. Predictions and golds lose percent signs and ``{,}``
+    thousands separators first (:func:`strip_percent_and_separators`). Items the exact path decides never
     reach math-verify; duplicates are graded once; the rest go to up to
     ``n_workers`` (default: min(2, CPUs)) worker processes, each item with its
     own ``timeout_s`` deadline. Never raises for a bad answer and never hangs
@@ -452,12 +561,14 @@ def grade_many(
         if pred is None or not str(pred).strip():
             grades[i] = Grade(False, "no_answer")
             continue
-        golds_t = tuple(str(g) for g in golds)
-        verdict = _fast_verdict(str(pred), golds_t) if exact_path else None
+        # Both sides normalised before either path, so no percent sign ever reaches math-verify.
+        pred_s = strip_percent_and_separators(str(pred))
+        golds_t = tuple(strip_percent_and_separators(str(g)) for g in golds)
+        verdict = _fast_verdict(pred_s, golds_t) if exact_path else None
         if verdict is not None:
             grades[i] = Grade(verdict, "ok")
             continue
-        key = (str(pred), golds_t)
+        key = (pred_s, golds_t)
         if key not in job_index:
             job_index[key] = len(jobs)
             jobs.append(key)

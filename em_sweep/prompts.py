@@ -15,8 +15,19 @@ T = TypeVar("T")
 
 PROMPTS_DIR = Path(__file__).parent / "data" / "prompts"
 
-# The Qwen2.5-Math evaluation toolkit's "qwen25-math-cot" system message (MISSION.md s3).
+# The Qwen2.5-Math evaluation toolkit's "qwen25-math-cot" system message.
 QWEN25_MATH_COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+# The toolkit's whole "qwen25-math-cot" prompt: one hard-coded ChatML string, the same for every
+# model (Qwen2.5-Eval/evaluation/utils.py, PROMPT_TEMPLATES; "{input}" is the question).
+QWEN25_MATH_COT_PROMPT = (
+    "<|im_start|>system\n" + QWEN25_MATH_COT_SYSTEM + "<|im_end|>\n"
+    "<|im_start|>user\n{input}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+# eval.template values: qwen25-math-cot (the toolkit's string, any model) | chat-cot (the model's
+# own chat template with the same instruction as its system turn) | chat (the model's own chat
+# template, user turn only) | plain (instruction and question as plain text).
+EVAL_TEMPLATES = ("qwen25-math-cot", "chat-cot", "chat", "plain")
 
 
 class PromptError(ValueError):
@@ -88,9 +99,30 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def default_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The special tokens ``tokenizer`` puts before any text by default, as text: Llama's BOS
+    (``<|begin_of_text|>``, ``<s>``); empty for Qwen, which adds none."""
+    plain = tokenizer("1", add_special_tokens=False)["input_ids"]
+    full = tokenizer("1", add_special_tokens=True)["input_ids"]
+    n = len(full) - len(plain)
+    return tokenizer.decode(full[:n]) if n > 0 and full[n:] == plain else ""
+
+
+def qwen25_math_cot_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """The toolkit's qwen25-math-cot prompt for ``question``, whatever the model.
+
+    The toolkit hands this string to vLLM, which tokenizes it with the tokenizer's default
+    special tokens; em-sweep tokenizes prompts without them, so they are written out here
+    (a BOS for Llama, nothing for Qwen). The question is stripped, as the toolkit does.
+    """
+    return default_prefix(tokenizer) + QWEN25_MATH_COT_PROMPT.replace("{input}", question.strip(), 1)
+
+
 def format_eval_prompt(tokenizer: PreTrainedTokenizerBase, question: str, template: str) -> str:
-    """Evaluation prompt for ``eval.template``: qwen25-math-cot | chat | plain."""
+    """Evaluation prompt for ``eval.template``, one of :data:`EVAL_TEMPLATES`."""
     if template == "qwen25-math-cot":
+        return qwen25_math_cot_prompt(tokenizer, question)
+    if template == "chat-cot":
         return format_prompt(tokenizer, question, QWEN25_MATH_COT_SYSTEM)
     if template == "chat":
         return format_prompt(tokenizer, question)

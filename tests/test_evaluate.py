@@ -95,3 +95,121 @@ def test_launch_scores_a_custom_benchmark_from_the_command_line(tmp_path: Path) 
     assert results["config"]["eval"]["benchmarks"][1]["path"] == str(CUSTOM)
     records = [json.loads(x) for x in (run / "eval_records.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records if r["benchmark"] == "mine"] == ["c1", "c2", "c3", "c4"]
+
+
+# ---------------------------------------------------------------------------
+# The evaluation toolkit's rules (Qwen2.5-Eval/evaluation): prompt, stop strings, extraction
+# ---------------------------------------------------------------------------
+
+# Qwen2.5-Eval/evaluation/utils.py, PROMPT_TEMPLATES["qwen25-math-cot"], written out by hand.
+TOOLKIT_PROMPT = ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}."
+                  "<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+# Meta-Llama-3-8B-Instruct's chat template.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def _llama_style(tokenizer):
+    """The tiny tokenizer's vocabulary with Llama-3's special tokens, chat template and BOS added to
+    every encoding (as Llama tokenizers do by default)."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    tk.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    bos = tk.token_to_id("<|begin_of_text|>")
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|eot_id|>", chat_template=LLAMA3_CHAT_TEMPLATE)
+
+
+def test_qwen25_math_cot_is_the_toolkits_string_for_a_qwen_tokenizer(tiny) -> None:
+    from em_sweep.prompts import format_eval_prompt
+
+    _, tokenizer = tiny  # Qwen2 tokenizer with a ChatML chat template, no BOS
+    prompt = format_eval_prompt(tokenizer, "  What is 1+2?\n", "qwen25-math-cot")
+    assert prompt == TOOLKIT_PROMPT.replace("{question}", "What is 1+2?")  # the question stripped, as the toolkit does
+    # For a ChatML model the model's own template with the same system turn is the same string.
+    assert format_eval_prompt(tokenizer, "What is 1+2?", "chat-cot") == prompt
+    assert format_eval_prompt(tokenizer, "What is 1+2?", "chat") == (
+        "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_qwen25_math_cot_is_the_toolkits_string_for_a_llama_tokenizer(tiny) -> None:
+    from em_sweep.prompts import format_eval_prompt
+
+    llama = _llama_style(tiny[1])
+    bos = llama.convert_tokens_to_ids("<|begin_of_text|>")
+    prompt = format_eval_prompt(llama, "What is 1+2?", "qwen25-math-cot")
+    # The toolkit's ChatML string, not Llama's format, after the BOS vLLM adds when it tokenizes a text prompt.
+    assert prompt == "<|begin_of_text|>" + TOOLKIT_PROMPT.replace("{question}", "What is 1+2?")
+    ids = llama(prompt, add_special_tokens=False)["input_ids"]  # as em-sweep tokenizes prompts
+    assert ids == llama(TOOLKIT_PROMPT.replace("{question}", "What is 1+2?"))["input_ids"]
+    assert ids.count(bos) == 1
+    # chat-cot is the model's own (Llama) template.
+    assert format_eval_prompt(llama, "What is 1+2?", "chat-cot") == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nPlease reason step by step, and put your "
+        "final answer within \\boxed{}.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 1+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_special_token_stops_are_cut_before_decoding(tiny) -> None:
+    import torch
+
+    from em_sweep.evaluate import response_texts, stop_token_ids
+    from em_sweep.sample import SampleBatch
+
+    _, tokenizer = tiny
+    stops = ["</s>", "<|im_end|>", "<|endoftext|>"]
+    ids = stop_token_ids(tokenizer, stops)
+    # <|im_end|> and <|endoftext|> are special tokens here (decoding drops them); "</s>" is plain text.
+    assert ids == {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    prompt = tokenizer(["Q: 1+2?", "Q: 3+4?"], add_special_tokens=False, padding=True, return_tensors="pt")
+    answers = ["3<|im_end|>\n<|im_start|>user\n\\boxed{9}", "7 done<|im_end|>"]
+    resp = tokenizer(answers, add_special_tokens=False, padding=True, return_tensors="pt")
+    # Right-padded responses as sample.py lays them out; the second row ends with its stop token.
+    batch = SampleBatch(
+        input_ids=torch.cat([prompt["input_ids"], resp["input_ids"]], dim=1),
+        attention_mask=torch.cat([prompt["attention_mask"], resp["attention_mask"]], dim=1),
+        response_mask=torch.cat([torch.zeros_like(prompt["attention_mask"]), resp["attention_mask"]], dim=1),
+        prompt_len=prompt["input_ids"].shape[1], response_lengths=resp["attention_mask"].sum(1),
+        texts=tokenizer.batch_decode(resp["input_ids"], skip_special_tokens=True),
+        hit_eos=torch.tensor([False, True]),
+    )
+    assert batch.texts[0] == "3\nuser\n\\boxed{9}"  # what decoding alone leaves: the stop is gone
+    assert response_texts(batch, tokenizer, ids) == ["3", "7 done"]
+    assert response_texts(batch, tokenizer, set()) == batch.texts
+
+
+def test_records_and_scores_carry_the_extraction_rule_and_grader_versions(tiny) -> None:
+    from em_sweep.grading import EXTRACTION_RULES, grader_versions
+
+    model, tokenizer = tiny
+    # A stop string every arithmetic answer passes through: responses are cut there.
+    cfg = compose_config(["eval.limit=12", "eval.stop_strings=[\"+\",\"<|im_end|>\"]"])
+    validate(cfg)
+    scores, records = evaluate(model, tokenizer, cfg.eval, step=0)
+    (score,) = scores
+    assert all("+" not in r["response"] for r in records)
+    assert all(r["extraction"] in EXTRACTION_RULES for r in records)
+    counts = {rule: sum(r["extraction"] == rule for r in records) for rule in EXTRACTION_RULES}
+    assert {rule: score[f"extraction_{rule}"] for rule in EXTRACTION_RULES} == counts
+    assert sum(counts.values()) == len(records) == 12
+    assert counts["last_number"] > 0  # "50+34=84. ... \\boxed{4}" cut at "+" leaves "50": no box, a number
+    assert score["boxed_rate"] == counts["boxed"] / 12
+    versions = grader_versions()
+    assert (score["math_verify_version"], score["latex2sympy2_extended_version"], score["antlr4_version"]) == (
+        versions["math-verify"], versions["latex2sympy2_extended"], versions["antlr4-python3-runtime"])
+
+
+def test_stop_strings_are_checked() -> None:
+    from em_sweep.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.stop_strings"):
+        validate(compose_config(["eval.stop_strings=[\"\"]"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import re
 import threading
@@ -14,12 +15,19 @@ import pytest
 from em_sweep.benchmarks import BENCHMARK_DIR, load_benchmark
 from em_sweep.grading import (
     _POOL,
+    EXTRACTION_RULES,
+    MAX_EXTRACT_CHARS,
+    Extraction,
     Grade,
+    cut_at_stop,
+    extract,
     extract_answer,
     grade,
     grade_many,
+    grader_versions,
     is_equivalent,
     normalize_answer,
+    strip_percent_and_separators,
 )
 
 # Takes minutes (or forever) in sympy once math-verify's SIGALRM timeout is off,
@@ -68,6 +76,112 @@ def test_extract_answer(text: str, expected: str | None) -> None:
 
 def test_extract_answer_ignores_longer_command_names() -> None:
     assert extract_answer("\\boxedxyz{3}") is None
+
+
+# The toolkit's rules (Qwen2.5-Eval/evaluation/parser.py, extract_answer): the last box, else
+# "the answer is ...", else the last number.
+@pytest.mark.parametrize(
+    ("text", "answer", "rule"),
+    [
+        ("First \\boxed{1}, finally $\\boxed{35.0\\%}$.", "35.0\\%", "boxed"),
+        ("The answer is 5, but \\boxed{6}", "6", "boxed"),  # a box beats an answer phrase
+        ("\\boxed{\\frac{1}{2}} and then \\boxed{\\frac{3", "\\frac{1}{2}", "boxed"),  # an unclosed box is skipped
+        ("She sells 9 eggs.\n#### 18", "18", "gsm8k"),
+        ("So 3 + 4 = 7, and the answer is $\\frac{3}{4}$. Check: 12.", "\\frac{3}{4}", "answer_is"),
+        ("Thus the final answer is 7\nwith 8 more lines", "7", "answer_is"),
+        ("Adding 3 and 4 gives 7 apples.", "7", "last_number"),
+        ("so x = -2.5.", "-2.5", "last_number"),
+        ("In all 1,234,567 grains, not 3", "3", "last_number"),
+        ("In all 1,234,567 grains", "1234567", "last_number"),  # thousands commas dropped
+        ("a total of $1{,}000$ dollars", "1000", "last_number"),  # and LaTeX's {,}
+        ("the pairs (1,2) and (3,45)", "45", "last_number"),  # not a thousands comma
+        ("\\boxed{\\frac{1", "1", "last_number"),  # only an unclosed box: the number inside it
+        ("no digits here", None, "none"),
+        ("", None, "none"),
+    ],
+)
+def test_extraction_rules(text: str, answer: str | None, rule: str) -> None:
+    assert extract(text) == Extraction(answer, rule)
+
+
+def test_last_number_fallback_can_be_turned_off() -> None:
+    assert extract("Adding 3 and 4 gives 7.", last_number=False) == Extraction(None, "none")
+    # extract_answer keeps its old answer set by default (RL rewards and selection use it).
+    assert extract_answer("Adding 3 and 4 gives 7.") is None
+    assert extract_answer("Adding 3 and 4 gives 7.", last_number=True) == "7"
+    assert set(EXTRACTION_RULES) == {"boxed", "gsm8k", "answer_is", "last_number", "none"}
+
+
+def test_extraction_reads_only_the_end_of_a_huge_response() -> None:
+    tail = "x" * MAX_EXTRACT_CHARS
+    assert extract("\\boxed{5}" + tail) == Extraction(None, "none")
+    assert extract("\\boxed{5}" + tail[10:]) == Extraction("5", "boxed")
+
+
+# Run in a fresh interpreter under a timeout: a regression to quadratic work fails by the clock,
+# not by a tight timing (10,000 unclosed boxes took ~26 s before extraction was linear; here 40,000).
+_PATHOLOGICAL_EXTRACTION = """
+from em_sweep.grading import extract
+BOX = chr(92) + "boxed"  # a backslash and "boxed"
+cases = {
+    "unclosed": (BOX + "{") * 40_000,
+    "unclosed_then_number": (BOX + "{") * 40_000 + " 12",
+    "nested": (BOX + "{") * 40_000 + "7" + "}" * 40_000,
+    "unclosed_around_closed": (BOX + "{") * 7_000 + BOX + "{3}" + (BOX + "{") * 7_000,
+    "bare": (BOX + " ") * 40_000,
+    "answer_is_empty": "the answer is . " * 40_000,
+    "hashes": ("####" + chr(10)) * 20_000 + "#### 42" + (" " + chr(10)) * 40_000,
+    "braces": "{" * 50_000 + BOX + "{4" + "}" * 50_000,
+}
+for name, text in cases.items():
+    e = extract(text)
+    print(name, e.rule, e.answer)
+"""
+
+
+def test_pathological_responses_are_extracted_in_linear_time() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", _PATHOLOGICAL_EXTRACTION], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert lines == {
+        "unclosed": "none None",
+        "unclosed_then_number": "last_number 12",
+        "nested": "boxed 7",
+        "unclosed_around_closed": "boxed 3",
+        "bare": "boxed \\boxed",
+        "answer_is_empty": "none None",
+        "hashes": "gsm8k 42",
+        "braces": "boxed 4",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "expected"),
+    [
+        ("42.<|im_end|>\n<|im_start|>user\n\\boxed{7}", ["</s>", "<|im_end|>", "<|endoftext|>"], "42."),
+        ("a</s>b<|endoftext|>c", ["<|endoftext|>", "</s>"], "a"),  # the first stop in the text, not in the list
+        ("no stop here", ["</s>"], "no stop here"),
+        ("<|im_end|>", ["<|im_end|>"], ""),
+        ("a</s>b", [], "a</s>b"),
+    ],
+)
+def test_cut_at_stop(text: str, stops: list[str], expected: str) -> None:
+    assert cut_at_stop(text, stops) == expected
+
+
+def test_cut_at_stop_is_what_stopping_there_gives() -> None:
+    # Whatever follows the first stop, the text before it is the same.
+    stops = ["</s>", "<|im_end|>", "<|endoftext|>"]
+    head = "Step 1: 2+2=4. So \\boxed{4}."
+    for tail in ("", "<|im_end|>", "<|im_end|>\n<|im_start|>user\nNext: \\boxed{9}", "</s> \\boxed{1}<|endoftext|>"):
+        assert cut_at_stop(head + tail, stops) == head
+    assert extract(cut_at_stop(head + "<|im_end|>\\boxed{9}", stops)).answer == "4"
 
 
 # ---------------------------------------------------------------------------
@@ -127,6 +241,85 @@ def test_equivalent(prediction: str, gold: str) -> None:
 )
 def test_not_equivalent(prediction: str, gold: str) -> None:
     assert not is_equivalent(prediction, gold)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("35.0\\%", "35.0"),
+        ("35%", "35"),
+        ("5\\% + 5", "5 + 5"),
+        ("1{,}000", "1000"),
+        ("1{,}234{,}567.5", "1234567.5"),
+        ("3{,}14", "3{,}14"),  # a decimal comma, not a thousands separator
+        ("(1{,}2)", "(1{,}2)"),
+    ],
+)
+def test_strip_percent_and_separators(answer: str, expected: str) -> None:
+    assert strip_percent_and_separators(answer) == expected
+
+
+# Graded by math-verify itself (exact_path=False) so the normalisation, not the exact path, decides.
+# Under antlr4-python3-runtime 4.9 math-verify reads "\%" as the end of the expression ("5\% + 5"
+# is 5), under 4.13 as /100 ("35.0\%" is 0.35); with percent signs dropped first both agree.
+PERCENT_CASES = [
+    ("35.0\\%", "35", True),
+    ("35\\%", "35", True),
+    ("5\\% + 5", "10", True),
+    ("12.5\\%", "12.5\\%", True),
+    ("\\frac{1}{2}\\%", "\\frac{1}{2}", True),
+    ("1{,}000", "1000", True),
+    ("35\\%", "0.35", False),  # the toolkit's math_equal would also accept x/100 and x*100; we do not
+    ("51\\%", "50", False),
+]
+
+
+def test_percent_and_thousands_are_graded_as_the_toolkit_does() -> None:
+    preds, golds, expected = zip(*PERCENT_CASES, strict=True)
+    for exact_path in (True, False):
+        grades = grade_many(list(preds), [[g] for g in golds], exact_path=exact_path)
+        assert [g.correct for g in grades] == list(expected), exact_path
+        assert all(g.status == "ok" for g in grades)
+
+
+_VERDICTS = r"""
+import json, sys
+from em_sweep.grading import grade_many, grader_versions
+cases = json.loads(sys.argv[1])
+grades = grade_many([p for p, _, _ in cases], [[g] for _, g, _ in cases], exact_path=False)
+print(json.dumps({"versions": grader_versions(), "correct": [g.correct for g in grades]}))
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("EM_SWEEP_OTHER_ANTLR"),
+                    reason="set EM_SWEEP_OTHER_ANTLR to a folder holding another antlr4-python3-runtime "
+                           "(pip install --target DIR antlr4-python3-runtime==4.13.2)")
+def test_verdicts_do_not_depend_on_the_antlr_runtime() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def run(extra_path: str) -> dict:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (extra_path, str(ROOT)) if p)}
+        proc = subprocess.run([sys.executable, "-c", _VERDICTS, json.dumps(PERCENT_CASES)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    here, other = run(""), run(os.environ["EM_SWEEP_OTHER_ANTLR"])
+    runtime = "antlr4-python3-runtime"
+    assert here["versions"][runtime] != other["versions"][runtime]
+    print(f"\n[antlr] {here['versions'][runtime]} vs {other['versions'][runtime]}: same verdicts")
+    assert here["correct"] == other["correct"] == [c for _, _, c in PERCENT_CASES]
+
+
+def test_grader_versions_are_the_installed_ones() -> None:
+    from importlib import metadata
+
+    versions = grader_versions()
+    assert versions == {name: metadata.version(name) for name in versions}
+    assert set(versions) == {"math-verify", "latex2sympy2_extended", "antlr4-python3-runtime"}
 
 
 def test_normalize_answer_only_drops_presentation() -> None:
@@ -243,9 +436,17 @@ def _raw_rows(file: str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+STOPS = ["</s>", "<|im_end|>", "<|endoftext|>"]
+
+
+def _as_evaluated(response: str) -> str | None:
+    """The answer evaluation takes from ``response`` (eval's defaults: stop strings, all fallbacks)."""
+    return extract(cut_at_stop(response, STOPS), last_number=True).answer
+
+
 def test_math500_reference_solutions_agree_with_gold() -> None:
     rows = _raw_rows("math500.jsonl")
-    predictions = [extract_answer(r["solution"]) for r in rows]
+    predictions = [_as_evaluated(r["solution"]) for r in rows]
     golds = [p.answers for p in load_benchmark("math500")]
     assert [p.answers[0] for p in load_benchmark("math500")] == [r["answer"] for r in rows]
     self_rate, shuffled_rate = _agreement("math500", predictions, golds)
@@ -255,7 +456,7 @@ def test_math500_reference_solutions_agree_with_gold() -> None:
 
 def test_minerva_boxed_answers_agree_with_themselves() -> None:
     rows = _raw_rows("minerva_math.jsonl")
-    predictions = [extract_answer(r["solution"]) for r in rows]
+    predictions = [_as_evaluated(r["solution"]) for r in rows]
     golds = [p.answers for p in load_benchmark("minerva_math")]
     self_rate, shuffled_rate = _agreement("minerva_math", predictions, golds)
     assert self_rate >= 0.99
@@ -271,6 +472,27 @@ def test_olympiadbench_final_answers_agree_with_themselves(delimiters: str) -> N
     self_rate, shuffled_rate = _agreement(f"olympiadbench ({delimiters})", predictions, golds)
     assert self_rate >= 0.99
     assert shuffled_rate <= 0.02
+
+
+@pytest.mark.parametrize("form", ["boxed", "answer is", "last number"])
+def test_amc23_answers_agree_with_gold(form: str) -> None:
+    # AMC23 ships no solutions: its answers (floats such as 27.0) written as a model states them.
+    from em_sweep.benchmarks import canonical_number
+
+    rows = _raw_rows("amc23.jsonl")
+    written = [canonical_number(r["answer"]) for r in rows]
+    responses = {
+        "boxed": [f"Adding up, 1 + 2 = 3, so we get $\\boxed{{{a}}}$.<|im_end|>junk 999" for a in written],
+        "answer is": [f"Adding up, 1 + 2 = 3, so the answer is {a}." for a in written],
+        "last number": [f"Adding up, 1 + 2 = 3, and in all we have {a} ways." for a in written],
+    }[form]
+    golds = [p.answers for p in load_benchmark("amc23")]
+    self_rate, shuffled_rate = _agreement(f"amc23 ({form})", [_as_evaluated(r) for r in responses], golds)
+    assert self_rate == 1.0
+    # 40 problems, many sharing an answer (3, 4, 36, ...): a shuffled gold is right exactly where
+    # it is the same number.
+    perm = _derangement(len(golds))
+    assert shuffled_rate == sum(golds[i] == golds[j] for i, j in enumerate(perm)) / len(golds)
 
 
 def test_gsm8k_worked_solutions_agree_with_gold() -> None:
