@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from em_sweep import families
 from em_sweep.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spec
 from em_sweep.grading import extract_answer, grade_many
-from em_sweep.prompts import format_eval_prompt
 from em_sweep.sample import SamplingSettings, sample_responses
 
 
@@ -39,6 +39,16 @@ class Score:
     template: str
     max_new_tokens: int
     seconds: float
+    family: str = "math"  # math | code | logic (em_sweep.benchmarks.FAMILIES)
+    # Family figures (code: pass@k; logic: accuracy_people<k>); flat in the score's dict.
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def score_dict(score: Score) -> dict[str, Any]:
+    """A score as one flat dict (what metrics.jsonl, results.json and W&B get)."""
+    out = asdict(score)
+    out.update(out.pop("metrics"))
+    return out
 
 
 def samples_per_problem(eval_cfg: Any, repeats: int, temperature: float) -> int:
@@ -78,9 +88,11 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     name = spec.name
     problems: list[Problem] = load_benchmark(spec, limit=eval_cfg.limit)
     n = samples_per_problem(eval_cfg, spec.repeats, temperature)
-    texts = [format_eval_prompt(tokenizer, p.question, eval_cfg.template) for p in problems]
+    texts = [families.prompt_text(tokenizer, spec.family, p, eval_cfg.template) for p in problems]
     settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens)
     responses = generate_responses(model, tokenizer, texts, n, settings, eval_cfg)  # [problem][sample]
+    if spec.family != "math":  # code runs in the sandbox, logic parses roles: em_sweep.families
+        return families.score(spec, problems, responses, n, eval_cfg, step, temperature, t0)
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
     extracted = [extract_answer(responses[i][k]) for i, k in order]
     grades = grade_many(extracted, [problems[i].answers for i, _ in order], timeout_s=eval_cfg.grade_timeout_s)
@@ -114,7 +126,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cf
         accs = {}
         for benchmark in eval_cfg.benchmarks:
             score, recs = evaluate_benchmark(model, tokenizer, eval_cfg, benchmark, step, float(temperature))
-            scores.append(asdict(score))
+            scores.append(score_dict(score))
             records.extend(recs)
             accs[score.benchmark] = score.accuracy
         if all(b in accs for b in PAPER_FOUR):
