@@ -4,8 +4,8 @@ Each program runs in a fresh process (``python -I em_sweep/_sandbox_launcher.py`
 directory of its own, never in the run's process. What holds, checked once per process by
 :func:`isolation` and recorded with the results:
 
-- wall-clock timeout (the parent kills the whole process group, and with a PID namespace every
-  process the program started), CPU-seconds, address-space (memory) and file-size limits
+- wall-clock timeout (the parent kills the whole process group, with a PID namespace every
+  process the program started, and run as root every process of the program's uid), CPU-seconds, address-space (memory) and file-size limits
   (``resource.setrlimit``, which also bounds the program's output: it is written to a file);
 - run as root (as em-sweep's tests are here): the program runs as an unprivileged uid of its own
   (one per pool slot), so RLIMIT_NPROC bounds its processes (a fork bomb), and it cannot delete
@@ -114,19 +114,6 @@ def _unshare_prefix(unshare: str | None, root: bool) -> tuple[str, ...]:
     return ()
 
 
-def _user_process_count() -> int:
-    uid = os.getuid()
-    count = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    count += 1
-            except OSError:
-                pass
-    return count
-
-
 def _signal_reason(sig: int, limits: SandboxLimits) -> str:
     if sig == signal.SIGXCPU:
         return f"CPU time limit ({_cpu_seconds(limits)} s)"
@@ -151,7 +138,7 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits(), slot: int 
     iso = isolation()
     uid = _UID_BASE + slot if iso.drop_uid else None
     # Not root: RLIMIT_NPROC counts all of this user's processes, so allow the ones there are.
-    nproc = limits.max_processes + (0 if iso.drop_uid else _user_process_count())
+    nproc = limits.max_processes + (0 if iso.drop_uid else len(_processes_of(os.getuid())))
     t0 = time.perf_counter()
     scratch = tempfile.mkdtemp(prefix="em-sweep-sandbox-")
     r = w = -1
@@ -182,6 +169,8 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits(), slot: int 
             finally:
                 _kill_group(proc.pid)
                 proc.wait()
+                if uid is not None:
+                    _kill_uid(uid)
             seconds = time.perf_counter() - t0
             result = _read_result(r)
             out.seek(0)
@@ -207,6 +196,32 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits(), slot: int 
         return ExecResult(False, first[4:], seconds, output)
     return ExecResult(False, f"exited with code {os.waitstatus_to_exitcode(status)} before the tests finished",
                       seconds, output)
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _kill_uid(uid: int, wait_s: float = 10.0) -> None:
+    """Kill every process of the slot's uid and wait until none is left, so nothing the program
+    started outlives it (even one that left the process group) and the slot's process count
+    starts at zero for the next program."""
+    deadline = time.monotonic() + wait_s
+    while (pids := _processes_of(uid)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
 
 
 def _kill_group(pgid: int) -> None:
