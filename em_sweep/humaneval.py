@@ -58,7 +58,7 @@ def is_instruct(template: str) -> bool:
 
 def instruct_request(prompt: str) -> str:
     """The user turn for an instruct model."""
-    return refine_text(INSTRUCT_PREFIX + prompt + INSTRUCT_SUFFIX)
+    return refine_text(INSTRUCT_PREFIX + refine_text(prompt) + INSTRUCT_SUFFIX)
 
 
 def cut_at_stops(text: str, instruct: bool) -> str:
