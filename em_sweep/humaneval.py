@@ -14,13 +14,18 @@ As the reference's code evaluation (OpenCodeEval in ``zitian-gao/one-shot-em``'s
 - the test program is the reference's: its import header, the problem's prompt with a ``pass``
   body, the solution, the tests and ``check(<entry point>)``; it passes when it runs to its end.
   Programs run in :mod:`em_sweep.sandbox`, never in the run's process.
+
+``python -m em_sweep.humaneval [--workers N]`` runs HumanEval's reference solutions (and empty
+completions) through the sandbox: a check that execution works on this machine, and its speed.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import math
 import re
+import time
 from collections.abc import Sequence
 
 # The reference's prompt for instruct ("Chat") models (code_eval/test-humaneval-ckpt-list.sh).
@@ -156,3 +161,35 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def mean_pass_at_k(passed: Sequence[Sequence[bool]], k: int) -> float:
     """pass@k averaged over problems; ``passed[problem][sample]``."""
     return sum(pass_at_k(len(p), sum(p), k) for p in passed) / max(len(passed), 1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from em_sweep.benchmarks import load_benchmark
+    from em_sweep.sandbox import SandboxLimits, isolation, run_programs
+
+    parser = argparse.ArgumentParser(description="run HumanEval's reference solutions through the sandbox")
+    parser.add_argument("--workers", type=int, default=2, help="programs at a time (default 2)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
+    args = parser.parse_args(argv)
+    problems = load_benchmark("humaneval")
+    limits = SandboxLimits(timeout_s=args.timeout)
+    print(f"sandbox: {isolation().describe()}")
+    status = 0
+    for label, completions in (("reference solutions", [p.answers[0] for p in problems]),
+                               ("empty completions", [""] * len(problems))):
+        programs = [test_program(p.question, extract_code(p.question, c, p.entry_point, False), p.test, p.entry_point)
+                    for p, c in zip(problems, completions, strict=True)]
+        t0 = time.perf_counter()
+        results = run_programs(programs, limits, workers=args.workers)
+        seconds = time.perf_counter() - t0
+        passed = sum(r.passed for r in results)
+        print(f"{label}: {passed}/{len(problems)} passed in {seconds:.1f} s ({args.workers} workers)")
+        for p, r in zip(problems, results, strict=True):
+            if r.passed != (label == "reference solutions"):
+                print(f"  {p.id}: {r.reason or 'passed'}")
+                status = 1
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

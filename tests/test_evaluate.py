@@ -157,3 +157,14 @@ def test_tiny_model_on_code_and_logic_benchmarks(tiny, tmp_path: Path) -> None:
     assert {"eval/humaneval/pass@1", "eval/kk/accuracy_people2", "eval/mycode/accuracy"} <= mirror.logged.keys()
     lines = [json.loads(x) for x in (tmp_path / "eval_records.jsonl").read_text().splitlines()]
     assert {x["benchmark"] for x in lines} == {"humaneval", "kk", "mycode"}
+
+
+def test_sandbox_limits_are_part_of_the_run_id_only_with_a_code_benchmark() -> None:
+    default = run_id(compose_config())
+    assert run_id(compose_config(["eval.code_timeout_s=3", "eval.pass_k=[1]", "eval.code_workers=8"])) == default
+    code = ["eval.benchmarks=[humaneval,kk]"]
+    assert run_id(compose_config(code)) != default
+    assert run_id(compose_config([*code, "eval.code_timeout_s=3"])) != run_id(compose_config(code))
+    assert run_id(compose_config([*code, "eval.code_workers=8", "eval.pass_k=[1]"])) == run_id(compose_config(code))
+    assert run_id(compose_config([f"eval.benchmarks=[{CODE_ENTRY}]", "eval.code_memory_mb=512"])) != run_id(
+        compose_config([f"eval.benchmarks=[{CODE_ENTRY}]"]))
