@@ -45,6 +45,7 @@ PROGRAM_IMPORTS = (
 # A block may be left open: a stop sequence can cut the response inside it.
 _FENCED_PYTHON = re.compile(r"```python[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _FENCED_ANY = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
+_NUMPY_NAME = re.compile(r"\b(?:np|numpy)\b")
 _CODE_START = re.compile(r"(?:def|async def|class|import|from|@)\b")
 # The reference keeps the last 200 lines of a completion.
 MAX_LINES = 200
@@ -143,9 +144,13 @@ def sanitize(code: str, entry_point: str) -> str:
 
 
 def test_program(prompt: str, solution: str, test: str, entry_point: str) -> str:
-    """The program that passes exactly when ``solution`` passes the tests."""
-    return ("\n".join(PROGRAM_IMPORTS) + "\n" + prompt + "\n    pass\n\n" + solution + "\n" + test + "\n"
-            + f"check({entry_point})\n")
+    """The program that passes exactly when ``solution`` passes the tests.
+
+    The header's numpy imports are left out when no ``np`` or ``numpy`` name occurs in the code:
+    nothing could use them, and importing numpy is most of a short program's time."""
+    body = prompt + "\n    pass\n\n" + solution + "\n" + test + "\n" + f"check({entry_point})\n"
+    header = PROGRAM_IMPORTS if _NUMPY_NAME.search(body) else [i for i in PROGRAM_IMPORTS if "numpy" not in i]
+    return "\n".join(header) + "\n" + body
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -61,6 +61,16 @@ def test_extraction_fenced_raw_and_stops() -> None:
     assert he.extract_code(prompt, "no code at all (", "inc", True) == ""
 
 
+def test_numpy_is_imported_only_where_a_name_could_use_it() -> None:
+    plain = he.test_program("def f():\n", "def f():\n    return 1", "def check(c):\n    assert c() == 1", "f")
+    assert "import numpy" not in plain and plain.startswith("import math\n")
+    uses = he.test_program("def f():\n", "def f():\n    return np.ones(2).sum()", "def check(c):\n    assert c() == 2",
+                           "f")
+    assert "import numpy as np" in uses
+    [a, b] = run_programs([plain, uses])
+    assert a.passed and b.passed
+
+
 def test_instruct_request_is_the_reference_prompt() -> None:
     text = he.instruct_request("def f():\n\tpass\n")
     assert text == ("Please provide a self-contained Python script that solves the following problem in a markdown "
