@@ -91,14 +91,16 @@ class Isolation:
 @functools.lru_cache(maxsize=1)
 def isolation() -> Isolation:
     """Probe once whether ``unshare`` can give new network and PID namespaces here."""
-    root = os.geteuid() == 0
+    namespaces = bool(_unshare_prefix())
+    return Isolation(network="namespace" if namespaces else "sockets disabled", pid_namespace=namespaces,
+                     drop_uid=os.geteuid() == 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _unshare_prefix() -> tuple[str, ...]:
+    """The command prefix that gives new network and PID namespaces here (as root, else inside an
+    unprivileged user namespace), or () when neither works."""
     unshare = shutil.which("unshare")
-    return Isolation(network="namespace" if _unshare_prefix(unshare, root) else "sockets disabled",
-                     pid_namespace=bool(_unshare_prefix(unshare, root)), drop_uid=root)
-
-
-@functools.lru_cache(maxsize=2)
-def _unshare_prefix(unshare: str | None, root: bool) -> tuple[str, ...]:
     if unshare is None:
         return ()
     # --kill-child: if unshare itself is killed (the timeout), PID 1 of the namespace dies too,
@@ -155,7 +157,7 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits(), slot: int 
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with tempfile.TemporaryFile() as out:
-            cmd = [*_unshare_prefix(shutil.which("unshare"), iso.drop_uid), sys.executable, "-I", str(LAUNCHER),
+            cmd = [*_unshare_prefix(), sys.executable, "-I", str(LAUNCHER),
                    json.dumps(settings)]
             proc = subprocess.Popen(cmd, cwd=scratch, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env=env, pass_fds=(w,), start_new_session=True)
