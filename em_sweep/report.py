@@ -98,7 +98,7 @@ def graded_per_score(done: pd.DataFrame, bench: str | None) -> int | None:
         from em_sweep.benchmarks import PAPER_FOUR
 
         sized = sized[sized["benchmark"].isin(PAPER_FOUR)]
-    per_benchmark = sized.groupby("benchmark")["graded"].median()
+    per_benchmark = agg.math_rows(sized).groupby("benchmark")["graded"].median()  # the score's benchmarks
     return int(per_benchmark.sum()) if not per_benchmark.empty else None
 
 

@@ -188,7 +188,7 @@ def test_before_after_table_grows_a_column_per_benchmark_family(tmp_path):
     collected = collect(root / "runs", progress=False)
     assert set(collected.scores["family"].dropna()) == {"code", "logic"}  # the fixture's arith has none: math
     p = rep.prepare(collected.scores)
-    assert p.label == plain.label  # arith alone, as before
+    assert (p.label, p.n_problems) == (plain.label, plain.n_problems)  # arith alone, as before
     pd_testing = pytest.importorskip("pandas.testing")
     pd_testing.assert_frame_equal(p.main.reset_index(drop=True), plain.main.reset_index(drop=True))
     lines = rep.finding_6(p).lines
