@@ -21,7 +21,7 @@ import pandas as pd
 RUN_COLUMNS = ("run_id", "run_dir", "status", "reason", "seconds")
 # Columns that describe one score of a run.
 SCORE_COLUMNS = ("step", "benchmark", "eval_temperature", "accuracy", "pass_at_n", "n", "n_problems",
-                 "boxed_rate", "grader_failures", "template", "max_new_tokens")
+                 "boxed_rate", "grader_failures", "template", "max_new_tokens", "family")
 # Config keys that are always columns (the axes of the paper's findings).
 KEY_CONFIG_COLUMNS = ("name", "model.name", "seed", "temperature", "train.lr", "prompt.name", "prompt.ids",
                       "prompt.n_ids", "train.steps", "stages")
@@ -30,6 +30,21 @@ NOT_SETTINGS = ("seed", "name")
 # The benchmark name evaluate.py gives the paper's average of four.
 AVERAGE_OF_FOUR = "avg4"
 DONE = "done"
+# Benchmark families (em_sweep.benchmarks.FAMILIES); a score without one (older runs, avg4) is math.
+MATH = "math"
+
+
+def family_of(table: pd.DataFrame) -> pd.Series:
+    """Each row's benchmark family; math where the table has none."""
+    if "family" not in table.columns:
+        return pd.Series(MATH, index=table.index, dtype=object)
+    return table["family"].astype(object).where(table["family"].notna(), MATH)
+
+
+def math_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The math rows, which "score" means when a table mixes families; all rows when it has none."""
+    math_only = table[family_of(table) == MATH]
+    return math_only if not math_only.empty or table.empty else table
 
 
 def config_columns(table: pd.DataFrame) -> list[str]:
@@ -63,8 +78,9 @@ def failures(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def primary_benchmark(table: pd.DataFrame) -> str | None:
-    """The benchmark a "score" means: avg4 when present, else the only benchmark, else None (= mean of all)."""
-    names = sorted(str(b) for b in table["benchmark"].dropna().unique())
+    """The benchmark a "score" means: avg4 when present, else the only benchmark, else None (= mean of
+    all). Code and logic benchmarks count only where there are no math ones (their own report columns)."""
+    names = sorted(str(b) for b in math_rows(table)["benchmark"].dropna().unique())
     if AVERAGE_OF_FOUR in names:
         return AVERAGE_OF_FOUR
     if len(names) == 1:
@@ -79,7 +95,7 @@ def score_label(table: pd.DataFrame) -> str:
         return "average of four benchmarks (avg4)"
     if bench is not None:
         return f"{bench} accuracy"
-    names = sorted(str(b) for b in table["benchmark"].dropna().unique())
+    names = sorted(str(b) for b in math_rows(table)["benchmark"].dropna().unique())
     return f"mean accuracy over {len(names)} benchmarks ({', '.join(names)})"
 
 
@@ -95,7 +111,8 @@ def scores(table: pd.DataFrame, benchmark: str | None = None) -> pd.DataFrame:
     """One score per done run x step x eval temperature, in column ``score`` (a fraction in [0, 1]).
 
     ``benchmark`` None means :func:`primary_benchmark`: avg4 or the only benchmark; with several
-    benchmarks and no avg4, the unweighted mean of the benchmarks' accuracies. Config columns are kept.
+    benchmarks and no avg4, the unweighted mean of the (math, where there are any) benchmarks'
+    accuracies. Config columns are kept.
     """
     done = table[(table["status"] == DONE) & table["step"].notna()]
     bench = benchmark if benchmark is not None else primary_benchmark(done)
@@ -103,10 +120,26 @@ def scores(table: pd.DataFrame, benchmark: str | None = None) -> pd.DataFrame:
     if bench is not None:
         out = done[done["benchmark"] == bench].rename(columns={"accuracy": "score"})
         return out[[*keys, "step", "eval_temperature", "score"]].reset_index(drop=True)
-    rows = done[done["benchmark"] != AVERAGE_OF_FOUR]
+    rows = math_rows(done[done["benchmark"] != AVERAGE_OF_FOUR])
     out = (rows.groupby([*keys, "step", "eval_temperature"], dropna=False, sort=True)["accuracy"]
            .mean().rename("score").reset_index())
     return out
+
+
+def non_math_families(table: pd.DataFrame) -> list[str]:
+    """The families other than math among the table's scores (code, logic), sorted."""
+    fam = family_of(table[table["benchmark"].notna()]) if "benchmark" in table.columns else pd.Series(dtype=object)
+    return sorted(str(f) for f in fam.unique() if f != MATH)
+
+
+def family_scores(table: pd.DataFrame, family: str) -> pd.DataFrame:
+    """Like :func:`scores`, over one family's benchmarks only: their unweighted mean accuracy per
+    done run x step x eval temperature (the only one's accuracy when there is one)."""
+    rows = table[family_of(table) == family]
+    done = rows[(rows["status"] == DONE) & rows["step"].notna()]
+    keys = [c for c in (*RUN_COLUMNS, *config_columns(done)) if c in done.columns]
+    return (done.groupby([*keys, "step", "eval_temperature"], dropna=False, sort=True)["accuracy"]
+            .mean().rename("score").reset_index())
 
 
 def at_eval_temperature(frame: pd.DataFrame, temperature: float | None) -> pd.DataFrame:

@@ -5,12 +5,17 @@ Each benchmark file keeps the schema of its source (``problem`` or
 inside ``solution``, GSM8K's ``#### n``). A :class:`BenchmarkSpec` says where
 each field is; :func:`load_benchmark` turns any of them into
 :class:`Problem` rows with string gold answers.
+
+A spec's ``family`` says how its problems are posed and scored: ``math`` (an answer graded by
+:mod:`em_sweep.grading`), ``code`` (a program run against tests in :mod:`em_sweep.sandbox`;
+:mod:`em_sweep.humaneval`) or ``logic`` (Knights and Knaves roles; :mod:`em_sweep.knights`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import json
 import math
 import re
@@ -24,6 +29,13 @@ from em_sweep.grading import extract_answer, strip_math_delimiters
 
 BENCHMARK_DIR = Path(__file__).resolve().parent / "data" / "benchmarks"
 ANSWER_FORMATS = ("plain", "list", "boxed_in_solution", "gsm8k")
+FAMILIES = ("math", "code", "logic")
+# Keys a spec of each family must give (a Mapping in eval.benchmarks).
+REQUIRED_KEYS = {
+    "math": ("name", "file", "question_field", "answer_field"),
+    "code": ("name", "file", "question_field", "test_field", "entry_point_field"),
+    "logic": ("name", "file", "question_field", "answer_field", "names_field"),
+}
 
 
 class BenchmarkError(ValueError):
@@ -45,7 +57,15 @@ class BenchmarkSpec:
     ``id_field``: None means the 0-based row index is the id.
     ``repeats``: how many times each problem is sampled for scoring (AMC23: 8,
     scored as avg@8, "amc23x8").
-    ``tags``: groups for selecting benchmarks (``"paper"``, ``"extra"``, ``"toy"``).
+    ``tags``: groups for selecting benchmarks (``"paper"``, ``"extra"``, ``"toy"``, ``"code"``,
+    ``"logic"``).
+    ``family``: ``"math"`` | ``"code"`` | ``"logic"`` (see the module docstring).
+    ``test_field``, ``entry_point_field`` (code): the test code, which defines ``check(candidate)``,
+    and the name of the function it checks; ``answer_field`` is then optional (a reference
+    solution, kept as the problem's answer), ``question_field`` is the function's prompt.
+    ``names_field`` (logic): the list of people; ``answer_field`` their roles, a list of booleans
+    (true = knight) or of "knight"/"knave".
+    A file ending in ``.gz`` is read as gzip.
     """
 
     name: str
@@ -56,8 +76,21 @@ class BenchmarkSpec:
     answer_format: str = "plain"
     repeats: int = 1
     tags: tuple[str, ...] = ()
+    family: str = "math"
+    test_field: str | None = None
+    entry_point_field: str | None = None
+    names_field: str | None = None
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise BenchmarkError(
+                f"benchmark {self.name!r}: family {self.family!r} is not one of {', '.join(FAMILIES)}"
+            )
+        missing = [k for k in REQUIRED_KEYS[self.family] if getattr(self, k) in (None, "")]
+        if missing:
+            raise BenchmarkError(
+                f"benchmark {self.name!r}: family {self.family!r} needs {', '.join(missing)}"
+            )
         if self.answer_format not in ANSWER_FORMATS:
             raise BenchmarkError(
                 f"benchmark {self.name!r}: answer_format {self.answer_format!r} is not one of {', '.join(ANSWER_FORMATS)}"
@@ -71,12 +104,21 @@ class BenchmarkSpec:
 
 @dataclass(frozen=True)
 class Problem:
-    """One benchmark problem: ``answers`` holds every acceptable gold answer, as strings."""
+    """One benchmark problem: ``answers`` holds every acceptable gold answer, as strings.
+
+    Code problems: ``question`` is the function's prompt, ``test`` and ``entry_point`` say how it
+    is checked, ``answers`` holds the reference solution if the file has one. Logic problems:
+    ``names`` and their ``roles`` ("knight" | "knave"); ``answers`` holds the roles as text.
+    """
 
     benchmark: str
     id: str
     question: str
     answers: tuple[str, ...]
+    test: str = ""
+    entry_point: str = ""
+    names: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -100,6 +142,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("aime25", "aime25.jsonl", "problem", "answer", tags=("extra",)),
         BenchmarkSpec("gsm8k", "gsm8k.jsonl", "question", "answer", "idx", "gsm8k", tags=("extra",)),
         BenchmarkSpec("arith", "arith.jsonl", "question", "answer", "id", tags=("toy",)),
+        BenchmarkSpec("humaneval", "HumanEval.jsonl.gz", "prompt", "canonical_solution", "task_id", tags=("code",),
+                      family="code", test_field="test", entry_point_field="entry_point"),
+        BenchmarkSpec("kk", "knights_and_knaves.jsonl", "quiz", "solution", "index", tags=("logic",),
+                      family="logic", names_field="names"),
     )
 }
 
@@ -163,7 +209,9 @@ def resolve_spec(spec_or_name: str | BenchmarkSpec | Mapping[str, Any]) -> Bench
 
     A Mapping needs ``name``, ``file`` (or ``path``), ``question_field`` and
     ``answer_field``; ``id_field``, ``answer_format``, ``repeats`` and ``tags``
-    are optional. Raises :class:`BenchmarkError` otherwise.
+    are optional. ``family: code`` needs ``test_field`` and ``entry_point_field`` instead of
+    ``answer_field``; ``family: logic`` needs ``names_field`` too (see :class:`BenchmarkSpec`).
+    Raises :class:`BenchmarkError` otherwise.
     """
     if isinstance(spec_or_name, BenchmarkSpec):
         return spec_or_name
@@ -188,13 +236,17 @@ def resolve_spec(spec_or_name: str | BenchmarkSpec | Mapping[str, Any]) -> Bench
                 f"benchmark {name!r}: unknown keys {', '.join(map(str, unknown))};"
                 f" allowed: {', '.join(sorted(_SPEC_KEYS | {'path'}))}"
             )
+        family = fields.get("family", "math")
+        if family not in FAMILIES:
+            raise BenchmarkError(f"benchmark {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
         missing = [
             "path (or file)" if k == "file" else k
-            for k in ("name", "file", "question_field", "answer_field")
+            for k in REQUIRED_KEYS[family]
             if fields.get(k) in (None, "")
         ]
         if missing:
             raise BenchmarkError(f"benchmark {name!r}: missing required keys {', '.join(missing)}")
+        fields.setdefault("answer_field", "")
         fields["file"] = str(fields["file"])
         if "tags" in fields:
             fields["tags"] = tuple(fields["tags"] or ())
@@ -219,7 +271,8 @@ def _parse_file(spec: BenchmarkSpec, path: str, mtime_ns: int, size: int) -> tup
     """All problems in ``path``; mtime and size are part of the key so edits are re-read."""
     problems: list[Problem] = []
     where = f"benchmark {spec.name!r}, {path}"
-    with open(path, encoding="utf-8") as handle:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         row_index = 0
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -232,11 +285,18 @@ def _parse_file(spec: BenchmarkSpec, path: str, mtime_ns: int, size: int) -> tup
                 raise BenchmarkError(
                     f"{where}, line {line_no}: expected a JSON object, got {type(row).__name__}"
                 )
-            for field in (spec.question_field, spec.answer_field, spec.id_field):
-                if field is not None and field not in row:
+            needed = (spec.question_field, spec.answer_field, spec.id_field, spec.test_field,
+                      spec.entry_point_field, spec.names_field)
+            for field in needed:
+                if field and field not in row:
                     raise BenchmarkError(
                         f"{where}, line {line_no}: missing field {field!r} (row has {', '.join(sorted(row))})"
                     )
+            if spec.family != "math":
+                problem_id = str(row[spec.id_field]) if spec.id_field is not None else str(row_index)
+                problems.append(_family_problem(spec, row, problem_id, f"{where}, line {line_no}"))
+                row_index += 1
+                continue
             answers = _gold_answers(row[spec.answer_field], spec.answer_format)
             if answers is None:
                 raise BenchmarkError(
@@ -254,6 +314,42 @@ def _parse_file(spec: BenchmarkSpec, path: str, mtime_ns: int, size: int) -> tup
     if not problems:
         raise BenchmarkError(f"{where}: no problems in file")
     return tuple(problems)
+
+
+def _family_problem(spec: BenchmarkSpec, row: dict[str, Any], problem_id: str, where: str) -> Problem:
+    """A code or logic row as a Problem; raises BenchmarkError naming ``where`` for a bad field."""
+
+    def text(field: str) -> str:
+        value = row[field]
+        if not isinstance(value, str) or not value.strip():
+            raise BenchmarkError(f"{where}: field {field!r} is not a non-empty string")
+        return value
+
+    question = text(spec.question_field)
+    if spec.family == "code":
+        entry_point = text(spec.entry_point_field or "")
+        if not entry_point.isidentifier():
+            raise BenchmarkError(f"{where}: field {spec.entry_point_field!r} is not a Python name: {entry_point!r}")
+        reference = row.get(spec.answer_field) if spec.answer_field else None
+        answers = (reference,) if isinstance(reference, str) and reference.strip() else ()
+        return Problem(spec.name, problem_id, question, answers, test=text(spec.test_field or ""),
+                       entry_point=entry_point)
+    names, roles = row[spec.names_field or ""], row[spec.answer_field]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n.strip() for n in names)):
+        raise BenchmarkError(f"{where}: field {spec.names_field!r} is not a list of names")
+    if not isinstance(roles, list) or len(roles) != len(names):
+        raise BenchmarkError(f"{where}: field {spec.answer_field!r} is not a list of {len(names)} roles")
+    as_text = []
+    for role in roles:
+        if isinstance(role, bool):
+            as_text.append("knight" if role else "knave")
+        elif isinstance(role, str) and role.strip().lower() in ("knight", "knave"):
+            as_text.append(role.strip().lower())
+        else:
+            raise BenchmarkError(f"{where}: role {role!r} in field {spec.answer_field!r} is not true/false, "
+                                 "'knight' or 'knave'")
+    answer = "\n".join(f"({i + 1}) {n} is a {r}" for i, (n, r) in enumerate(zip(names, as_text, strict=True)))
+    return Problem(spec.name, problem_id, question, (answer,), names=tuple(names), roles=tuple(as_text))
 
 
 def load_benchmark(

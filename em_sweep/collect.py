@@ -15,7 +15,8 @@ It writes two tables to ``<dir>/collected/`` (or ``--out``):
   (len(prompt.ids): 1 = one-shot), ``train.steps``, ``stages``; plus every other key whose value
   differs between the collected runs. Lists are stored as comma-joined strings;
 - score: ``step``, ``benchmark``, ``eval_temperature``, ``accuracy``, ``pass_at_n``, ``n``,
-  ``n_problems``, ``boxed_rate``, ``grader_failures``, ``template``, ``max_new_tokens``.
+  ``n_problems``, ``boxed_rate``, ``grader_failures``, ``template``, ``max_new_tokens``,
+  ``family`` (math | code | logic; empty for scores recorded before families: math).
 A run that is not done (failed, running, never started) has exactly one row, with empty scores:
 its scores are not mixed with complete runs', but it is never dropped.
 

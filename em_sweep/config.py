@@ -196,7 +196,8 @@ class EvalConfig:
 
     # Each entry: a name from em_sweep.benchmarks.BENCHMARKS, or a user's own JSONL file as a mapping
     # {name, path, question_field, answer_field} plus optional id_field, answer_format, repeats
-    # (em_sweep.benchmarks.resolve_spec). Default: the paper's four.
+    # (em_sweep.benchmarks.resolve_spec); a code benchmark: {name, path, family: code,
+    # question_field, test_field, entry_point_field}. Default: the paper's four.
     benchmarks: list[Any] = field(default_factory=lambda: ["math500", "minerva_math", "olympiadbench", "amc23"])
     # Steps at which to evaluate; 0 = before training. The last step is always included.
     at_steps: list[int] = field(default_factory=lambda: [0])
@@ -227,6 +228,14 @@ class EvalConfig:
     # With no boxed answer, no "####" and no "the answer is", take the last number in the response
     # (the toolkit's last resort); false = such a response has no answer.
     last_number_fallback: bool = True
+    # Code benchmarks (family code, e.g. humaneval; docs/code-and-logic-eval.md): pass@k reported
+    # for each k up to the samples per problem (greedy: pass@1 only).
+    pass_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # Sandbox limits per test program (em_sweep/sandbox.py): wall-clock seconds (CPU seconds
+    # likewise), address space in MiB, and how many programs run at once.
+    code_timeout_s: float = 10.0
+    code_memory_mb: int = 1024
+    code_workers: int = 2
 
 
 @dataclass
@@ -364,6 +373,11 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(all(isinstance(x, str) and x for x in e.stop_strings), "eval.stop_strings",
            f"must be non-empty strings, got {list(e.stop_strings)}")
     _check_benchmarks(e.benchmarks)
+    _check(len(e.pass_k) > 0 and all(k >= 1 for k in e.pass_k), "eval.pass_k",
+           f"must be a non-empty list of integers >= 1, got {list(e.pass_k)}")
+    _check(e.code_timeout_s > 0, "eval.code_timeout_s", f"must be > 0, got {e.code_timeout_s}")
+    _check(e.code_memory_mb >= 64, "eval.code_memory_mb", f"must be >= 64 (MiB), got {e.code_memory_mb}")
+    _check(e.code_workers >= 1, "eval.code_workers", f"must be >= 1, got {e.code_workers}")
     _check(e.backend in KNOWN_EVAL_BACKENDS, "eval.backend",
            f"unknown {e.backend!r}; choose from {KNOWN_EVAL_BACKENDS}")
     if e.backend == "vllm":

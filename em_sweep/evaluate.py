@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from em_sweep import families
 from em_sweep.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spec
 from em_sweep.grading import EXTRACTION_RULES, cut_at_stop, extract, grade_many, grader_versions
-from em_sweep.prompts import format_eval_prompt
 from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
 
 
@@ -50,6 +50,16 @@ class Score:
     math_verify_version: str = ""
     latex2sympy2_extended_version: str = ""
     antlr4_version: str = ""
+    family: str = "math"  # math | code | logic (em_sweep.benchmarks.FAMILIES)
+    # Family figures (code: pass@k; logic: accuracy_people<k>); flat in the score's dict.
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def score_dict(score: Score) -> dict[str, Any]:
+    """A score as one flat dict (what metrics.jsonl, results.json and W&B get)."""
+    out = asdict(score)
+    out.update(out.pop("metrics"))
+    return out
 
 
 def samples_per_problem(eval_cfg: Any, repeats: int, temperature: float) -> int:
@@ -125,12 +135,14 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     name = spec.name
     problems: list[Problem] = load_benchmark(spec, limit=eval_cfg.limit)
     n = samples_per_problem(eval_cfg, spec.repeats, temperature)
-    texts = [format_eval_prompt(tokenizer, p.question, eval_cfg.template) for p in problems]
+    texts = [families.prompt_text(tokenizer, spec.family, p, eval_cfg.template) for p in problems]
     settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens)
     responses = generate_responses(model, tokenizer, texts, n, settings, eval_cfg)  # [problem][sample]
     # The toolkit's rules: cut at the stop strings, then extract (boxed, "####", "the answer is",
     # the last number); docs/evaluation.md.
     responses = [[cut_at_stop(r, eval_cfg.stop_strings) for r in row] for row in responses]
+    if spec.family != "math":  # code runs in the sandbox, logic parses roles: em_sweep.families
+        return families.score(spec, problems, responses, n, eval_cfg, step, temperature, t0)
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
     extractions = [extract(responses[i][k], last_number=eval_cfg.last_number_fallback) for i, k in order]
     extracted = [e.answer for e in extractions]
@@ -169,7 +181,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cf
         accs = {}
         for benchmark in eval_cfg.benchmarks:
             score, recs = evaluate_benchmark(model, tokenizer, eval_cfg, benchmark, step, float(temperature))
-            scores.append(asdict(score))
+            scores.append(score_dict(score))
             records.extend(recs)
             accs[score.benchmark] = score.accuracy
         if all(b in accs for b in PAPER_FOUR):

@@ -128,6 +128,8 @@ class RunRecorder:
             for r in records:
                 f.write(rundir.json_line(r))
         # Metric names carry the benchmark only; other eval temperatures live in results.json.
+        # Code and logic benchmarks add pass@<k> and accuracy_people<k> (em_sweep.families).
         self.wandb.log({f"eval/{s['benchmark']}/{k}": s[k] for s in scores
                         if s["temperature"] == primary_temperature
-                        for k in ("accuracy", "pass_at_n", "boxed_rate") if k in s}, step=step)
+                        for k in s if k in ("accuracy", "pass_at_n", "boxed_rate")
+                        or k.startswith(("pass@", "accuracy_people"))}, step=step)

@@ -98,7 +98,7 @@ def graded_per_score(done: pd.DataFrame, bench: str | None) -> int | None:
         from em_sweep.benchmarks import PAPER_FOUR
 
         sized = sized[sized["benchmark"].isin(PAPER_FOUR)]
-    per_benchmark = sized.groupby("benchmark")["graded"].median()
+    per_benchmark = agg.math_rows(sized).groupby("benchmark")["graded"].median()  # the score's benchmarks
     return int(per_benchmark.sum()) if not per_benchmark.empty else None
 
 
@@ -629,17 +629,37 @@ def finding_5(p: Prepared) -> Finding:
     return Finding(5, title, True, lines, "seed_spread.png")
 
 
+def family_before_after(p: Prepared) -> dict[str, dict[str, str]]:
+    """Per benchmark family other than math (code, logic) in the done runs: per model, "before -> after
+    (change)" at the report's eval temperature. Empty when every benchmark is math."""
+    out: dict[str, dict[str, str]] = {}
+    for family in agg.non_math_families(p.table[p.table["status"] == agg.DONE]):
+        frame = agg.at_eval_temperature(agg.family_scores(p.table, family), p.eval_t)
+        table = agg.before_after(frame, ["model.name"]) if not frame.empty else pd.DataFrame()
+        out[family] = {r["model.name"]: f"{pct(r['before'])} -> {pct(r['after'])} ({pp(r['change'])})"
+                       for _, r in table.iterrows()}
+    return out
+
+
 def finding_6(p: Prepared) -> Finding:
     title = "Base models: EM helps base models and hurts RL-tuned ones (SimpleRL-Zoo)"
     table = agg.before_after(p.main, ["model.name"]) if not p.main.empty else pd.DataFrame()
     if table.empty:
         return Finding(6, title, False, ["No model has both before (step 0) and after scores."])
-    lines = ["| model | runs | before | after | change | per-run change range | |", "|---|---|---|---|---|---|---|"]
+    families = family_before_after(p)
+    lines = ["| model | runs | before | after | change | per-run change range | |"
+             + "".join(f" {f}: before -> after |" for f in families),
+             "|---|---|---|---|---|---|---|" + "---|" * len(families)]
     for _, r in table.iterrows():
         lines.append(f"| `{r['model.name']}` | {int(r['n_runs'])} | {pct(r['before'])} | {pct(r['after'])} | "
                      f"{pp(r['change'])} | {pp(r['change_min'])} .. {pp(r['change_max'])} | "
-                     f"{judged(r['change'], r['change_se'], r['before'], r['after'], p.n_problems)} |")
+                     f"{judged(r['change'], r['change_se'], r['before'], r['after'], p.n_problems)} |"
+                     + "".join(f" {cells.get(r['model.name'], '-')} |" for cells in families.values()))
     lines.append("")
+    if families:
+        lines.append(f"- before/after: {p.label}; {', '.join(families)}: the mean accuracy of that family's "
+                     "benchmarks (code: pass@1 for greedy evaluation; logic: Knights and Knaves puzzles fully "
+                     "solved), each run against its own step 0.")
     if len(table) < 2:
         lines.append(f"- One base model only (`{table['model.name'].iloc[0]}`): the base vs RL-tuned contrast "
                      "needs an RL-tuned model (e.g. `model=qwen25_math_7b_simplerl_zoo`) in the sweep.")

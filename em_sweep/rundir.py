@@ -33,7 +33,11 @@ NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
 NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
     "train": ("compile_loss", "share_prompt_pass"),
     "rl": ("compile_loss", "share_prompt_pass"),
+    # Which pass@k are reported and how many programs run at once change no result.
+    "eval": ("pass_k", "code_workers"),
 }
+# The sandbox's limits change results of code benchmarks only: part of the id when one is evaluated.
+CODE_ONLY_EVAL_KEYS = ("code_timeout_s", "code_memory_mb")
 
 RESULTS = "results.json"
 STATUS = "status.json"
@@ -56,7 +60,22 @@ def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         values = science.get(section)
         if isinstance(values, dict):
             science[section] = {k: v for k, v in values.items() if k not in keys}
+    evaluation = science.get("eval")
+    if isinstance(evaluation, dict) and not _has_code_benchmark(evaluation.get("benchmarks")):
+        science["eval"] = {k: v for k, v in evaluation.items() if k not in CODE_ONLY_EVAL_KEYS}
     return science
+
+
+def _has_code_benchmark(entries: Any) -> bool:
+    """Whether an eval.benchmarks list has a benchmark of family code (a shipped one by name, or
+    a user's mapping with ``family: code``)."""
+    from em_sweep.benchmarks import BENCHMARKS  # lazy: the loader table imports the grader
+
+    for entry in entries or ():
+        family = entry.get("family") if isinstance(entry, Mapping) else getattr(BENCHMARKS.get(entry), "family", None)
+        if family == "code":
+            return True
+    return False
 
 
 def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:

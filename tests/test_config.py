@@ -56,6 +56,10 @@ def test_misspelt_key_or_wrong_type_fails_at_compose_time(override, key):
     (["eval.template=fancy"], "eval.template"),
     (["logger.mode=sometimes"], "logger.mode"),
     (["prompt.ids=[]"], "prompt.ids"),
+    (["eval.pass_k=[0]"], "eval.pass_k"),
+    (["eval.code_timeout_s=0"], "eval.code_timeout_s"),
+    (["eval.code_memory_mb=10"], "eval.code_memory_mb"),
+    (["eval.code_workers=0"], "eval.code_workers"),
 ])
 def test_invalid_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

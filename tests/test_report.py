@@ -166,3 +166,32 @@ def test_example_sweep_preset_end_to_end_through_launch_and_report(tmp_path):
     assert "Evaluated steps: 0, 1, 2" in text and "Evaluation temperatures: 0, 1." in text
     assert (sweep_dir / "report" / "step_curve.png").is_file()
     assert (sweep_dir / "collected" / "scores.parquet").is_file()
+
+
+def test_before_after_table_grows_a_column_per_benchmark_family(tmp_path):
+    """Code and logic scores get their own before -> after columns; the main score stays math."""
+    root = tmp_path / "outputs"
+    shutil.copytree(FIXTURE, root)
+    plain = rep.prepare(collect(root / "runs", progress=False).scores)
+    for results_path in sorted((root / "runs").glob("*/results.json")):
+        results = json.loads(results_path.read_text())
+        extra = []
+        for s in results["scores"]:
+            if s["benchmark"] != "arith":
+                continue
+            after = s["step"] > 0
+            extra.append({**s, "benchmark": "humaneval", "family": "code", "accuracy": 0.25 if after else 0.125,
+                          "pass@1": 0.25 if after else 0.125})
+            extra.append({**s, "benchmark": "kk", "family": "logic", "accuracy": 0.0 if after else 0.5})
+        results["scores"] += extra
+        results_path.write_text(json.dumps(results))
+    collected = collect(root / "runs", progress=False)
+    assert set(collected.scores["family"].dropna()) == {"code", "logic"}  # the fixture's arith has none: math
+    p = rep.prepare(collected.scores)
+    assert (p.label, p.n_problems) == (plain.label, plain.n_problems)  # arith alone, as before
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(p.main.reset_index(drop=True), plain.main.reset_index(drop=True))
+    lines = rep.finding_6(p).lines
+    assert lines[0].endswith("| code: before -> after | logic: before -> after |")
+    row = next(line for line in lines if line.startswith("| `"))
+    assert row.endswith("| 12.5% -> 25.0% (+12.5 pp) | 50.0% -> 0.0% (-50.0 pp) |")
