@@ -17,8 +17,8 @@ What is promised:
 
 Logits skewness (finding 8) is read from the ``em-sweep logits`` output: a JSON list of objects
 with at least ``skewness`` and ``label`` (or ``model``); optional ``method`` (raw | reference; raw
-when absent), ``n_values``, ``n_responses``, ``mean``, ``std`` and ``settings.temperature``. Found at ``<dir>/skewness.json``,
-``<dir>/logits_skewness.json`` or ``<dir>/logits/skewness.json``, or given with ``--skewness``.
+when absent), ``n_values``, ``n_responses``, ``mean``, ``std`` and ``settings.temperature``.
+Found at ``<dir>/skewness.json``, ``<dir>/logits_skewness.json`` or ``<dir>/logits/skewness.json``, or given with ``--skewness``.
 
 The plotting functions take the :class:`Prepared` data and return a matplotlib Figure, so the
 notebooks draw the same figures.
@@ -686,16 +686,16 @@ def finding_8(p: Prepared) -> Finding:
     title = "Logits skewness: EM raises it, RL lowers it, EM then RL falls back toward RL's"
     entries = [e for e in p.skewness if "skewness" in e]
     if not entries:
-        return Finding(8, title, False, ["No logits analysis results (run `em-sweep logits models=[...]` and put "
+        return Finding(8, title, False, ["No logits analysis results (run `em-sweep logits logits.models=[...]` and put "
                                          "its skewness.json in the sweep dir, or pass `--skewness`)."])
     first = float(entries[0]["skewness"])
-    lines = ["| model | method | skewness | vs first | values | responses | sampling T |",
+    lines = ["| model | skewness | vs first | values | responses | sampling T | method |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         t = (e.get("settings") or {}).get("temperature", e.get("temperature", ""))
-        lines.append(f"| `{e.get('label') or e.get('model')}` | {e.get('method', 'raw')} | "
-                     f"{float(e['skewness']):+.4f} | {float(e['skewness']) - first:+.4f} | {e.get('n_values', '')} | "
-                     f"{e.get('n_responses', '')} | {t} |")
+        lines.append(f"| `{e.get('label') or e.get('model')}` | {float(e['skewness']):+.4f} | "
+                     f"{float(e['skewness']) - first:+.4f} | {e.get('n_values', '')} | "
+                     f"{e.get('n_responses', '')} | {t} | {e.get('method', 'raw')} |")
     lines.append("")
     lines.append(f"- Method: {SKEWNESS_METHODS.get(skewness_method(entries), skewness_method(entries))}")
     lines.append(f"- Differences are relative to the first model listed (`{entries[0].get('label') or entries[0].get('model')}`).")
