@@ -95,6 +95,19 @@ def test_one_module_registers_every_subcommand():
     assert scripts == {"em-sweep": "em_sweep.cli:main"}
 
 
+@pytest.mark.parametrize("command, section", [("select-prompts", "select"), ("logits", "logits")])
+def test_tool_commands_compose_the_run_config_launch_py_composes_plus_their_section(command, section):
+    from omegaconf import OmegaConf
+
+    from em_sweep.cli import compose
+
+    overrides = ["model=qwen25_math_7b", "+experiment=example_sweep", "train.steps=3", "paths.root=/data"]
+    tool = OmegaConf.to_container(compose(overrides, command), resolve=True)
+    run = OmegaConf.to_container(compose(overrides), resolve=True)
+    assert section in tool and section not in run
+    assert {k: v for k, v in tool.items() if k != section} == run
+
+
 def console_script() -> Path:
     """The installed `em-sweep` entry point beside this interpreter."""
     script = Path(sys.executable).parent / "em-sweep"
