@@ -466,18 +466,3 @@ def cmd_collect(args: argparse.Namespace) -> int:
     scores_path, train_path = write_tables(collected, out)
     print(f"{scores_path}\n{train_path}\n{summary_line(collected)}")
     return 0
-
-
-def add_subcommands(sub: Any) -> None:
-    """Register ``collect`` and ``report`` on the em-sweep command's subparsers."""
-    p = sub.add_parser("collect", help="gather a sweep's run directories into parquet tables",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="a sweep dir (manifest.jsonl), a paths.root (runs/) or a runs/ dir")
-    p.add_argument("--name", help="keep runs whose config.name is NAME")
-    p.add_argument("--out", help=f"output directory (default: <dir>/{COLLECTED_DIR})")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_collect)
-    from em_sweep.report import add_report_subcommand
-
-    add_report_subcommand(sub)
-

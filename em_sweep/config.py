@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
@@ -485,3 +485,149 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert isinstance(container, dict)
     return container  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- `em-sweep` tool commands
+# `em-sweep select-prompts` and `em-sweep logits` compose the run config above plus a section of
+# their own (select.*, logits.*), with the same Hydra overrides as `em-sweep eval`. Their root
+# schemas extend Config, so they are never part of a run's config or its id.
+
+
+@dataclass
+class SelectConfig:
+    """`em-sweep select-prompts`: rank a pool's prompts by variance of correctness, write prompt configs."""
+
+    # Pool to rank: a shipped name (dsr_sub) or a JSONL path. Required.
+    pool: str | None = None
+    # Samples per prompt (sampling with the run config's model and train.* sampling settings).
+    k: int = 16
+    # Prompt configs to write: one per top prompt, plus one multi-shot config of all of them.
+    top: int = 6
+    # Config name prefix; null = sel_<model name> (sampling) or sel_<history file stem>.
+    name: str | None = None
+    # Rank only the first N usable candidates; null = all.
+    limit: int | None = None
+    # Rank only these pool ids (in this order); empty = the whole pool.
+    ids: list[str] = field(default_factory=list)
+    # One-Shot RLVR accuracy history JSON ({index: [accuracy per epoch]}): rank by its std without a model.
+    history: str | None = None
+    # Prefix that turns a history key into a pool id; null = inferred from the pool's ids (dsr for dsr_sub).
+    id_prefix: str | None = None
+    # Where the prompt configs go; null = the project's conf/prompt.
+    out_dir: str | None = None
+    # Ranking JSON; null = <paths.root>/selection/<name>_ranking.json.
+    ranking: str | None = None
+    # Overwrite prompt configs that select-prompts did not write.
+    force: bool = False
+
+
+@dataclass
+class LogitsConfig:
+    """`em-sweep logits`: what every method samples and bins. The method is the group option:
+    ``logits=raw`` (default) or ``logits=reference`` (em_sweep/skewness.py)."""
+
+    # Models to compare, in order: model presets (conf/model), checkpoints or HF paths. Required.
+    models: list[str] = field(default_factory=list)
+    # Prompts (one response each).
+    n_responses: int = 20
+    max_new_tokens: int = 500
+    temperature: float = 0.6
+    top_p: float = 1.0
+    # Sampler seed, the same for every model.
+    seed: int = 42
+    # Histogram bins over the values' [min, max], or over `range` ([lo, hi]) when given.
+    bins: int = 200
+    range: list[float] | None = None
+    # Prompts per generate call (memory knob).
+    sample_batch_size: int = 20
+    # Where skewness.json and histogram.png go.
+    out_dir: str = "${paths.root}/logits"
+
+
+@dataclass
+class RawLogitsConfig(LogitsConfig):
+    """Raw full-vocabulary logits at every response position, of responses to benchmark problems."""
+
+    METHOD: ClassVar[str] = "raw"
+    # Prompts: the first n_responses problems of this benchmark, in this evaluation template.
+    benchmark: Any = II("eval.benchmarks[0]")
+    template: str = II("eval.template")
+    seed: int = II("eval.seed")
+    top_k: int = 0
+    # Responses per forward pass when the logits are recomputed (bounds memory).
+    micro_batch_size: int = 4
+    # Divide the logits by the sampling temperature first (rescales mean/std; skewness unchanged).
+    divide_by_temperature: bool = False
+
+
+@dataclass
+class ReferenceLogitsConfig(LogitsConfig):
+    """As the reference's logits_shift.py: the processed scores of DSR-sub responses (docs/cli.md)."""
+
+    METHOD: ClassVar[str] = "reference"
+    # Prompts: the first n_responses rows of this pool, as the user turn `problem + instruction`,
+    # through the tokenizer's chat template without a generation prompt.
+    pool: str = "dsr_sub"
+    instruction: str = " Let's think step by step and output the final answer within \\boxed{}."
+    # Kept scores per position (transformers' default top_k, which the reference left in place); 0 = off.
+    top_k: int = 50
+    bins: int = 50
+    # One prompt per generate call, as the reference (no padding).
+    sample_batch_size: int = 1
+    # Cut every response of every model to the shortest response's length.
+    truncate_to_shortest: bool = True
+
+
+@dataclass
+class SelectCommandConfig(Config):
+    select: SelectConfig = field(default_factory=SelectConfig)
+
+
+@dataclass
+class LogitsCommandConfig(Config):
+    logits: LogitsConfig = field(default_factory=LogitsConfig)
+
+
+# Root schemas of the tool commands (em_sweep.cli builds their primary configs from conf/config.yaml).
+COMMAND_SCHEMAS = {"select-prompts": ("em_sweep_select_schema", SelectCommandConfig),
+                   "logits": ("em_sweep_logits_schema", LogitsCommandConfig)}
+LOGITS_METHODS = {"raw": RawLogitsConfig, "reference": ReferenceLogitsConfig}
+
+
+def register_commands() -> None:
+    """Register the tool commands' root schemas and the ``logits`` group (one option per method)."""
+    cs = ConfigStore.instance()
+    for name, node in COMMAND_SCHEMAS.values():
+        cs.store(name=name, node=node)
+    for name, node in LOGITS_METHODS.items():
+        cs.store(group="logits", name=name, node=node)
+
+
+register_commands()
+
+
+def validate_select(s: SelectConfig) -> None:
+    """Raise ConfigError (one line, naming the key) for an unusable select.* value."""
+    _check(bool(s.pool), "select.pool", "required: a shipped pool name (e.g. select.pool=dsr_sub) or a JSONL path")
+    _check(s.k >= 2, "select.k", f"must be >= 2 (variance needs two samples), got {s.k}")
+    _check(s.top >= 1, "select.top", f"must be >= 1, got {s.top}")
+    _check(s.limit is None or s.limit >= 1, "select.limit", f"must be >= 1 or null, got {s.limit}")
+
+
+def validate_logits(s: LogitsConfig) -> None:
+    """Raise ConfigError (one line, naming the key) for an unusable logits.* value."""
+    _check(len(s.models) > 0, "logits.models",
+           "required: model presets, checkpoints or HF paths, e.g. logits.models=[tiny_arith,/path/to/step-10]")
+    for key in ("n_responses", "max_new_tokens", "bins", "sample_batch_size"):
+        _check(getattr(s, key) >= 1, f"logits.{key}", f"must be >= 1, got {getattr(s, key)}")
+    _check(math.isfinite(s.temperature) and s.temperature > 0, "logits.temperature",
+           f"must be > 0 (this analysis samples), got {s.temperature}")
+    _check(0 < s.top_p <= 1, "logits.top_p", f"must be in (0, 1], got {s.top_p}")
+    _check(getattr(s, "top_k", 0) >= 0, "logits.top_k", "must be >= 0 (0 = off)")
+    if s.range is not None:
+        _check(len(s.range) == 2 and all(math.isfinite(v) for v in s.range) and s.range[0] < s.range[1],
+               "logits.range", f"expected [lo, hi] with finite lo < hi, got {list(s.range)}")
+    if isinstance(s, RawLogitsConfig):
+        _check(s.micro_batch_size >= 1, "logits.micro_batch_size", f"must be >= 1, got {s.micro_batch_size}")
+        _check(s.template in KNOWN_TEMPLATES, "logits.template",
+               f"unknown {s.template!r}; choose from {KNOWN_TEMPLATES}")

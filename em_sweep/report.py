@@ -16,9 +16,9 @@ What is promised:
   evaluation (eval temperature 0) when present, else the lowest evaluation temperature.
 
 Logits skewness (finding 8) is read from the ``em-sweep logits`` output: a JSON list of objects
-with at least ``skewness`` and ``label`` (or ``model``); optional ``n_values``, ``n_responses``,
-``mean``, ``std`` and ``settings.temperature``. Found at ``<dir>/skewness.json``,
-``<dir>/logits_skewness.json`` or ``<dir>/logits/skewness.json``, or given with ``--skewness``.
+with at least ``skewness`` and ``label`` (or ``model``); optional ``method`` (raw | reference; raw
+when absent), ``n_values``, ``n_responses``, ``mean``, ``std`` and ``settings.temperature``.
+Found at ``<dir>/skewness.json``, ``<dir>/logits_skewness.json`` or ``<dir>/logits/skewness.json``, or given with ``--skewness``.
 
 The plotting functions take the :class:`Prepared` data and return a matplotlib Figure, so the
 notebooks draw the same figures.
@@ -381,6 +381,21 @@ def plot_final_by(p: Prepared, column: str, xlabel: str):
     return fig
 
 
+# `em-sweep logits` methods (em_sweep/skewness.py); entries written before methods existed are raw.
+SKEWNESS_METHODS = {
+    "raw": "raw: raw logits (all vocabulary entries) of responses to benchmark problems.",
+    "reference": "reference: as the reference's logits_shift.py, processed scores (logits / T, top-k kept) "
+                 "of DSR-sub responses, every response cut to the shortest.",
+    "mixed": "mixed: the entries come from different methods, whose values are not comparable.",
+}
+
+
+def skewness_method(entries: Sequence[dict[str, Any]]) -> str:
+    """The `em-sweep logits` method of the entries: raw, reference, or mixed."""
+    methods = {str(e.get("method", "raw")) for e in entries}
+    return methods.pop() if len(methods) == 1 else "mixed"
+
+
 def plot_skewness(entries: Sequence[dict[str, Any]]):
     """Sample skewness of the flattened logits per model (bars)."""
     fig, (ax,) = _figure(1)
@@ -389,7 +404,7 @@ def plot_skewness(entries: Sequence[dict[str, Any]]):
     ax.set_xticks(range(len(entries)), labels, rotation=20, ha="right", fontsize=8)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("model")
-    ax.set_ylabel("sample skewness of raw logits (unitless)")
+    ax.set_ylabel(f"sample skewness, {skewness_method(entries)} method (unitless)")
     ax.set_title(f"Logits skewness per model ({len(entries)} models)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -691,16 +706,18 @@ def finding_8(p: Prepared) -> Finding:
     title = "Logits skewness: EM raises it, RL lowers it, EM then RL falls back toward RL's"
     entries = [e for e in p.skewness if "skewness" in e]
     if not entries:
-        return Finding(8, title, False, ["No logits analysis results (run `em-sweep logits models=[...]` and put "
+        return Finding(8, title, False, ["No logits analysis results (run `em-sweep logits logits.models=[...]` and put "
                                          "its skewness.json in the sweep dir, or pass `--skewness`)."])
     first = float(entries[0]["skewness"])
-    lines = ["| model | skewness | vs first | values | responses | sampling T |", "|---|---|---|---|---|---|"]
+    lines = ["| model | skewness | vs first | values | responses | sampling T | method |",
+             "|---|---|---|---|---|---|---|"]
     for e in entries:
         t = (e.get("settings") or {}).get("temperature", e.get("temperature", ""))
         lines.append(f"| `{e.get('label') or e.get('model')}` | {float(e['skewness']):+.4f} | "
                      f"{float(e['skewness']) - first:+.4f} | {e.get('n_values', '')} | "
-                     f"{e.get('n_responses', '')} | {t} |")
+                     f"{e.get('n_responses', '')} | {t} | {e.get('method', 'raw')} |")
     lines.append("")
+    lines.append(f"- Method: {SKEWNESS_METHODS.get(skewness_method(entries), skewness_method(entries))}")
     lines.append(f"- Differences are relative to the first model listed (`{entries[0].get('label') or entries[0].get('model')}`).")
     return Finding(8, title, True, lines, "skewness.png")
 
@@ -868,14 +885,3 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = build_report(p, out, str(source))
     print(f"{path}\n{len(p.runs)} runs ({p.n_done} done); figures in {out}")
     return 0
-
-
-def add_report_subcommand(sub: Any) -> None:
-    p = sub.add_parser("report", help="figures + a Markdown report of a sweep's findings",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="a sweep dir, a paths.root, a runs/ dir, or a collected scores.parquet (or its dir)")
-    p.add_argument("--name", help="keep runs whose config.name is NAME")
-    p.add_argument("--out", help=f"output directory (default: <dir>/{REPORT_DIR})")
-    p.add_argument("--skewness", action="append", help="an `em-sweep logits` skewness.json (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_report)

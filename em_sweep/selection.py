@@ -12,18 +12,16 @@ answers are right and some wrong. Two inputs give such a history of correctness 
 Either way :func:`rank_by_variance` orders the prompts (population variance, as One-Shot RLVR's
 ``np.std``; std gives the same order), and :func:`prompt_config_yaml` turns the top ones into
 ``conf/prompt/<name>.yaml`` files usable at once as ``prompt=<name>`` and in a sweep over
-prompts. The command line (``em-sweep select-prompts``) is the thin layer at the bottom.
+prompts. ``em-sweep select-prompts`` (em_sweep/cli.py) runs :func:`select_prompts_command`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import re
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Written as the first line of every generated prompt config; only such files are overwritten.
 GENERATED_MARKER = "# Written by `em-sweep select-prompts`"
+# Where prompt configs go by default: the project's conf/prompt, so `prompt=<name>` finds them.
+PROMPT_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "prompt"
 
 
 class SelectionError(ValueError):
@@ -277,102 +277,66 @@ def build_prompt_configs(ranked: Sequence[RankedPrompt], top: int, prefix: str, 
     return configs
 
 
-# ---------------------------------------------------------------- command line
+# ---------------------------------------------------------------- the command
 
-# `key=value` arguments that belong to select-prompts itself; any other key=value is a Hydra
-# override of the project config (model=<preset>, model.path=<checkpoint>, train.*, seed=...).
-OWN_KEYS = {"pool", "k", "top", "name", "limit", "ids", "id_prefix"}
+def select_prompts_command(cfg: Any, model_overrides: Sequence[str], command: str) -> dict[str, Any]:
+    """Run select-prompts with the composed command config (``cfg.select``: :class:`em_sweep.config.SelectConfig`).
 
+    ``model_overrides`` are the command line's overrides outside ``select.*`` (what chooses and
+    samples the model); ``command`` is the command line, recorded in the ranking and the configs.
+    Returns the ranking record (also written as JSON).
+    """
+    from omegaconf import OmegaConf
 
-def split_arguments(tokens: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    """Split ``key=value`` tokens into select-prompts' own settings and Hydra overrides."""
-    own: dict[str, str] = {}
-    overrides: list[str] = []
-    for tok in tokens:
-        key, sep, value = tok.partition("=")
-        if not sep:
-            raise SelectionError(f"argument {tok!r}: expected key=value (e.g. pool=dsr_sub k=16 top=6)")
-        if key in OWN_KEYS:
-            own[key] = value
-        else:
-            overrides.append(tok)
-    return own, overrides
-
-
-def _int_arg(own: Mapping[str, str], key: str, default: int | None, minimum: int = 1) -> int | None:
-    if key not in own:
-        return default
-    try:
-        value = int(own[key])
-    except ValueError:
-        raise SelectionError(f"{key}={own[key]!r}: expected an integer") from None
-    if value < minimum:
-        raise SelectionError(f"{key}={value}: must be >= {minimum}")
-    return value
-
-
-def _list_arg(text: str) -> list[str]:
-    return [s.strip() for s in text.strip().strip("[]").split(",") if s.strip()]
-
-
-def select_prompts_command(args: argparse.Namespace) -> dict[str, Any]:
-    """Run select-prompts; returns the ranking record (also written as JSON)."""
+    from em_sweep.config import SelectConfig, validate_select
     from em_sweep.prompts import load_pool
 
-    own, overrides = split_arguments(args.arguments)
-    top = _int_arg(own, "top", 6)
-    limit = _int_arg(own, "limit", None)
-    if "pool" not in own:
-        raise SelectionError("pool=<name or path> is required (e.g. pool=dsr_sub)")
-    pool_name = own["pool"]
-    items = list(load_pool(pool_name).values())
-    if "ids" in own:
-        wanted = _list_arg(own["ids"])
+    sel: SelectConfig = OmegaConf.to_object(cfg.select)  # type: ignore[assignment]
+    validate_select(sel)
+    items = list(load_pool(sel.pool).values())
+    if sel.ids:
         by_id = {it.id: it for it in items}
-        missing = [i for i in wanted if i not in by_id]
+        missing = [i for i in sel.ids if i not in by_id]
         if missing:
-            raise SelectionError(f"ids: {missing} not in pool {pool_name!r}")
-        items = [by_id[i] for i in wanted]
+            raise SelectionError(f"select.ids: {missing} not in pool {sel.pool!r}")
+        items = [by_id[i] for i in sel.ids]
     candidates, skipped = usable_candidates(items)
-    if limit is not None:
-        candidates = candidates[:limit]
-    command = "em-sweep select-prompts " + " ".join([*args.arguments] + ([f"--history {args.history}"]
-                                                                           if args.history else []))
-    record: dict[str, Any] = {"command": command, "pool": pool_reference(pool_name), "skipped": skipped}
-    if args.history:
-        if overrides:
-            raise SelectionError(f"--history ranks without a model; drop {overrides}")
-        history = map_history_ids(load_history(args.history), [it.id for it in items], own.get("id_prefix"))
+    if sel.limit is not None:
+        candidates = candidates[:sel.limit]
+    record: dict[str, Any] = {"command": command, "pool": pool_reference(sel.pool), "skipped": skipped}
+    if sel.history:
+        if model_overrides:
+            raise SelectionError(f"select.history ranks without a model; drop {list(model_overrides)}")
+        history = map_history_ids(load_history(sel.history), [it.id for it in items], sel.id_prefix)
         kept = {c.id for c in candidates}
         already = {s["id"] for s in skipped}
-        skipped.extend({"id": i, "reason": "not among the candidates (ids= / limit=)"}
+        skipped.extend({"id": i, "reason": "not among the candidates (select.ids / select.limit)"}
                        for i in sorted(set(history) - kept - already))
         history = {i: v for i, v in history.items() if i in kept}
         if not history:
-            raise SelectionError(f"{args.history}: no history entry is a usable prompt of pool {pool_name!r}")
-        prefix = own.get("name", f"sel_{Path(args.history).stem}")
+            raise SelectionError(f"{sel.history}: no history entry is a usable prompt of pool {sel.pool!r}")
+        prefix = sel.name or f"sel_{Path(sel.history).stem}"
         how = "std of One-Shot RLVR training accuracy over epochs"
         system, chat_template = None, True
-        record.update(method="history", history_file=str(args.history))
+        record.update(method="history", history_file=str(sel.history))
     else:
-        k = _int_arg(own, "k", 16, minimum=2)
-        history, settings, cfg, counters = _sample_history(candidates, k, overrides)
-        path_override = [o.split("=", 1)[1] for o in overrides if o.startswith("model.path=")]
+        history, settings, counters = _sample_history(cfg, candidates, sel.k)
+        path_override = [o.split("=", 1)[1] for o in model_overrides if o.lstrip("+").startswith("model.path=")]
         model_name = _path_label(path_override[-1]) if path_override else str(cfg.model.name)
-        prefix = own.get("name", f"sel_{model_name}")
-        how = (f"variance of correctness over k={k} samples of {model_name} at T={settings.temperature:g}")
+        prefix = sel.name or f"sel_{model_name}"
+        how = (f"variance of correctness over k={sel.k} samples of {model_name} at T={settings.temperature:g}")
         system, chat_template = cfg.prompt.system, bool(cfg.prompt.chat_template)
-        record.update(method="sampling", model={"name": model_name, "path": cfg.model.path}, k=k,
+        record.update(method="sampling", model={"name": model_name, "path": cfg.model.path}, k=sel.k,
                       sampling=asdict(settings), seed=int(cfg.seed), prompt_format={
                           "system": system, "chat_template": chat_template}, **counters)
     ranked = variance_table(history)
-    configs = build_prompt_configs(ranked, top, config_name(prefix), record["pool"], how, system, chat_template,
-                                   command)
-    written = write_prompt_configs(Path(args.out_dir), configs, force=args.force)
-    record.update(n_candidates=len(ranked), top=top, configs=[str(p) for p in written],
+    configs = build_prompt_configs(ranked, sel.top, config_name(prefix), record["pool"], how, system,
+                                   chat_template, command)
+    written = write_prompt_configs(Path(sel.out_dir) if sel.out_dir else PROMPT_CONF_DIR, configs, force=sel.force)
+    record.update(n_candidates=len(ranked), top=sel.top, configs=[str(p) for p in written],
                   ranking=[{**asdict(r), "history": history[r.id]} for r in ranked])
-    ranking_path = (Path(args.ranking) if args.ranking
-                    else Path("outputs") / "selection" / f"{config_name(prefix)}_ranking.json")
+    ranking_path = (Path(sel.ranking) if sel.ranking
+                    else Path(str(cfg.paths.root)) / "selection" / f"{config_name(prefix)}_ranking.json")
     ranking_path.parent.mkdir(parents=True, exist_ok=True)
     ranking_path.write_text(json.dumps(record, indent=1) + "\n")
     record["ranking_file"] = str(ranking_path)
@@ -387,14 +351,12 @@ def _path_label(path: str) -> str:
     return parts[-1] if parts else path
 
 
-def _sample_history(candidates: Sequence[PoolItem], k: int, overrides: list[str]):
-    """Compose the project config with ``overrides``, load its model, sample and grade."""
-    from em_sweep.cli import compose
+def _sample_history(cfg: Any, candidates: Sequence[PoolItem], k: int):
+    """Check the composed config, load its model, sample and grade (``k`` samples per candidate)."""
     from em_sweep.config import validate
     from em_sweep.em import sampling_settings
     from em_sweep.models import load_model, load_tokenizer
 
-    cfg = compose(overrides)
     validate(cfg)
     settings = sampling_settings(cfg.train)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
@@ -403,7 +365,7 @@ def _sample_history(candidates: Sequence[PoolItem], k: int, overrides: list[str]
         model, tokenizer, candidates, k, settings, batch_size=int(cfg.train.sample_batch_size), seed=int(cfg.seed),
         system=cfg.prompt.system, chat_template=bool(cfg.prompt.chat_template),
         grade_timeout_s=float(cfg.eval.grade_timeout_s))
-    return history, settings, cfg, counters
+    return history, settings, counters
 
 
 def format_ranking(record: Mapping[str, Any], show: int = 20) -> str:
@@ -417,43 +379,3 @@ def format_ranking(record: Mapping[str, Any], show: int = 20) -> str:
     lines.append("prompt configs: " + ", ".join(Path(p).stem for p in record["configs"]))
     lines.append(f"ranking: {record['ranking_file']}")
     return "\n".join(lines)
-
-
-def cmd_select_prompts(args: argparse.Namespace) -> int:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from em_sweep.config import ConfigError
-    from em_sweep.models import ModelLoadError
-    from em_sweep.prompts import PromptError
-
-    try:
-        record = select_prompts_command(args)
-    except (SelectionError, PromptError, ModelLoadError, ConfigError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    print(format_ranking(record))
-    return 0
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``select-prompts`` to the ``em-sweep`` command's subparsers."""
-    from em_sweep.cli import CONF_DIR
-
-    p = subparsers.add_parser(
-        "select-prompts", help="rank pool prompts by variance of correctness; write prompt configs",
-        description="Rank a pool's prompts by the variance of the model's correctness over k samples "
-                    "(or by the std of a One-Shot RLVR accuracy history with --history) and write "
-                    "conf/prompt/<name>.yaml for each of the top prompts plus one multi-shot config.")
-    p.add_argument("arguments", nargs="*", metavar="key=value",
-                   help="pool=<name|path> (required), k=16 samples per prompt, top=6 configs to write, "
-                        "name=<config name prefix> (default sel_<model> / sel_<history file>), limit=<first N "
-                        "candidates>, ids=[a,b] (candidates), id_prefix=<prefix for history keys>; any other "
-                        "key=value is a Hydra override: model=<preset>, model.path=<checkpoint>, "
-                        "train.sample_temperature=..., seed=...")
-    p.add_argument("--history", help="One-Shot RLVR accuracy history JSON ({index: [accuracy per epoch]}); "
-                                     "ranks by std without a model")
-    p.add_argument("--out-dir", default=str(CONF_DIR / "prompt"), help="where prompt configs go (default conf/prompt)")
-    p.add_argument("--ranking", help="ranking JSON path (default outputs/selection/<name>_ranking.json)")
-    p.add_argument("--force", action="store_true", help="overwrite prompt configs not written by select-prompts")
-    p.set_defaults(func=cmd_select_prompts)

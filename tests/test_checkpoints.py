@@ -62,8 +62,8 @@ def test_evaluating_a_checkpoint_reproduces_the_runs_score_at_that_step(trained,
 def test_analysis_tools_accept_a_checkpoint_as_model(trained, tmp_path):
     ckpt = trained / "checkpoints" / "step-2"
     out = tmp_path / "logits"
-    assert em_sweep("logits", f"models=[tiny_arith,{ckpt}]", "n=3", "max_new_tokens=16", "bins=20",
-                    "--out-dir", str(out)) == 0
+    assert em_sweep("logits", f"logits.models=[tiny_arith,{ckpt}]", "logits.n_responses=3",
+                    "logits.max_new_tokens=16", "logits.bins=20", f"logits.out_dir={out}") == 0
     results = json.loads((out / "skewness.json").read_text())
     assert [r["model"] for r in results] == ["tiny_arith", str(ckpt)]
     assert results[1]["label"].endswith("/step-2") and results[1]["n_values"] > 0
@@ -72,8 +72,8 @@ def test_analysis_tools_accept_a_checkpoint_as_model(trained, tmp_path):
     pool = tmp_path / "pool.jsonl"
     pool.write_text(json.dumps({"id": "q1", "problem": "What is 12+7?", "answer": "19"}) + "\n")
     ranking = tmp_path / "ranking.json"
-    assert em_sweep("select-prompts", f"model.path={ckpt}", f"pool={pool}", "k=2", "top=1", "name=ck",
-                    "--out-dir", str(tmp_path / "prompt"), "--ranking", str(ranking)) == 0
+    assert em_sweep("select-prompts", f"model.path={ckpt}", f"select.pool={pool}", "select.k=2", "select.top=1",
+                    "select.name=ck", f"select.out_dir={tmp_path / 'prompt'}", f"select.ranking={ranking}") == 0
     record = json.loads(ranking.read_text())
     assert record["model"]["path"] == str(ckpt) and record["ranking"][0]["id"] == "q1"
 

@@ -133,6 +133,18 @@ def test_skewness_schema_errors_name_the_file(tmp_path):
     assert rep.find_skewness_files(tmp_path) == [bad, wrapped]
 
 
+def test_skewness_finding_states_the_method_and_flags_mixed_methods(prepared):
+    import dataclasses
+
+    text = "\n".join(rep.finding_8(prepared).lines)  # entries without a method field are raw
+    assert "| raw |" in text and "- Method: raw:" in text
+    reference = [{**e, "method": "reference"} for e in prepared.skewness]
+    text = "\n".join(rep.finding_8(dataclasses.replace(prepared, skewness=reference)).lines)
+    assert "| reference |" in text and "- Method: reference:" in text and "logits_shift.py" in text
+    mixed = [reference[0], *prepared.skewness[1:]]
+    assert "not comparable" in "\n".join(rep.finding_8(dataclasses.replace(prepared, skewness=mixed)).lines)
+
+
 def test_report_reads_a_collected_table(built, tmp_path):
     root = built[0].parent
     with pytest.raises(SystemExit) as exit_info:

@@ -134,8 +134,9 @@ def test_history_selection_on_dsr_sub_writes_configs_hydra_composes(tmp_path):
     (tmp_path / "acc_step_500.json").write_text(json.dumps(history))
     out = tmp_path / "conf" / "prompt"
     ranking = tmp_path / "ranking.json"
-    code = em_sweep("select-prompts", "pool=dsr_sub", "top=2", "name=rlvr", "--history",
-                    str(tmp_path / "acc_step_500.json"), "--out-dir", str(out), "--ranking", str(ranking))
+    code = em_sweep("select-prompts", "select.pool=dsr_sub", "select.top=2", "select.name=rlvr",
+                    f"select.history={tmp_path / 'acc_step_500.json'}", f"select.out_dir={out}",
+                    f"select.ranking={ranking}")
     assert code == 0
     record = json.loads(ranking.read_text())
     # dsr265 has no answer in the pool: skipped; dsr124 std 0.41 > dsr7 std 0.25 > dsr0.
@@ -151,19 +152,19 @@ def test_history_selection_on_dsr_sub_writes_configs_hydra_composes(tmp_path):
 
 def test_select_prompts_reports_bad_input_in_one_line(tmp_path, capsys):
     (tmp_path / "h.json").write_text("{oops")
-    assert em_sweep("select-prompts", "pool=dsr_sub", "--history", str(tmp_path / "h.json"),
-                    "--out-dir", str(tmp_path)) == 2
+    out = f"select.out_dir={tmp_path}"
+    assert em_sweep("select-prompts", "select.pool=dsr_sub", f"select.history={tmp_path / 'h.json'}", out) == 2
     err = capsys.readouterr().err
     assert "h.json: not valid JSON" in err and len(err.strip().splitlines()) == 1
-    assert em_sweep("select-prompts", "k=4", "--out-dir", str(tmp_path)) == 2
-    assert "pool=" in capsys.readouterr().err
-    assert em_sweep("select-prompts", "pool=no_such_pool", "--out-dir", str(tmp_path)) == 2
+    assert em_sweep("select-prompts", "select.k=4", out) == 2
+    assert "select.pool" in capsys.readouterr().err
+    assert em_sweep("select-prompts", "select.pool=no_such_pool", out) == 2
     assert "no_such_pool" in capsys.readouterr().err
-    assert em_sweep("select-prompts", "pool=dsr_sub", "k=x", "--out-dir", str(tmp_path)) == 2
-    assert "k='x'" in capsys.readouterr().err
-    assert em_sweep("select-prompts", "pool=dsr_sub", "modle=x", "--out-dir", str(tmp_path)) == 2
+    assert em_sweep("select-prompts", "select.pool=dsr_sub", "select.k=x", out) == 2
+    assert "select.k=x" in capsys.readouterr().err
+    assert em_sweep("select-prompts", "select.pool=dsr_sub", "modle=x", out) == 2
     assert "modle" in capsys.readouterr().err
-    assert em_sweep("select-prompts", "pool=dsr_sub", "model.path=/no/such/model", "--out-dir", str(tmp_path)) == 2
+    assert em_sweep("select-prompts", "select.pool=dsr_sub", "model.path=/no/such/model", out) == 2
     assert "/no/such/model" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.yaml"))
 
@@ -182,8 +183,8 @@ def test_selection_end_to_end_on_the_default_model_writes_loadable_configs(tmp_p
     pool = small_pool(tmp_path / "pool.jsonl")
     out = tmp_path / "conf" / "prompt"
     ranking = tmp_path / "ranking.json"
-    code = em_sweep("select-prompts", "model=tiny_arith", f"pool={pool}", "k=6", "top=3",
-                    "train.sample_batch_size=16", "--out-dir", str(out), "--ranking", str(ranking))
+    code = em_sweep("select-prompts", "model=tiny_arith", f"select.pool={pool}", "select.k=6", "select.top=3",
+                    "train.sample_batch_size=16", f"select.out_dir={out}", f"select.ranking={ranking}")
     assert code == 0
     record = json.loads(ranking.read_text())
     assert record["method"] == "sampling" and record["k"] == 6 and record["responses"] == 5 * 6

@@ -230,15 +230,14 @@ def test_status_finds_every_sweep_below_a_folder(tmp_path, capsys):
     assert manifest.find_sweeps(tmp_path) == [tmp_path / "hydra/multirun/2026-01-01/10-00-00", tmp_path / "sweeps/a"]
     assert manifest.find_sweeps(tmp_path / "sweeps/a") == [tmp_path / "sweeps/a"]
 
-    args = argparse.Namespace(sweep_dir=str(tmp_path), resubmit=False, dry_run=False, reasons=10)
+    args = argparse.Namespace(sweep_dir=str(tmp_path), reasons=10)
     assert cmd_status(args) == 0
     out = capsys.readouterr().out
     assert out.count(": 1 runs") == 2 and "sweeps/a" in out
     # Resubmitting needs one sweep.
-    assert cmd_resubmit(argparse.Namespace(sweep_dir=str(tmp_path), dry_run=True)) == 2
+    assert cmd_resubmit(argparse.Namespace(sweep_dir=str(tmp_path), dry_run=True, reasons=10)) == 2
     assert "holds 2 sweeps" in capsys.readouterr().err
-    assert cmd_status(argparse.Namespace(sweep_dir=str(tmp_path / "nothing"), resubmit=False, dry_run=False,
-                                         reasons=10)) == 2
+    assert cmd_status(argparse.Namespace(sweep_dir=str(tmp_path / "nothing"), reasons=10)) == 2
 
 
 def test_parallel_processes_take_the_tasks_gpus_in_turn(monkeypatch):

@@ -1,6 +1,5 @@
-"""``em-sweep status <sweep_dir>`` and ``em-sweep resubmit <sweep_dir>``.
+"""``em-sweep status <sweep_dir>`` and ``em-sweep resubmit <sweep_dir>`` (their arguments: em_sweep/cli.py).
 
-Wired into the ``em-sweep`` command by ``em_sweep.cli`` through :func:`add_subcommands`.
 Both read the sweep's manifest and each run's own files (plus one ``squeue`` call); neither
 composes configs nor polls accounting per job.
 """
@@ -33,15 +32,13 @@ def _one_sweep_dir(text: str) -> Path:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print counts per state for each sweep; with --resubmit, then resubmit failed, interrupted and missing runs."""
+    """Print counts per state (and failure reasons) for each sweep under ``args.sweep_dir``."""
     try:
-        sweep_dirs = [_one_sweep_dir(args.sweep_dir)] if args.resubmit else _sweep_dirs(args.sweep_dir)
+        sweep_dirs = _sweep_dirs(args.sweep_dir)
         live = manifest.live_slurm_tasks()  # one queue query for every sweep
         for sweep_dir in sweep_dirs:
             statuses = manifest.sweep_status(sweep_dir, live=live, ask_slurm=False)
             print(manifest.format_status(sweep_dir, statuses, max_reasons=args.reasons))
-            if args.resubmit:
-                return _resubmit(sweep_dir, statuses, dry_run=args.dry_run)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -49,10 +46,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resubmit(args: argparse.Namespace) -> int:
-    """Submit again only the runs that are failed, interrupted or missing."""
+    """Print the sweep's status, then submit again only the runs that are failed, interrupted or missing."""
     try:
         sweep_dir = _one_sweep_dir(args.sweep_dir)
-        return _resubmit(sweep_dir, manifest.sweep_status(sweep_dir), dry_run=args.dry_run)
+        statuses = manifest.sweep_status(sweep_dir)
+        print(manifest.format_status(sweep_dir, statuses, max_reasons=args.reasons))
+        return _resubmit(sweep_dir, statuses, dry_run=args.dry_run)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -75,18 +74,3 @@ def _resubmit(sweep_dir: Path, statuses: list[manifest.RunStatus], dry_run: bool
     array_ids = submit_to_slurm(sweep_dir, runs, settings)
     print(f"resubmitted {len(runs)} runs as {len(array_ids)} array(s) ({', '.join(array_ids)})")
     return 0
-
-
-def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``status`` and ``resubmit`` to the ``em-sweep`` command's subparsers."""
-    p = subparsers.add_parser("status", help="counts of done / running / failed / pending runs of a sweep")
-    p.add_argument("sweep_dir", help="a sweep directory (hydra.sweep.dir, holding manifest.jsonl), or a folder "
-                                     "above sweeps (e.g. outputs/) to report each")
-    p.add_argument("--resubmit", action="store_true", help="then resubmit failed, interrupted and missing runs")
-    p.add_argument("--dry-run", action="store_true", help="with --resubmit: only say how many would be resubmitted")
-    p.add_argument("--reasons", type=int, default=10, help="distinct failure reasons to list (default 10)")
-    p.set_defaults(func=cmd_status)
-    p = subparsers.add_parser("resubmit", help="resubmit a sweep's failed, interrupted and never-started runs")
-    p.add_argument("sweep_dir", help="the sweep directory (hydra.sweep.dir; it holds manifest.jsonl)")
-    p.add_argument("--dry-run", action="store_true", help="only say how many runs would be resubmitted")
-    p.set_defaults(func=cmd_resubmit)
