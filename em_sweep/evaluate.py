@@ -142,7 +142,8 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     # the last number); docs/evaluation.md.
     responses = [[cut_at_stop(r, eval_cfg.stop_strings) for r in row] for row in responses]
     if spec.family != "math":  # code runs in the sandbox, logic parses roles: em_sweep.families
-        return families.score(spec, problems, responses, n, eval_cfg, step, temperature, t0)
+        fields, family_records = families.score(spec, problems, responses, n, eval_cfg, step, temperature, t0)
+        return Score(**fields), family_records
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
     extractions = [extract(responses[i][k], last_number=eval_cfg.last_number_fallback) for i, k in order]
     extracted = [e.answer for e in extractions]

@@ -45,11 +45,9 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, family: str, problem: Proble
 
 
 def score(spec: BenchmarkSpec, problems: Sequence[Problem], responses: list[list[str]], n: int, eval_cfg: Any,
-          step: int, temperature: float, t0: float) -> tuple[Any, list[dict[str, Any]]]:
-    """The :class:`em_sweep.evaluate.Score` and per-(problem, sample) records of a code or logic
-    benchmark; ``responses[problem][sample]``."""
-    from em_sweep.evaluate import Score  # evaluate imports this module
-
+          step: int, temperature: float, t0: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The fields of the :class:`em_sweep.evaluate.Score` and the per-(problem, sample) records of a
+    code or logic benchmark; ``responses[problem][sample]``."""
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
     base = [{"benchmark": spec.name, "id": problems[i].id, "step": step, "temperature": temperature, "sample": k,
              "response": responses[i][k]} for i, k in order]
@@ -62,7 +60,7 @@ def score(spec: BenchmarkSpec, problems: Sequence[Problem], responses: list[list
     records = [{**b, **r} for b, r in zip(base, records, strict=True)]
     correct = [bool(r["correct"]) for r in records]
     per_problem = [any(correct[i * n:(i + 1) * n]) for i in range(len(problems))]
-    result = Score(
+    result = dict(
         benchmark=spec.name, step=step, temperature=temperature,
         accuracy=sum(correct) / max(len(correct), 1),
         pass_at_n=sum(per_problem) / max(len(problems), 1),

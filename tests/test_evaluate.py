@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from em_sweep.config import validate
-from em_sweep.evaluate import evaluate, generate_responses
+from em_sweep.evaluate import Score, evaluate, generate_responses
 from em_sweep.record import RunRecorder
 from em_sweep.rundir import run_id
 from em_sweep.sample import SamplingSettings
@@ -232,7 +232,8 @@ def test_code_and_logic_responses_are_executed_and_parsed() -> None:
          "```python\nimport os\ndef add(a, b):\n    while True:\n        pass\n```"],
         ["def reverse_words(s):\n    return ' '.join(reversed(s.split()))\n", "no idea", ""],
     ]
-    score, records = families.score(code_spec, code, responses, 3, cfg.eval, step=0, temperature=0.7, t0=0.0)
+    fields, records = families.score(code_spec, code, responses, 3, cfg.eval, step=0, temperature=0.7, t0=0.0)
+    score = Score(**fields)
     assert [r["correct"] for r in records] == [True, False, False, True, False, False]
     assert records[1]["reason"].startswith("AssertionError") and records[4]["extracted"] == ""
     assert "check(add)" in records[0]["program"] and records[0]["grade_status"] == "passed"
@@ -248,7 +249,8 @@ def test_code_and_logic_responses_are_executed_and_parsed() -> None:
     pairs = zip(puzzles[1].names, puzzles[1].roles, strict=True)
     one_wrong = "CONCLUSION:\n" + "\n".join(
         f"({i + 1}) {n} is a {flipped[r] if i == 0 else r}" for i, (n, r) in enumerate(pairs))
-    score, records = families.score(kk_spec, puzzles, [[right], [one_wrong]], 1, cfg.eval, 0, 0.0, 0.0)
+    fields, records = families.score(kk_spec, puzzles, [[right], [one_wrong]], 1, cfg.eval, 0, 0.0, 0.0)
+    score = Score(**fields)
     assert [r["grade_status"] for r in records] == ["correct", "wrong_identity"]
     assert records[0]["extracted"] == records[0]["gold"] and records[1]["people"] == 3
     assert score.metrics == {"accuracy_people2": 1.0, "accuracy_people3": 0.0}
