@@ -154,17 +154,17 @@ def counting_shared_passes(outcomes: list[bool]) -> Iterator[None]:
     """Records, per loss micro-batch that tried the shared prompt pass, whether it ran (False:
     this transformers' decoder fell back to the full pass, so a +share_prompt part measures
     nothing new)."""
-    from em_sweep import em
+    from em_sweep import loss_pass
 
-    real = em._shared_prompt_hidden
+    real = loss_pass._shared_prompt_hidden
 
     def counted(*a: Any) -> Any:
         hidden = real(*a)
         outcomes.append(hidden is not None)
         return hidden
 
-    em._shared_prompt_hidden = counted
+    loss_pass._shared_prompt_hidden = counted
     try:
         yield
     finally:
-        em._shared_prompt_hidden = real
+        loss_pass._shared_prompt_hidden = real

@@ -105,7 +105,7 @@ class TrainConfig:
     # static_compile. auto: static KV cache replayed as CUDA graphs on CUDA for Qwen2/Llama-family
     # models, HF generate otherwise (CPU unchanged). Greedy output is identical across backends.
     generation_backend: str = "auto"
-    # Run the loss pass's decoder layers as torch.compile'd code (em.compiled_layers: fused norms,
+    # Run the loss pass's decoder layers as torch.compile'd code (loss_pass.compiled_layers: fused norms,
     # rotary embedding and activations, forward and backward; sampling and evaluation stay eager).
     # The first steps pay the compilation (once per variant: padded micro-batches or not, RL's
     # no-grad pass; ~10 s each on CPU). Micro-batches that share_prompt_pass serves stay eager.

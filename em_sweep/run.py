@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from em_sweep import rundir
 from em_sweep.benchmarks import BenchmarkError, resolve_spec
 from em_sweep.config import ConfigError, stage_plan, to_container, validate
-from em_sweep.em import StepMetrics, decoder_layers, train_em
+from em_sweep.em import StepMetrics, train_em
 from em_sweep.evaluate import evaluate
+from em_sweep.loss_pass import decoder_layers
 from em_sweep.models import (
     ModelCache,
     ModelLoadError,

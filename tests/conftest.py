@@ -35,16 +35,16 @@ def tiny():
 
 @pytest.fixture()
 def shared_passes(monkeypatch):
-    """For each call of em._shared_prompt_hidden (the real one), whether it ran the prompt once
+    """For each call of loss_pass._shared_prompt_hidden (the real one), whether it ran the prompt once
     (False: this decoder fell back to the full pass)."""
-    from em_sweep import em
+    from em_sweep import loss_pass
 
-    real, outcomes = em._shared_prompt_hidden, []
+    real, outcomes = loss_pass._shared_prompt_hidden, []
 
     def counted(*args):
         hidden = real(*args)
         outcomes.append(hidden is not None)
         return hidden
 
-    monkeypatch.setattr(em, "_shared_prompt_hidden", counted)
+    monkeypatch.setattr(loss_pass, "_shared_prompt_hidden", counted)
     return outcomes

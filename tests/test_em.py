@@ -105,7 +105,8 @@ def test_compiled_loss_pass_equals_the_eager_one_and_leaves_the_model_eager(fres
     """compiled_layers: the same entropy and the same gradient as eager (to float rounding), also
     for a second batch whose sequence length differs (the dynamic-shape graph); outside the context
     every layer is eager again, and a deep copy made inside it is eager."""
-    from em_sweep.em import accumulate_entropy_gradients, compiled_layers, decoder_layers
+    from em_sweep.em import accumulate_entropy_gradients
+    from em_sweep.loss_pass import compiled_layers, decoder_layers
 
     model, tok = fresh
     model.train()

@@ -11,7 +11,7 @@ from em_sweep.config import ConfigError, accumulation_steps, validate
 from em_sweep.em import Accumulation, em_step, make_optimizer, sampling_settings
 from em_sweep.prompts import format_prompt
 from em_sweep.reference import RankBatch, rank_batches, reference_positions, row_weights
-from em_sweep.sample import _eos_ids, sample_responses
+from em_sweep.sample import _eos_ids, position_ids_for, sample_responses
 from tests.conftest import compose_config
 
 PROMPT = "What is 12+30-7+45?"
@@ -124,7 +124,7 @@ def test_gradient_at_the_accumulation_boundary_is_the_reference_loops(tiny, monk
         total_tokens = sum(float(b.response_mask.sum()) for b in served)
         for b in served:
             logits = ref(b.input_ids, attention_mask=b.attention_mask,
-                         position_ids=em.position_ids_for(b.attention_mask)).logits
+                         position_ids=position_ids_for(b.attention_mask)).logits
             probs = torch.softmax(logits / 0.5, dim=-1)
             h_tok = -(probs * torch.log(probs + 1e-12)).sum(-1)
             ((h_tok * b.response_mask).sum() / total_tokens).backward()
