@@ -44,6 +44,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Gradient checkpointing for the loss pass (sampling always runs in eval mode with a KV cache).
     gradient_checkpointing: bool = False
+    # Architecture name whose measured speed prices this model in a sweep's cost estimate (a key of
+    # benchmarks/results/measured.json "shapes", e.g. 7b); null = unknown. Not part of the run id.
+    shape: str | None = None
 
 
 @dataclass

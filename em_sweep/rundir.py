@@ -33,6 +33,7 @@ NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
 NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
     "train": ("compile_loss", "share_prompt_pass"),
     "rl": ("compile_loss", "share_prompt_pass"),
+    "model": ("shape",),  # a label for cost estimates, not a setting
 }
 
 RESULTS = "results.json"

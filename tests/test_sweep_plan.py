@@ -149,15 +149,27 @@ def _queue() -> set[str] | None:
 
 
 def test_paper_grid_dry_run_plans_13440_runs_and_submits_nothing(tmp_path):
+    """The cost comes from a figures file (here one with round numbers). By hand: 7,680 runs of the
+    7b shape (4 presets x 1,920), each 10 EM steps x 10 s + one greedy evaluation of the four
+    benchmarks (500 + 272 + 675 + 40 = 1,487 responses) x 800 tokens / 5,000 tokens/s: 213.3 +
+    507.6 h; 1,920 runs of 1.5b: 10 x 3 s + 1,487 x 800 / 10,000: 16.0 + 63.4 h; 800.3 h in all.
+    The two Llama presets (3,840 runs) have no figures: unknown."""
+    figures = tmp_path / "measured.json"
+    figures.write_text(json.dumps({"assumed": {"eval_mean_response_tokens": 800}, "shapes": {
+        "7b": {"em_step_s": 10, "eval_tokens_per_s": 5000}, "1.5b": {"em_step_s": 3, "eval_tokens_per_s": 10000}}}))
     before = _queue()
     started = time.perf_counter()
     result = launch("-m", "+experiment=paper_grid", "hydra/launcher=slurm", "hydra.launcher.dry_run=true",
-                    f"paths.root={tmp_path}")
+                    f"paths.root={tmp_path}", f"hydra.launcher.cost_figures={figures}")
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     assert "em-sweep plan: 13440 runs (13440 jobs, 7 compositions" in result.stdout
     assert "already complete: 0" in result.stdout
-    assert "estimated cost:   3,360 GPU-hours" in result.stdout
+    assert "estimated cost:   800 GPU-hours for 9,600 of 13,440 runs" in result.stdout, result.stdout
+    assert "shape 7b: 7,680 runs, 721 GPU-hours = 76,800 EM steps x 10 s (213 h) + 11,420,160 evaluation " \
+           "responses at 5,000 tokens/s (508 h)" in result.stdout, result.stdout
+    assert "shape 1.5b: 1,920 runs, 79.4 GPU-hours = 19,200 EM steps x 3 s (16.0 h)" in result.stdout
+    assert "unknown: 3,840 runs (shape 'llama3.1-8b': no measured figures)" in result.stdout
     assert "dry run: nothing submitted" in result.stdout
     assert not (tmp_path / "sweeps" / "paper_grid" / manifest.MANIFEST).exists()
     assert not (tmp_path / "sweeps" / "paper_grid" / manifest.CONTEXT).exists()

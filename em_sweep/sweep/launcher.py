@@ -30,7 +30,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from em_sweep.sweep import manifest
+from em_sweep.config import ConfigError
+from em_sweep.sweep import cost, manifest
 from em_sweep.sweep.plan import PlannedRun, SweepError, SweepPlan, plan_sweep
 from em_sweep.sweep.worker import LaunchContext, PackFailed, SweepTask, run_packed
 
@@ -46,6 +47,9 @@ class SweepLauncherConf:
 
     # Validate and print the plan (runs, tasks, already complete, cost); submit nothing.
     dry_run: bool = False
+    # Measured figures the plan's GPU-hours are computed from (em_sweep/sweep/cost.py);
+    # null = the checkout's benchmarks/results/measured.json.
+    cost_figures: str | None = None
 
 
 @dataclass
@@ -237,9 +241,12 @@ class SweepLauncher(Launcher):
         if plan.queued:
             lines.append(f"  already queued:   {len(plan.queued)} (submitted earlier to this sweep, not resubmitted)")
         lines.append(f"  to run:           {len(pending)} runs {tasks_line}")
-        if plan.gpu_hours_per_run > 0:
-            lines.append(f"  estimated cost:   {len(pending) * plan.gpu_hours_per_run:,.0f} GPU-hours "
-                         f"({plan.gpu_hours_per_run:g} per run, hydra.sweeper.gpu_hours_per_run)")
+        try:
+            figures = cost.load_figures(self.settings.get("cost_figures"))
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
+        lines += cost.describe(cost.estimate((plan.works[r.run_id] for r in pending if r.run_id in plan.works),
+                                             figures), len(pending))
         lines.append(f"  sweep dir:        {self.sweep_dir}")
         return "\n".join(lines)
 

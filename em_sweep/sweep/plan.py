@@ -36,6 +36,7 @@ from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 
 from em_sweep import rundir
 from em_sweep.config import validate
+from em_sweep.sweep.cost import RunWork, problem_counter, run_work, works_key
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ class SweepPlan:
     seconds: float = 0.0
     # Run ids not submitted because an earlier submission of this sweep still has them queued.
     queued: frozenset[str] = field(default_factory=frozenset)
-    # Assumed GPU-hours of one run (hydra.sweeper.gpu_hours_per_run); 0 = no cost estimate.
-    gpu_hours_per_run: float = 0.0
+    # What each run computes (run id -> EM steps, evaluation responses, model shape): the cost
+    # estimate prices it with measured figures (em_sweep.sweep.cost).
+    works: dict[str, RunWork] = field(default_factory=dict)
 
     @property
     def pending(self) -> list[PlannedRun]:
@@ -361,6 +363,9 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
     runs: list[PlannedRun] = []
     seen: set[str] = set()
     check_inputs = _InputChecks(check_model_paths)
+    works: dict[str, RunWork] = {}
+    work_of_key: dict[str, RunWork] = {}
+    count_problems = None
 
     def fail(job: Sequence[str], message: str) -> None:
         count, example = errors.get(message, (0, job))
@@ -398,6 +403,14 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
         seen.add(str(run_dir))
         runs.append(PlannedRun(run_id=run_dir.name, run_dir=str(run_dir), overrides=tuple(job),
                                model_path=str(config["model"]["path"])))
+        key = works_key(config)
+        if key not in work_of_key:
+            # Lazy: torch (the input checks have loaded it already).
+            from em_sweep.evaluate import samples_per_problem
+
+            count_problems = count_problems or problem_counter()
+            work_of_key[key] = run_work(view, count_problems, samples_per_problem)
+        works[run_dir.name] = work_of_key[key]
 
     n_combinations = len(combinations)
     if errors:
@@ -409,7 +422,7 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
                          + "\n".join(listed + more))
     complete = frozenset(r.run_id for r in runs if rundir.is_complete(Path(r.run_dir)))
     plan = SweepPlan(runs=runs, complete=complete, n_jobs=len(jobs), n_group_combinations=n_combinations,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, works=works)
     log.debug("planned %d runs from %d jobs (%d compositions) in %.2fs", len(runs), len(jobs),
               n_combinations, plan.seconds)
     return plan
