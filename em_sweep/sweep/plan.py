@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -36,7 +34,14 @@ from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 
 from em_sweep import rundir
 from em_sweep.config import validate
+from em_sweep.sweep import hydra_compat
 from em_sweep.sweep.cost import RunWork, problem_counter, run_work, works_key
+
+try:  # Hydra's own implementations, the planner's fidelity to a full compose (em_sweep/sweep/hydra_compat.py)
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+except ImportError as e:
+    raise ImportError(f"em-sweep's sweep planner was tested with {hydra_compat.TESTED}: {e}") from e
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +337,7 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
     the hub, which can take ~25 s per id on a host without network).
     """
     started = time.perf_counter()
+    hydra_compat.check()
     parser = OverridesParser.create(config_loader=config_loader)
     repository = config_loader.repository  # type: ignore[attr-defined]
     parsed: dict[str, Override] = {}

@@ -49,7 +49,9 @@ class FastSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         loader = self.hydra_context.config_loader
-        jobs = expand_jobs(loader, self._parse_config() + list(arguments))
+        # hydra.sweeper.params first, then the command line: BasicSweeper's order.
+        params = [f"{key}={value}" for key, value in (self.params or {}).items()]
+        jobs = expand_jobs(loader, params + list(arguments))
         plan = plan_sweep(loader, self.config, jobs, check_model_paths=self.check_model_paths)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
