@@ -121,6 +121,12 @@ class TrainConfig:
     # cache). EM and the RL stage (rl.share_prompt_pass follows it), single-process. Speed only:
     # not part of the run id.
     share_prompt_pass: bool = False
+    # none | fsdp. fsdp: one run across several processes (one per GPU) started by torchrun or by
+    # hydra/launcher=slurm with gpus_per_task > 1, its weights, gradients and optimizer state
+    # sharded with FSDP2 (em_sweep/distributed.py; for a model whose training state does not fit
+    # one card). Each rank samples batch_size / ranks responses; rank 0 writes the run directory.
+    # EM stage only. Part of the run id unless none (the ranks draw their own samples).
+    parallel: str = "none"
 
 
 @dataclass
@@ -260,6 +266,7 @@ KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
 KNOWN_OPTIMIZERS = ("auto", "adamw", "adamw_bf16_sr", "adamw_bf16_kahan", "adamw_8bit")
 KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile")
 KNOWN_EVAL_BACKENDS = ("hf", "vllm")
+KNOWN_PARALLEL = ("none", "fsdp")
 # A benchmark's name becomes a W&B key and a results column: keep it plain.
 _BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -301,6 +308,13 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(all(s >= 0 for s in t.save_at_steps), "train.save_at_steps", "steps must be >= 0")
     _check(t.generation_backend in KNOWN_GENERATION_BACKENDS, "train.generation_backend",
            f"unknown {t.generation_backend!r}; choose from {KNOWN_GENERATION_BACKENDS}")
+    _check(t.parallel in KNOWN_PARALLEL, "train.parallel", f"unknown {t.parallel!r}; choose from {KNOWN_PARALLEL}")
+    if t.parallel == "fsdp":
+        _check(list(c.stages) == ["em"], "train.parallel", f"fsdp runs the EM stage only, got stages={list(c.stages)}")
+        _check(not t.compile_loss, "train.parallel", "fsdp does not compile the loss pass; set train.compile_loss=false")
+        _check(not t.share_prompt_pass, "train.parallel",
+               "fsdp runs the full loss pass; set train.share_prompt_pass=false")
+        _check(c.eval.backend == "hf", "train.parallel", f"fsdp evaluates in-process: eval.backend=hf, got {c.eval.backend}")
 
     # Steps count on across stages (em: train.steps, rl: rl.steps), so step limits are the total.
     unknown = [s for s in c.stages if s not in KNOWN_STAGES]

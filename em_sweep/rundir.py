@@ -57,6 +57,10 @@ def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         values = science.get(section)
         if isinstance(values, dict):
             science[section] = {k: v for k, v in values.items() if k not in keys}
+    # train.parallel changes the samples (each rank draws its own), so a sharded run has an id of
+    # its own; the single-process default keeps the ids runs had before the setting existed.
+    if isinstance(science.get("train"), dict) and science["train"].get("parallel") == "none":
+        science["train"] = {k: v for k, v in science["train"].items() if k != "parallel"}
     return science
 
 
