@@ -81,6 +81,8 @@ class SweepPlan:
     # What each run computes (run id -> EM steps, evaluation responses, model shape): the cost
     # estimate prices it with measured figures (em_sweep.sweep.cost).
     works: dict[str, RunWork] = field(default_factory=dict)
+    # Run ids with train.parallel=fsdp: each runs as one task of one process per GPU.
+    sharded: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def pending(self) -> list[PlannedRun]:
@@ -370,6 +372,7 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
     seen: set[str] = set()
     check_inputs = _InputChecks(check_model_paths)
     works: dict[str, RunWork] = {}
+    sharded: set[str] = set()
     work_of_key: dict[str, RunWork] = {}
     count_problems = None
 
@@ -417,6 +420,8 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
             count_problems = count_problems or problem_counter()
             work_of_key[key] = run_work(view, count_problems, samples_per_problem)
         works[run_dir.name] = work_of_key[key]
+        if config["train"].get("parallel", "none") != "none":
+            sharded.add(run_dir.name)
 
     n_combinations = len(combinations)
     if errors:
@@ -428,7 +433,8 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
                          + "\n".join(listed + more))
     complete = frozenset(r.run_id for r in runs if rundir.is_complete(Path(r.run_dir)))
     plan = SweepPlan(runs=runs, complete=complete, n_jobs=len(jobs), n_group_combinations=n_combinations,
-                     seconds=time.perf_counter() - started, works=works)
+                     seconds=time.perf_counter() - started, works=works,
+                     sharded=frozenset(sharded))
     log.debug("planned %d runs from %d jobs (%d compositions) in %.2fs", len(runs), len(jobs),
               n_combinations, plan.seconds)
     return plan
