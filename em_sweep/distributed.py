@@ -81,11 +81,20 @@ def is_writer() -> bool:
 def export_slurm_env() -> None:
     """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the SLURM step this process is a
     task of (one task per GPU), as torchrun would set them; a no-op outside SLURM or when set."""
-    if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
+    env = os.environ
+    if "SLURM_PROCID" not in env or "RANK" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
         return
-    import submitit
+    if int(env.get("SLURM_NNODES", "1")) == 1:
+        master = "127.0.0.1"
+    else:  # the step's first node
+        import subprocess
 
-    submitit.helpers.TorchDistributedEnvironment().export()
+        master = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]], capture_output=True,
+                                text=True, check=True).stdout.split()[0]
+    # A port per job step, so that steps sharing a node do not collide.
+    port = 20000 + (int(env.get("SLURM_JOB_ID", "0")) * 16 + int(env.get("SLURM_STEP_ID", "0") or 0)) % 20000
+    env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"), WORLD_SIZE=env["SLURM_NTASKS"],
+               MASTER_ADDR=master, MASTER_PORT=str(port))
 
 
 def join(cfg: Any) -> bool:

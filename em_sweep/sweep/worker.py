@@ -282,9 +282,9 @@ class SweepTask:
     def __call__(self, runs: Sequence[PlannedRun]) -> dict[str, str]:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # one process per GPU, ranks of train.parallel runs
-            import submitit
+            from em_sweep.distributed import export_slurm_env
 
-            submitit.helpers.TorchDistributedEnvironment().export()
+            export_slurm_env()
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if getattr(self, "parallel_runs", 1) > 1 and len(runs) > 1:
             return run_parallel(self.context_path, runs, self.parallel_runs, int(cpus) if cpus else None)
