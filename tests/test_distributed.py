@@ -208,3 +208,18 @@ def test_fsdp_without_a_launcher_is_one_line_before_loading(tmp_path):
     assert "error: train.parallel: fsdp runs one process per GPU; start them with `torchrun" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.parallel=ddp"], "train.parallel: unknown 'ddp'"),
+    (["train.parallel=fsdp", "stages=[em,rl]"], "train.parallel: fsdp runs the EM stage only"),
+    (["train.parallel=fsdp", "train.compile_loss=true"], "train.parallel: fsdp does not compile the loss pass"),
+    (["train.parallel=fsdp", "train.share_prompt_pass=true"], "train.parallel: fsdp runs the full loss pass"),
+])
+def test_fsdp_settings_it_cannot_serve_are_one_line_naming_the_key(overrides, message):
+    from em_sweep.config import ConfigError, validate
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides))
+    assert str(info.value).startswith(message), str(info.value)
