@@ -17,7 +17,13 @@ def launch(cfg: DictConfig) -> None:
     # Imported here: torch/transformers cost ~4 s, which a sweep submission never needs.
     from em_sweep.run import main
 
-    main(cfg)
+    if cfg.train.parallel == "none":
+        main(cfg)
+        return
+    # train.parallel=fsdp: this process is one rank of the run (torchrun --nproc-per-node N launch.py ...).
+    from em_sweep.distributed import exit_after
+
+    exit_after(main, cfg)
 
 
 if __name__ == "__main__":

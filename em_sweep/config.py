@@ -44,6 +44,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Gradient checkpointing for the loss pass (sampling always runs in eval mode with a KV cache).
     gradient_checkpointing: bool = False
+    # Architecture name whose measured speed prices this model in a sweep's cost estimate (a key of
+    # benchmarks/results/measured.json "shapes", e.g. 7b); null = unknown. Not part of the run id.
+    shape: str | None = None
 
 
 @dataclass
@@ -118,6 +121,12 @@ class TrainConfig:
     # cache). EM and the RL stage (rl.share_prompt_pass follows it), single-process. Speed only:
     # not part of the run id.
     share_prompt_pass: bool = False
+    # none | fsdp. fsdp: one run across several processes (one per GPU) started by torchrun or by
+    # hydra/launcher=slurm with gpus_per_task > 1, its weights, gradients and optimizer state
+    # sharded with FSDP2 (em_sweep/distributed.py; for a model whose training state does not fit
+    # one card). Each rank samples batch_size / ranks responses; rank 0 writes the run directory.
+    # EM stage only. Part of the run id unless none (the ranks draw their own samples).
+    parallel: str = "none"
 
     # Reference-compatible semantics (docs/reproducing.md; `+experiment=one_shot_em_reference`
     # sets all of them). The defaults are em-sweep's own: one step = one update of batch_size
@@ -305,6 +314,7 @@ KNOWN_RANK_SAMPLING = ("independent", "identical")
 KNOWN_LOSS_AVERAGING = ("batch_token_mean", "rank_token_mean")
 KNOWN_LOSS_POSITIONS = ("exact", "reference")
 KNOWN_STOP_TOKENS = ("model_and_tokenizer", "generation_config")
+KNOWN_PARALLEL = ("none", "fsdp")
 # A benchmark's name becomes a W&B key and a results column: keep it plain.
 _BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -347,6 +357,16 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(t.generation_backend in KNOWN_GENERATION_BACKENDS, "train.generation_backend",
            f"unknown {t.generation_backend!r}; choose from {KNOWN_GENERATION_BACKENDS}")
     _validate_reference_semantics(t)
+    _check(t.parallel in KNOWN_PARALLEL, "train.parallel", f"unknown {t.parallel!r}; choose from {KNOWN_PARALLEL}")
+    if t.parallel == "fsdp":
+        _check(list(c.stages) == ["em"], "train.parallel", f"fsdp runs the EM stage only, got stages={list(c.stages)}")
+        _check(not t.compile_loss, "train.parallel", "fsdp does not compile the loss pass; set train.compile_loss=false")
+        _check(not t.share_prompt_pass, "train.parallel",
+               "fsdp runs the full loss pass; set train.share_prompt_pass=false")
+        _check(c.eval.backend == "hf", "train.parallel", f"fsdp evaluates in-process: eval.backend=hf, got {c.eval.backend}")
+        _check(t.step_unit == "update" and t.data_parallel_ranks == 1, "train.parallel",
+               "fsdp runs em-sweep's own step (train.step_unit=update, train.data_parallel_ranks=1); "
+               "the reference's ranks are emulated in one process")
 
     # Steps count on across stages (em: train.steps, rl: rl.steps), so step limits are the total.
     unknown = [s for s in c.stages if s not in KNOWN_STAGES]

@@ -13,43 +13,214 @@ holds the HF model and runs the loss pass (decoder + chunked entropy from hidden
 FSDP gathers the embeddings, final norm and head around it. For sampling every unit is gathered
 once (the weights alone, replicated, e.g. 15 GB for 7B in bf16) and generation then runs with
 no collective per step, so ranks whose responses end at different lengths never wait on each
-other; the weights are resharded before the loss pass. Launch with ``torchrun --nproc-per-node N``.
+other; the weights are resharded before the loss pass.
+
+From the entry point (``train.parallel=fsdp``, docs/cluster.md): ``torchrun --nproc-per-node N
+launch.py model=... train.parallel=fsdp``, or a SLURM task of N processes (``hydra/launcher=slurm``
+with ``gpus_per_task=N``: srun starts one process per GPU). Every rank composes the same config
+and runs :func:`em_sweep.run.run`; rank 0 decides whether the run goes ahead (complete, claimed)
+and tells the others (:func:`announce`), and only rank 0 writes the run directory and W&B. The
+others (:func:`follow`) take part in every collective: sampling and updates, the full state dict
+gathered for a checkpoint (rank 0 writes it), and evaluation, which every rank runs identically on
+gathered weights (rank 0 records it; the step-0 evaluation, before sharding, runs on rank 0 only).
+A failing rank ends the run on every rank: torchrun stops the others, srun runs with
+``--kill-on-bad-exit``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep import decode
+from em_sweep.config import ConfigError
 from em_sweep.em import (
     StepMetrics,
     accumulate_entropy_gradients,
     apply_update,
+    make_optimizer,
     micro_batch_entropy_sum,
     sampling_settings,
 )
+from em_sweep.prompts import batch_prompts
 from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
+
+# How long a collective waits for a rank busy on its own (rank 0's step-0 evaluation, its
+# checkpoint writes) before the run fails: longer than one evaluation of the paper's benchmarks.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment; (rank, world size).
-
-    Backend: nccl with CUDA, else gloo. On CUDA each rank uses device LOCAL_RANK."""
+    """Join the process group torchrun (or :func:`export_slurm_env`) describes in the environment;
+    (rank, world size). Backend: nccl with CUDA, else gloo. On CUDA each rank uses device LOCAL_RANK."""
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank(), dist.get_world_size()
+
+
+def is_writer() -> bool:
+    """Whether this process writes run directories: a single process, or rank 0 of a distributed run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def export_slurm_env() -> None:
+    """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the SLURM step this process is a
+    task of (one task per GPU), as torchrun would set them; a no-op outside SLURM or when set."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or "RANK" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return
+    if int(env.get("SLURM_NNODES", "1")) == 1:
+        master = "127.0.0.1"
+    else:  # the step's first node
+        import subprocess
+
+        master = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]], capture_output=True,
+                                text=True, check=True).stdout.split()[0]
+    # A port per job step, so that steps sharing a node do not collide.
+    port = 20000 + (int(env.get("SLURM_JOB_ID", "0")) * 16 + int(env.get("SLURM_STEP_ID", "0") or 0)) % 20000
+    env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"), WORLD_SIZE=env["SLURM_NTASKS"],
+               MASTER_ADDR=master, MASTER_PORT=str(port))
+
+
+def join(cfg: Any) -> bool:
+    """Join the run's process group (before any model is loaded); True on the rank that writes.
+
+    ConfigError when the ranks cannot share the batch evenly (every rank runs the same number of
+    micro-batches, each a collective)."""
+    export_slurm_env()
+    if "WORLD_SIZE" not in os.environ:
+        raise ConfigError("train.parallel: fsdp runs one process per GPU; start them with "
+                          "`torchrun --nproc-per-node N launch.py ...` or hydra/launcher=slurm (no RANK/WORLD_SIZE set)")
+    _, world = init_from_env()
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {world} ranks of "
+                          "train.parallel=fsdp")
+    return dist.get_rank() == 0
+
+
+def announce(go: bool) -> bool:
+    """Rank 0's decision whether the run goes ahead, received by every rank (rank 0 passes it)."""
+    flag = torch.tensor([int(go)], dtype=torch.int64)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+# Full state dicts gathered for a checkpoint, by id of the model, for em_sweep.run.save_checkpoint.
+_gathered_states: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict :func:`sharded_trainer` gathered for this step's checkpoint (None for
+    a model that is not sharded: save it as it is)."""
+    return _gathered_states.get(id(model))
+
+
+def sharded_trainer(eval_at: set[int], save_at: set[int]) -> Callable[..., None]:
+    """em_sweep.em.train_em's counterpart across ranks, with the same signature: shards the model,
+    then one :func:`em_step_distributed` per step. At a step of ``save_at`` every rank gathers the
+    full state dict (rank 0 keeps it, on the CPU, for :func:`checkpoint_state`); at a step of
+    ``eval_at`` or ``save_at``, ``on_eval(step)`` runs on every rank with the weights gathered."""
+
+    def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], train: Any,
+              seed: int, on_step: Callable[[StepMetrics], None], on_eval: Callable[[int], None] | None = None,
+              start_step: int = 0) -> None:
+        objective = shard_model(model)
+        optimizer, lr_at = make_optimizer(objective, train)
+        for i in range(train.steps):
+            step = start_step + i + 1
+            texts = batch_prompts(prompt_texts, train.batch_size, step=i)
+            metrics = em_step_distributed(objective, tokenizer, optimizer, texts, train, step, lr_at(i),
+                                          seed=seed * 1_000_003 + start_step + i)
+            on_step(metrics)
+            if on_eval is None or step not in eval_at | save_at:
+                continue
+            if step in save_at:
+                state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                # A tied weight (lm_head = embed_tokens) comes back as two copies: keep its first
+                # name only, as an unsharded model's checkpoint does.
+                aliases: dict[int, list[str]] = {}
+                for name, param in model.named_parameters(remove_duplicate=False):
+                    aliases.setdefault(id(param), []).append(name)
+                for names in aliases.values():
+                    for name in names[1:]:
+                        state.pop(name, None)
+                _gathered_states[id(model)] = state
+            try:
+                with gathered(objective):
+                    on_eval(step)
+                decode.release(model)  # the static decoder's graphs keep addresses of the gathered weights
+            finally:
+                _gathered_states.pop(id(model), None)
+
+    return train
+
+
+def follow(cfg: Any, prompts: list[Any], eval_at: list[int]) -> dict[str, Any]:
+    """A rank > 0 of a ``train.parallel=fsdp`` run: learns from rank 0 whether the run goes ahead,
+    then takes part in it exactly as rank 0 does (same model, prompts, steps, evaluations), writing
+    nothing. Returns a marker result (rank 0 has the real one)."""
+    from em_sweep.evaluate import evaluate
+    from em_sweep.models import load_model, load_tokenizer, set_checkpointing
+    from em_sweep.prompts import format_prompt
+
+    rank = dist.get_rank()
+    if not announce(False):
+        return {"skipped": True, "rank": rank}
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    model = load_model(cfg.model)
+    if cfg.model.gradient_checkpointing:
+        set_checkpointing(model, True)
+    texts = [format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template) for p in prompts]
+
+    def on_eval(step: int) -> None:
+        if step in eval_at:
+            evaluate(model, tokenizer, cfg.eval, step)  # rank 0 records its identical result
+
+    save_at = set(cfg.train.save_at_steps)
+    sharded_trainer(set(eval_at), save_at)(model, tokenizer, texts, cfg.train, cfg.seed, on_step=lambda m: None,
+                                           on_eval=on_eval, start_step=0)
+    return {"skipped": False, "rank": rank}
+
+
+def exit_after(main: Callable[[Any], None], cfg: Any) -> None:
+    """Run ``main(cfg)`` on this rank, then leave the process with its exit status without
+    finalizing the interpreter.
+
+    A gloo worker thread can still be releasing its last reference to a finished collective when
+    Python finalizes; it then cannot take the GIL and the rank dies of SIGABRT ("terminate called
+    without an active exception"; see tests/test_distributed.py). Everything the run writes is
+    written (and flushed) before this returns, so the exit skips nothing of the run's."""
+    code = 0
+    try:
+        main(cfg)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int | None):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - reported here: os._exit below skips Python's own report
+        traceback.print_exc()
+        code = 1
+    if code == 0 and dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still needs it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class EntropyObjective(torch.nn.Module):
@@ -74,6 +245,15 @@ def shard_model(model: PreTrainedModel, mesh: Any = None, mp_policy: Any = None,
         fully_shard(layer, **kw)
     objective = EntropyObjective(model)
     fully_shard(objective, **kw)
+    # FSDP makes the first module run forward its root. Sampling calls the inner model, which
+    # would make a decoder layer the root and the loss pass fail: run the objective once first
+    # (one token, no gradient; every rank, as any forward).
+    ids = torch.ones((1, 2), dtype=torch.long, device=model.device)
+    probe = SampleBatch(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=torch.tensor(
+        [[1, 0]], device=ids.device), prompt_len=1, response_lengths=torch.ones(1, dtype=torch.long),
+        texts=[""], hit_eos=torch.zeros(1, dtype=torch.bool))
+    with torch.no_grad():
+        objective(probe, slice(0, 1), 1.0, 0)
     return objective
 
 

@@ -79,13 +79,23 @@ def run(cfg: DictConfig, cache: ModelCache | None = None) -> dict[str, Any]:
     """
     prompts = preflight(cfg)
     path = rundir.run_dir_for(cfg)
+    decided: Any = lambda go: None  # noqa: E731
+    if cfg.train.parallel != "none":  # one run across the ranks torchrun/srun started (em_sweep.distributed)
+        from em_sweep import distributed
+
+        if not distributed.join(cfg):  # ranks > 0 take part in rank 0's run and write nothing
+            return distributed.follow(cfg, prompts, eval_steps(cfg))
+        decided, cache = distributed.announce, ModelCache()  # the run shards its model: not one to keep
     if rundir.is_complete(path):
+        decided(False)
         log.info("run %s is already complete: %s", path.name, path)
         return {**(rundir.read_results(path) or {}), "skipped": True}
     with rundir.claimed(path) as ours:
+        done = ours and rundir.is_complete(path)  # finished while we waited for the claim
+        decided(ours and not done)
         if not ours:
             raise RunFailed(f"run {path.name} is being run by another process ({path})")
-        if rundir.is_complete(path):  # finished while we waited for the claim
+        if done:
             return {**(rundir.read_results(path) or {}), "skipped": True}
         return _run_claimed(cfg, path, prompts, cache or ModelCache())
 
@@ -186,8 +196,13 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
         if last < first:  # a stage without steps: nothing to set up (no optimizer, no reference copy)
             continue
         if name == "em":
-            train_em(model, tokenizer, texts, cfg.train, cfg.seed, on_step=on_step, on_eval=on_eval,
-                     start_step=first - 1)
+            train = train_em
+            if cfg.train.parallel != "none":
+                from em_sweep.distributed import sharded_trainer
+
+                train = sharded_trainer(at, set(cfg.train.save_at_steps))
+            train(model, tokenizer, texts, cfg.train, cfg.seed, on_step=on_step, on_eval=on_eval,
+                  start_step=first - 1)
         else:  # each prompt once: rl.* decides how often it is sampled
             train_rl(model, tokenizer, [formatted[p.id] for p in prompts], [str(p.answer) for p in prompts], cfg.rl,
                      cfg.seed, on_step=on_rl_step, on_eval=on_eval, start_step=first - 1,
@@ -213,8 +228,10 @@ def save_checkpoint(model: Any, tokenizer: Any, out: Path) -> None:
     """An HF-format checkpoint any tool (evaluation, analysis) accepts as ``model.path``; written
     beside it and renamed into place, so ``out`` is never half-written."""
     tmp = out.with_name(out.name + ".tmp")
+    from em_sweep.distributed import checkpoint_state  # a sharded model's gathered state (train.parallel)
+
     shutil.rmtree(tmp, ignore_errors=True)  # a save cut short
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=checkpoint_state(model))
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -268,4 +285,5 @@ def main(cfg: DictConfig) -> None:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(format_summary(results))
+    if "run_id" in results:  # a rank > 0 of a train.parallel run has no results of its own
+        print(format_summary(results))

@@ -35,6 +35,7 @@ NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
     "rl": ("compile_loss", "share_prompt_pass"),
     # Which pass@k are reported and how many programs run at once change no result.
     "eval": ("pass_k", "code_workers"),
+    "model": ("shape",),  # a label for cost estimates, not a setting
 }
 # The sandbox's limits change results of code benchmarks only: part of the id when one is evaluated.
 CODE_ONLY_EVAL_KEYS = ("code_timeout_s", "code_memory_mb")
@@ -63,6 +64,10 @@ def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     evaluation = science.get("eval")
     if isinstance(evaluation, dict) and not _has_code_benchmark(evaluation.get("benchmarks")):
         science["eval"] = {k: v for k, v in evaluation.items() if k not in CODE_ONLY_EVAL_KEYS}
+    # train.parallel changes the samples (each rank draws its own), so a sharded run has an id of
+    # its own; the single-process default keeps the ids runs had before the setting existed.
+    if isinstance(science.get("train"), dict) and science["train"].get("parallel") == "none":
+        science["train"] = {k: v for k, v in science["train"].items() if k != "parallel"}
     return science
 
 

@@ -2,7 +2,9 @@
 
 import os
 import socket
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +16,7 @@ from em_sweep.em import accumulate_entropy_gradients
 from em_sweep.sample import SampleBatch, SamplingSettings
 from tests.tiny_models import PAD, prompts, random_qwen2, word_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TRAIN = SimpleNamespace(micro_batch_size=2, loss_temperature=0.7, loss_chunk_tokens=5, grad_clip=1.0,
                         sample_batch_size=4, sample_temperature=0.7, top_p=0.95, top_k=0, repetition_penalty=1.0,
@@ -139,3 +142,84 @@ def test_distributed_step_refuses_compile_loss_before_any_collective():
     train = SimpleNamespace(**vars(TRAIN), compile_loss=True)
     with pytest.raises(ValueError, match="train.compile_loss is for single-process runs"):
         em_step_distributed(None, None, None, [], train, step=1, lr=1e-3, seed=0)  # type: ignore[arg-type]
+
+
+# The tiny preset at a size two CPU processes run in seconds. top_k=1 makes every sampled
+# response the greedy one whatever the seed, so one process and two ranks (which draw their own
+# samples) train on the same batch; temperature 1.5 makes the entropy large enough to compare.
+LAUNCH = ["train.steps=3", "train.batch_size=8", "train.micro_batch_size=4", "train.sample_batch_size=4",
+          "train.max_new_tokens=16", "train.top_k=1", "temperature=1.5", "eval.max_new_tokens=16", "eval.limit=8",
+          "eval.at_steps=[0,1]", "train.save_at_steps=[1]", "logger.mode=disabled", "seed=3"]
+
+
+def _launch(prefix: list[str], root, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*prefix, "launch.py", *LAUNCH, f"paths.root={root}", *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _only_run(root: Path) -> Path:
+    runs = list((root / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_launch_py_under_torchrun_with_fsdp_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 launch.py ... train.parallel=fsdp` (gloo on CPU) against plain
+    `python launch.py ...`: the same loss at every step (so the same update), the same scores, the
+    same checkpoint; rank 0 alone wrote the run directory."""
+    import json
+
+    from safetensors.torch import load_file
+
+    one = _launch([sys.executable], tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"], tmp_path / "two",
+                  "train.parallel=fsdp")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("loss (mean token entropy at tau)") == 1  # only rank 0 prints a summary
+    a, b = _only_run(tmp_path / "one"), _only_run(tmp_path / "two")
+    assert a.name != b.name  # train.parallel=fsdp is part of the run id
+
+    def steps(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                if '"stage": "em"' in line]
+
+    sa, sb = steps(a), steps(b)
+    assert [s["step"] for s in sb] == [1, 2, 3]  # written once: rank 1 recorded nothing
+    for x, y in zip(sa, sb, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), (x, y)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3), (x, y)
+    assert sa[0]["loss"] > 0.05  # a comparison of something, not of zeros
+    ra, rb = (json.loads((r / "results.json").read_text()) for r in (a, b))
+    assert [(s["step"], s["accuracy"]) for s in rb["scores"]] == [(s["step"], s["accuracy"]) for s in ra["scores"]]
+    assert [s["step"] for s in rb["scores"]] == [0, 1, 3]
+    wa, wb = (load_file(r / "checkpoints" / "step-1" / "model.safetensors") for r in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4), k
+    assert json.loads((b / "status.json").read_text())["state"] == "done"
+
+
+def test_fsdp_without_a_launcher_is_one_line_before_loading(tmp_path):
+    result = _launch([sys.executable], tmp_path, "train.parallel=fsdp")
+    assert result.returncode == 2
+    assert "error: train.parallel: fsdp runs one process per GPU; start them with `torchrun" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.parallel=ddp"], "train.parallel: unknown 'ddp'"),
+    (["train.parallel=fsdp", "stages=[em,rl]"], "train.parallel: fsdp runs the EM stage only"),
+    (["train.parallel=fsdp", "train.compile_loss=true"], "train.parallel: fsdp does not compile the loss pass"),
+    (["train.parallel=fsdp", "train.share_prompt_pass=true"], "train.parallel: fsdp runs the full loss pass"),
+])
+def test_fsdp_settings_it_cannot_serve_are_one_line_naming_the_key(overrides, message):
+    from em_sweep.config import ConfigError, validate
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides))
+    assert str(info.value).startswith(message), str(info.value)

@@ -149,15 +149,27 @@ def _queue() -> set[str] | None:
 
 
 def test_paper_grid_dry_run_plans_13440_runs_and_submits_nothing(tmp_path):
+    """The cost comes from a figures file (here one with round numbers). By hand: 7,680 runs of the
+    7b shape (4 presets x 1,920), each 10 EM steps x 10 s + one greedy evaluation of the four
+    benchmarks (500 + 272 + 675 + 40 = 1,487 responses) x 800 tokens / 5,000 tokens/s: 213.3 +
+    507.6 h; 1,920 runs of 1.5b: 10 x 3 s + 1,487 x 800 / 10,000: 16.0 + 63.4 h; 800.3 h in all.
+    The two Llama presets (3,840 runs) have no figures: unknown."""
+    figures = tmp_path / "measured.json"
+    figures.write_text(json.dumps({"assumed": {"eval_mean_response_tokens": 800}, "shapes": {
+        "7b": {"em_step_s": 10, "eval_tokens_per_s": 5000}, "1.5b": {"em_step_s": 3, "eval_tokens_per_s": 10000}}}))
     before = _queue()
     started = time.perf_counter()
     result = launch("-m", "+experiment=paper_grid", "hydra/launcher=slurm", "hydra.launcher.dry_run=true",
-                    f"paths.root={tmp_path}")
+                    f"paths.root={tmp_path}", f"hydra.launcher.cost_figures={figures}")
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     assert "em-sweep plan: 13440 runs (13440 jobs, 7 compositions" in result.stdout
     assert "already complete: 0" in result.stdout
-    assert "estimated cost:   3,360 GPU-hours" in result.stdout
+    assert "estimated cost:   800 GPU-hours for 9,600 of 13,440 runs" in result.stdout, result.stdout
+    assert "shape 7b: 7,680 runs, 721 GPU-hours = 76,800 EM steps x 10 s (213 h) + 11,420,160 evaluation " \
+           "responses at 5,000 tokens/s (508 h)" in result.stdout, result.stdout
+    assert "shape 1.5b: 1,920 runs, 79.4 GPU-hours = 19,200 EM steps x 3 s (16.0 h)" in result.stdout
+    assert "unknown: 3,840 runs (shape 'llama3.1-8b': no measured figures)" in result.stdout
     assert "dry run: nothing submitted" in result.stdout
     assert not (tmp_path / "sweeps" / "paper_grid" / manifest.MANIFEST).exists()
     assert not (tmp_path / "sweeps" / "paper_grid" / manifest.CONTEXT).exists()
@@ -249,3 +261,41 @@ def test_parallel_processes_take_the_tasks_gpus_in_turn(monkeypatch):
     assert _child_env(1) == {}  # one GPU: every process shares it
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert _child_env(0) == {}
+
+
+def test_fsdp_runs_submit_one_srun_process_per_gpu(tmp_path):
+    """gpus_per_task=2 with train.parallel=fsdp: each array task is one srun step of 2 processes
+    (ranks of one run), each seeing both GPUs; a failing rank ends the step."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from em_sweep.sweep.launcher import _executor_parameters, sharded_ranks
+
+    settings = {"timeout_min": 60, "cpus_per_task": 4, "job_name": "j", "signal_delay_s": 120,
+                "additional_parameters": {}, "setup": [], "gpus_per_task": 2, "parallel_runs": 1}
+    runs = [PlannedRun(f"id{i}", f"/r/id{i}", (f"seed={i}",), "m") for i in range(3)]
+    assert sharded_ranks(runs, frozenset(), settings) == 1
+    ranks = sharded_ranks(runs, frozenset(r.run_id for r in runs), settings)
+    assert ranks == 2
+    script = _make_sbatch_string("python -m x", tmp_path, **_executor_parameters({**settings, "ranks_per_task": ranks}))
+    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2", "#SBATCH --nodes=1",
+                 "--kill-on-bad-exit=1"):
+        assert line in script, script
+    assert "--gpus-per-task" not in script
+    single = _make_sbatch_string("python -m x", tmp_path, **_executor_parameters({**settings, "ranks_per_task": 1}))
+    assert "#SBATCH --gpus-per-task=2" in single and "--ntasks-per-node=2" not in single
+    with pytest.raises(SweepError, match="1 of 3 runs use fsdp"):
+        sharded_ranks(runs, frozenset({"id0"}), settings)
+    with pytest.raises(SweepError, match="parallel_runs: must be 1"):
+        sharded_ranks(runs, frozenset(r.run_id for r in runs), {**settings, "parallel_runs": 2})
+
+
+def test_fsdp_sweep_dry_run_says_each_run_spans_the_tasks_gpus(tmp_path):
+    result = launch("-m", "hydra/launcher=slurm", "hydra.launcher.dry_run=true", "hydra.launcher.gpus_per_task=4",
+                    "train.parallel=fsdp", "train.batch_size=64", "seed=1,2", f"paths.root={tmp_path}",
+                    f"hydra.sweep.dir={tmp_path}/sweep")
+    assert result.returncode == 0, result.stderr
+    assert "to run:           2 runs in 2 array tasks (1 per task, each run across 4 GPUs (train.parallel=fsdp))" \
+        in result.stdout, result.stdout
+    mixed = launch("-m", "hydra/launcher=slurm", "hydra.launcher.dry_run=true", "train.parallel=none,fsdp",
+                   f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep2")
+    assert mixed.returncode != 0 and "1 of 2 runs use fsdp and the others not" in mixed.stderr, mixed.stderr

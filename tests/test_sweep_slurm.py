@@ -253,3 +253,23 @@ def test_a_parallel_worker_killed_for_memory_fails_its_run_and_the_other_process
     assert run_state(dirs[0]) == "failed" and "worker process died (exit code -9" in rundir.read_status(dirs[0])["reason"]
     assert not rundir.is_complete(dirs[2])  # process 0's second run never started: resubmit runs it
     assert rundir.is_complete(dirs[1]) and rundir.is_complete(dirs[3])  # process 1 finished its share
+
+
+def test_an_fsdp_run_across_two_srun_tasks_takes_its_ranks_from_slurm(tmp_path):
+    """`srun --ntasks=2 python launch.py ... train.parallel=fsdp` (gloo on CPU): the ranks come from
+    the SLURM step (em_sweep.distributed.export_slurm_env, as an array task of gpus_per_task=2 gets
+    them); the run completes, written once, by rank 0."""
+    overrides = ["train.steps=2", "train.batch_size=8", "train.micro_batch_size=4", "train.sample_batch_size=4",
+                 "train.max_new_tokens=16", "eval.max_new_tokens=16", "eval.limit=8", "logger.mode=disabled",
+                 "train.parallel=fsdp", f"paths.root={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(["srun", "--ntasks=2", "--cpus-per-task=1", "--mem=3G", "--kill-on-bad-exit=1",
+                             sys.executable, "launch.py", *overrides], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert rundir.is_complete(run)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"stage": "em"' in line]
+    assert steps == [1, 2]
+    assert result.stdout.count("loss (mean token entropy at tau)") == 1

@@ -6,6 +6,7 @@
   the sweep manifest, print a dry-run plan.
 - ``worker``: what one array task runs: several packed runs sharing one loaded model, with
   requeue of the unfinished ones on preemption or time limit.
+- ``cost``: the plan's GPU-hours from measured figures per model shape (``benchmarks/results/measured.json``).
 - ``manifest``: the sweep directory's files and the status of every run, read from run dirs.
 - ``cli``: ``em-sweep status`` and ``em-sweep resubmit``.
 

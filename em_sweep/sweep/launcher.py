@@ -30,7 +30,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from em_sweep.sweep import manifest
+from em_sweep.config import ConfigError
+from em_sweep.sweep import cost, manifest
 from em_sweep.sweep.plan import PlannedRun, SweepError, SweepPlan, plan_sweep
 from em_sweep.sweep.worker import LaunchContext, PackFailed, SweepTask, run_packed
 
@@ -46,6 +47,9 @@ class SweepLauncherConf:
 
     # Validate and print the plan (runs, tasks, already complete, cost); submit nothing.
     dry_run: bool = False
+    # Measured figures the plan's GPU-hours are computed from (em_sweep/sweep/cost.py);
+    # null = the checkout's benchmarks/results/measured.json.
+    cost_figures: str | None = None
 
 
 @dataclass
@@ -56,6 +60,8 @@ class SlurmLauncherConf(SweepLauncherConf):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
+    # GPUs of one array task. With train.parallel=fsdp runs, one run spans them: the task is one
+    # srun step of gpus_per_task processes (one per GPU, ranks of one FSDP run; docs/cluster.md).
     gpus_per_task: int | None = None
     cpus_per_task: int = 1
     mem_gb: float | None = None
@@ -151,6 +157,12 @@ def _executor_parameters(settings: dict[str, Any]) -> dict[str, Any]:
     for key in ("partition", "account", "qos", "gpus_per_task"):
         if settings.get(key) is not None:
             params[key] = settings[key]
+    ranks = int(settings.get("ranks_per_task") or 1)
+    if ranks > 1:
+        # train.parallel=fsdp: srun starts one process per GPU, each seeing all of the task's GPUs
+        # (rank i uses GPU i); a rank that fails ends the others instead of leaving them waiting.
+        params.pop("gpus_per_task", None)
+        params.update(nodes=1, ntasks_per_node=ranks, gpus_per_node=ranks, srun_args=["--kill-on-bad-exit=1"])
     if settings.get("mem_gb") is not None:
         params["mem"] = f"{int(settings['mem_gb'] * 1024)}MB"
     return params
@@ -184,6 +196,23 @@ def submit_to_slurm(sweep_dir: Path, runs: Sequence[PlannedRun], settings: dict[
                                              for job, pack in zip(jobs, chunk_packs, strict=True) for run in pack))
         array_ids.append(jobs[0].job_id.split("_")[0])
     return array_ids
+
+
+def sharded_ranks(pending: Sequence[PlannedRun], sharded: frozenset[str], settings: dict[str, Any]) -> int:
+    """Processes per array task: gpus_per_task for a sweep of train.parallel=fsdp runs, else 1.
+
+    SweepError for a sweep that mixes sharded and single-process runs (their tasks differ in
+    shape) or packs sharded runs into parallel processes."""
+    n = sum(r.run_id in sharded for r in pending)
+    if n == 0:
+        return 1
+    if n < len(pending):
+        raise SweepError(f"train.parallel: {n} of {len(pending)} runs use fsdp and the others not; "
+                         "submit them as two sweeps (their array tasks differ in shape)")
+    if int(settings.get("parallel_runs", 1)) > 1:
+        raise SweepError("hydra.launcher.parallel_runs: must be 1 for train.parallel=fsdp runs "
+                         "(one run already spans the task's GPUs)")
+    return int(settings.get("gpus_per_task") or 1)
 
 
 def wait_for_tasks(sweep_dir: Path, poll_s: float) -> None:
@@ -237,9 +266,12 @@ class SweepLauncher(Launcher):
         if plan.queued:
             lines.append(f"  already queued:   {len(plan.queued)} (submitted earlier to this sweep, not resubmitted)")
         lines.append(f"  to run:           {len(pending)} runs {tasks_line}")
-        if plan.gpu_hours_per_run > 0:
-            lines.append(f"  estimated cost:   {len(pending) * plan.gpu_hours_per_run:,.0f} GPU-hours "
-                         f"({plan.gpu_hours_per_run:g} per run, hydra.sweeper.gpu_hours_per_run)")
+        try:
+            figures = cost.load_figures(self.settings.get("cost_figures"))
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
+        lines += cost.describe(cost.estimate((plan.works[r.run_id] for r in pending if r.run_id in plan.works),
+                                             figures), len(pending))
         lines.append(f"  sweep dir:        {self.sweep_dir}")
         return "\n".join(lines)
 
@@ -273,9 +305,12 @@ class SlurmSweepLauncher(SweepLauncher):
             plan.queued = frozenset(e.run.run_id for e in previous.values()
                                     if e.job_id in live and e.run.run_id not in plan.complete)
         pending = plan.pending
+        settings = {**settings, "ranks_per_task": sharded_ranks(pending, plan.sharded, settings)}
         n_tasks = math.ceil(len(pending) / max(1, settings["runs_per_task"]))
         chunks, throttle = array_layout(n_tasks, max_array_size, settings)
         at_once = f", {settings['parallel_runs']} at once" if settings.get("parallel_runs", 1) > 1 else ""
+        if settings["ranks_per_task"] > 1:
+            at_once += f", each run across {settings['ranks_per_task']} GPUs (train.parallel=fsdp)"
         print(self.describe(plan, f"in {n_tasks} array tasks ({settings['runs_per_task']} per task{at_once}), "
                                   f"{len(chunks)} array(s) of <= {len(chunks[0]) if chunks else 0} tasks "
                                   f"({where}), <= {throttle} running per array"), flush=True)

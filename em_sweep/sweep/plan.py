@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -36,6 +34,14 @@ from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 
 from em_sweep import rundir
 from em_sweep.config import validate
+from em_sweep.sweep import hydra_compat
+from em_sweep.sweep.cost import RunWork, problem_counter, run_work, works_key
+
+try:  # Hydra's own implementations, the planner's fidelity to a full compose (em_sweep/sweep/hydra_compat.py)
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+except ImportError as e:
+    raise ImportError(f"em-sweep's sweep planner was tested with {hydra_compat.TESTED}: {e}") from e
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +78,11 @@ class SweepPlan:
     seconds: float = 0.0
     # Run ids not submitted because an earlier submission of this sweep still has them queued.
     queued: frozenset[str] = field(default_factory=frozenset)
-    # Assumed GPU-hours of one run (hydra.sweeper.gpu_hours_per_run); 0 = no cost estimate.
-    gpu_hours_per_run: float = 0.0
+    # What each run computes (run id -> EM steps, evaluation responses, model shape): the cost
+    # estimate prices it with measured figures (em_sweep.sweep.cost).
+    works: dict[str, RunWork] = field(default_factory=dict)
+    # Run ids with train.parallel=fsdp: each runs as one task of one process per GPU.
+    sharded: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def pending(self) -> list[PlannedRun]:
@@ -330,6 +339,7 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
     the hub, which can take ~25 s per id on a host without network).
     """
     started = time.perf_counter()
+    hydra_compat.check()
     parser = OverridesParser.create(config_loader=config_loader)
     repository = config_loader.repository  # type: ignore[attr-defined]
     parsed: dict[str, Override] = {}
@@ -361,6 +371,10 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
     runs: list[PlannedRun] = []
     seen: set[str] = set()
     check_inputs = _InputChecks(check_model_paths)
+    works: dict[str, RunWork] = {}
+    sharded: set[str] = set()
+    work_of_key: dict[str, RunWork] = {}
+    count_problems = None
 
     def fail(job: Sequence[str], message: str) -> None:
         count, example = errors.get(message, (0, job))
@@ -398,6 +412,16 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
         seen.add(str(run_dir))
         runs.append(PlannedRun(run_id=run_dir.name, run_dir=str(run_dir), overrides=tuple(job),
                                model_path=str(config["model"]["path"])))
+        key = works_key(config)
+        if key not in work_of_key:
+            # Lazy: torch (the input checks have loaded it already).
+            from em_sweep.evaluate import samples_per_problem
+
+            count_problems = count_problems or problem_counter()
+            work_of_key[key] = run_work(view, count_problems, samples_per_problem)
+        works[run_dir.name] = work_of_key[key]
+        if config["train"].get("parallel", "none") != "none":
+            sharded.add(run_dir.name)
 
     n_combinations = len(combinations)
     if errors:
@@ -409,7 +433,8 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
                          + "\n".join(listed + more))
     complete = frozenset(r.run_id for r in runs if rundir.is_complete(Path(r.run_dir)))
     plan = SweepPlan(runs=runs, complete=complete, n_jobs=len(jobs), n_group_combinations=n_combinations,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, works=works,
+                     sharded=frozenset(sharded))
     log.debug("planned %d runs from %d jobs (%d compositions) in %.2fs", len(runs), len(jobs),
               n_combinations, plan.seconds)
     return plan

@@ -37,25 +37,22 @@ class SweeperConf:
     # Also check every distinct model.path before submitting (hub ids: local HF cache, then the
     # hub; ~25 s per id where there is no network). The worker checks it again before loading.
     check_model_paths: bool = False
-    # Assumed GPU-hours of one run, for the plan's cost estimate; 0 = no estimate.
-    gpu_hours_per_run: float = 0.0
 
 
 class FastSweeper(BasicSweeper):
     """BasicSweeper's grammar and order; one composition per config-group combination."""
 
-    def __init__(self, params: dict[str, str] | None = None, check_model_paths: bool = False,
-                 gpu_hours_per_run: float = 0.0) -> None:
+    def __init__(self, params: dict[str, str] | None = None, check_model_paths: bool = False) -> None:
         super().__init__(max_batch_size=None, params=params)
         self.check_model_paths = check_model_paths
-        self.gpu_hours_per_run = gpu_hours_per_run
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         loader = self.hydra_context.config_loader
-        jobs = expand_jobs(loader, self._parse_config() + list(arguments))
+        # hydra.sweeper.params first, then the command line: BasicSweeper's order.
+        params = [f"{key}={value}" for key, value in (self.params or {}).items()]
+        jobs = expand_jobs(loader, params + list(arguments))
         plan = plan_sweep(loader, self.config, jobs, check_model_paths=self.check_model_paths)
-        plan.gpu_hours_per_run = self.gpu_hours_per_run
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

@@ -94,7 +94,7 @@ def _one_line(error: BaseException) -> str:
 
 def _record_failure(path: Path, error: Exception, recorded_by_run: bool) -> str:
     """Log a failed run; write its status unless run() already did (RunFailed) -- returns the outcome."""
-    if recorded_by_run:
+    if recorded_by_run or not _writes():
         # run() recorded the failure itself, or another process owns the run dir right now:
         # either way its status.json is not ours to write.
         log.error("run %s failed: %s", path.name, error)
@@ -124,9 +124,20 @@ def _raise_if_failed(outcomes: dict[str, str], n_runs: int) -> None:
         raise PackFailed(f"{len(failed)} of {n_runs} runs failed: " + "; ".join(f"{k} {v}" for k, v in failed.items()))
 
 
+def _writes() -> bool:
+    """Whether this process writes run files: one per task, or rank 0 of a train.parallel=fsdp task."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _ranks() -> int:
+    """Processes of this task that run each run together (train.parallel=fsdp), 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _mark_interrupted(path: Path) -> None:
     """The run did not fail, it was stopped (requeue, cancel): pending, to restart cleanly."""
-    rundir.write_status(path, "pending", reason="interrupted (preempted, time limit or cancelled)")
+    if _writes():
+        rundir.write_status(path, "pending", reason="interrupted (preempted, time limit or cancelled)")
 
 
 def _run_each(context: LaunchContext, runs: Sequence[PlannedRun],
@@ -145,7 +156,7 @@ def _run_each(context: LaunchContext, runs: Sequence[PlannedRun],
 
     for planned in runs:
         path = Path(planned.run_dir)
-        if rundir.is_complete(path):
+        if _ranks() == 1 and rundir.is_complete(path):  # ranks of one run: rank 0 decides, in run()
             record(planned.run_id, "skipped")
             continue
         log.info("run %s: %s", planned.run_id, " ".join(planned.overrides))
@@ -162,6 +173,9 @@ def _run_each(context: LaunchContext, runs: Sequence[PlannedRun],
             interrupted = isinstance(e, SystemExit | KeyboardInterrupt) or _requeue_requested.is_set()
             if not interrupted and isinstance(e, Exception):
                 record(planned.run_id, _record_failure(path, e, isinstance(e, RunFailed)))
+                if _ranks() > 1:  # the ranks may have stopped at different collectives: end the task
+                    raise PackFailed(f"run {planned.run_id} failed on rank {os.environ.get('RANK')}; the "
+                                     "task's later runs stay pending (em-sweep resubmit)") from None
                 continue
             # submitit's requeue (USR2: preemption, time limit) or a cancel: the run did not fail,
             # it was stopped; it restarts cleanly when its task runs again.
@@ -267,6 +281,10 @@ class SweepTask:
 
     def __call__(self, runs: Sequence[PlannedRun]) -> dict[str, str]:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # one process per GPU, ranks of train.parallel runs
+            from em_sweep.distributed import export_slurm_env
+
+            export_slurm_env()
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if getattr(self, "parallel_runs", 1) > 1 and len(runs) > 1:
             return run_parallel(self.context_path, runs, self.parallel_runs, int(cpus) if cpus else None)
