@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spec
+from em_sweep.calibration import calibration_summary, mean_token_logprobs
 from em_sweep.grading import extract_answer, grade_many
+from em_sweep.objectives import em_inf_processor
 from em_sweep.prompts import format_eval_prompt
 from em_sweep.sample import SamplingSettings, sample_responses
 
@@ -39,6 +41,16 @@ class Score:
     template: str
     max_new_tokens: int
     seconds: float
+    # Calibration (n > 1 samples per problem; em_sweep/calibration.py): None when n = 1.
+    majority_accuracy: float | None = None
+    majority_confidence: float | None = None
+    ece_majority: float | None = None
+    brier_majority: float | None = None
+    reliability_majority: list[dict[str, float]] | None = None
+    seqprob_confidence: float | None = None
+    ece_seqprob: float | None = None
+    brier_seqprob: float | None = None
+    reliability_seqprob: list[dict[str, float]] | None = None
 
 
 def samples_per_problem(eval_cfg: Any, repeats: int, temperature: float) -> int:
@@ -59,10 +71,12 @@ def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         return vllm_backend.generate(model, tokenizer, texts, n, settings, seed=eval_cfg.seed)
     jobs = sorted(((i, k) for i in range(len(texts)) for k in range(n)), key=lambda ik: len(texts[ik[0]]))
     responses = [[""] * n for _ in texts]
+    em_inf = em_inf_processor(eval_cfg)
+    processors = LogitsProcessorList([em_inf]) if em_inf is not None else None
     for b, start in enumerate(range(0, len(jobs), eval_cfg.batch_size)):
         chunk = jobs[start:start + eval_cfg.batch_size]
         out = sample_responses(model, tokenizer, [texts[i] for i, _ in chunk], settings,
-                               batch_size=eval_cfg.batch_size, seed=eval_cfg.seed + b)
+                               batch_size=eval_cfg.batch_size, seed=eval_cfg.seed + b, logits_processor=processors)
         for (i, k), text in zip(chunk, out.texts, strict=True):
             responses[i][k] = text
     return responses
@@ -90,6 +104,15 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
          "correct": g.correct, "grade_status": g.status}
         for (i, k), ans, g in zip(order, extracted, grades, strict=True)
     ]
+    calibration: dict[str, Any] = {}
+    if n > 1:  # each problem's confidence: its majority share, and each response's sequence probability
+        seq_lp = None
+        if eval_cfg.backend == "hf":
+            seq_lp = mean_token_logprobs(model, tokenizer, [texts[i] for i, _ in order],
+                                         [responses[i][k] for i, k in order], batch_size=eval_cfg.batch_size)
+            for r, lp in zip(records, seq_lp, strict=True):
+                r["mean_logprob"] = lp
+        calibration = calibration_summary(records, n, seq_lp)
     correct = [r["correct"] for r in records]
     per_problem = [any(correct[i * n:(i + 1) * n]) for i in range(len(problems))]
     score = Score(
@@ -101,6 +124,7 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         grader_failures=sum(g.status in ("timeout", "error") for g in grades),
         template=eval_cfg.template, max_new_tokens=eval_cfg.max_new_tokens,
         seconds=time.perf_counter() - t0,
+        **calibration,
     )
     return score, records
 

@@ -35,6 +35,29 @@ NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
     "rl": ("compile_loss", "share_prompt_pass"),
 }
 
+# Settings added after runs were recorded, at the value that does what runs did before they
+# existed: a run at that value keeps its earlier id; any other value enters the id.
+ADDED_AT_NEUTRAL: dict[str, dict[str, Any]] = {
+    "rl": {"entropy_coef": 0.0, "reward": "gold", "advantage": "grpo"},
+}
+
+
+def _neutral_sections_dropped(science: dict[str, Any]) -> dict[str, Any]:
+    """``science`` without the later-added settings that are at their neutral value: the keys of
+    ADDED_AT_NEUTRAL, ``eval.em_inf`` while it is off, and ``stop`` while it probes nothing."""
+    for section, neutral in ADDED_AT_NEUTRAL.items():
+        values = science.get(section)
+        if isinstance(values, dict):
+            science[section] = {k: v for k, v in values.items() if k not in neutral or v != neutral[k]}
+    evaluation = science.get("eval")
+    if isinstance(evaluation, dict) and not (evaluation.get("em_inf") or {}).get("enabled", False):
+        science["eval"] = {k: v for k, v in evaluation.items() if k != "em_inf"}
+    stop = science.get("stop")
+    if isinstance(stop, dict) and not stop.get("probe_samples") and not stop.get("heldout_prompts"):
+        science.pop("stop")
+    return science
+
+
 RESULTS = "results.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
@@ -56,7 +79,7 @@ def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         values = science.get(section)
         if isinstance(values, dict):
             science[section] = {k: v for k, v in values.items() if k not in keys}
-    return science
+    return _neutral_sections_dropped(science)
 
 
 def run_id(cfg: DictConfig | Mapping[str, Any]) -> str:
