@@ -142,6 +142,23 @@ def calibration_table(scores: pd.DataFrame, extras: dict[str, dict[str, Any]]) -
     return c.groupby(["objective", "benchmark", "eval_temperature", "when"])[cols].mean().reset_index()
 
 
+def calibration_verdict(ece_before: float, d_ece: float, gap_before: float, gap_after: float) -> str:
+    """One sentence: whether training moved the majority-share ECE (by more than half a point) and
+    whether the model over-confides after it (confidence above maj@n by more than half a point)."""
+    tol = 0.005
+    moved = ("calibrates it (ECE falls)" if d_ece < -tol else "de-calibrates it (ECE rises)" if d_ece > tol
+             else "leaves ECE unchanged (within 0.5 points)")
+    if gap_after > tol:
+        confide = "over-confides" + (" more than before" if gap_after > gap_before + tol else "")
+    elif gap_after < -tol:
+        confide = "is under-confident"
+    else:
+        confide = "is about as confident as it is accurate"
+    return (f"majority-share ECE {100 * ece_before:.1f} -> {100 * (ece_before + d_ece):.1f} points: training "
+            f"{moved}; confidence minus maj@n {100 * gap_before:+.1f} -> {100 * gap_after:+.1f} pp: after "
+            f"training it {confide}.")
+
+
 def calibration_section(p: Any, extras: dict[str, dict[str, Any]], out_dir: Path) -> list[str]:
     done = p.table[(p.table["status"] == agg.DONE) & p.table["step"].notna()]
     t = calibration_table(done, extras)
@@ -162,9 +179,9 @@ def calibration_section(p: Any, extras: dict[str, dict[str, Any]], out_dir: Path
                               key=lambda s: s.map({"before": 0, "after": 1}) if s.name == "when" else s).iterrows():
         lines.append(f"| `{r['objective']}` | {r['benchmark']} | {r['eval_temperature']:g} | {r['when']} | "
                      f"{f(r.get('majority_accuracy'), unit='%')} | {f(r.get('majority_confidence'), unit='%')} | "
-                     f"{f(r.get('ece_majority'))} | {f(r.get('brier_majority'), 1.0)} | "
+                     f"{f(r.get('ece_majority'))} | {_brier(r.get('brier_majority'))} | "
                      f"{f(r.get('seqprob_confidence'), unit='%')} | {f(r.get('accuracy'), unit='%')} | "
-                     f"{f(r.get('ece_seqprob'))} | {f(r.get('brier_seqprob'), 1.0)} |")
+                     f"{f(r.get('ece_seqprob'))} | {_brier(r.get('brier_seqprob'))} |")
     lines += ["", "ECE in points (x100); Brier as a fraction.", ""]
     for name, g in t.groupby("objective", sort=True):
         before, after = g[g["when"] == "before"], g[g["when"] == "after"]
@@ -173,12 +190,7 @@ def calibration_section(p: Any, extras: dict[str, dict[str, Any]], out_dir: Path
         d_ece = float(after["ece_majority"].mean() - before["ece_majority"].mean())
         gap_b = float((before["majority_confidence"] - before["majority_accuracy"]).mean())
         gap_a = float((after["majority_confidence"] - after["majority_accuracy"]).mean())
-        verdict = ("calibrates (ECE falls)" if d_ece < 0 else "de-calibrates (ECE rises)")
-        confide = ("over-confides more" if gap_a > gap_b and gap_a > 0 else
-                   "over-confides" if gap_a > 0 else "is under-confident")
-        lines.append(f"- `{name}`: majority-share ECE {100 * before['ece_majority'].mean():.1f} -> "
-                     f"{100 * after['ece_majority'].mean():.1f} ({100 * d_ece:+.1f}): training {verdict}; "
-                     f"confidence minus maj@n {100 * gap_b:+.1f} -> {100 * gap_a:+.1f} pp: after training it {confide}.")
+        lines.append(f"- `{name}`: {calibration_verdict(float(before['ece_majority'].mean()), d_ece, gap_b, gap_a)}")
     fig = plot_reliability(p, extras)
     if fig is not None:
         import matplotlib.pyplot as plt
@@ -187,6 +199,10 @@ def calibration_section(p: Any, extras: dict[str, dict[str, Any]], out_dir: Path
         plt.close(fig)
         lines += ["", "![reliability diagram](reliability.png)"]
     return lines
+
+
+def _brier(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
 def pooled_bins(entries: list[list[dict[str, float]]]) -> list[dict[str, float]]:
