@@ -251,10 +251,14 @@ def test_known_objective_names_follow_the_module():
     ("em", "em"), ("em_rl_token", "rl:neg_entropy/rloo"), ("em_rl_sequence", "rl:mean_logprob/rloo"),
     ("self_certainty", "rl:self_certainty"), ("majority_vote", "rl:majority_vote"), ("em_inf", "em_inf")])
 def test_each_objective_preset_composes_validates_and_is_named(objective, name):
-    for base in ([], ["+experiment=objectives_paper"]):
-        cfg = compose_config([*base, f"+objective={objective}"])
+    for overrides in ([f"+objective={objective}"],  # any model (here the tiny default)
+                      ["+experiment=objectives_tiny", f"objective={objective}"],
+                      ["+experiment=objectives_paper", f"objective={objective}"]):
+        cfg = compose_config(overrides)
         validate(cfg)
         assert objective_name(cfg) == name
+        if objective == "em_inf":  # the objective's settings win over the comparison preset's
+            assert cfg.train.steps == 0 and list(cfg.eval.at_steps) == [0]
 
 
 def test_objectives_have_distinct_run_ids_and_neutral_defaults_keep_old_ones():
