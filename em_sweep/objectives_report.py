@@ -92,7 +92,7 @@ def stopping_errors(main: pd.DataFrame, extras: dict[str, dict[str, Any]]) -> pd
     for run_id, g in main.groupby("run_id"):
         stop = (extras.get(str(run_id)) or {}).get("stop")
         curve = {int(s): float(v) for s, v in zip(g["step"], g["score"], strict=True)}
-        if not stop or not curve:
+        if not stop or len(curve) < 2:  # nothing to choose between (e.g. EM-INF: step 0 only)
             continue
         best_step = max(curve, key=lambda s: (curve[s], -s))
         picks = {**stop.get("by_rule", {}), "fixed": max(curve)}
@@ -191,6 +191,20 @@ def calibration_section(p: Any, extras: dict[str, dict[str, Any]], out_dir: Path
         gap_b = float((before["majority_confidence"] - before["majority_accuracy"]).mean())
         gap_a = float((after["majority_confidence"] - after["majority_accuracy"]).mean())
         lines.append(f"- `{name}`: {calibration_verdict(float(before['ece_majority'].mean()), d_ece, gap_b, gap_a)}")
+    plain = t[(t["when"] == "before") & ~t["objective"].str.contains("em_inf")]
+    for name, g in t[t["objective"].str.contains("em_inf")].groupby("objective", sort=True):
+        if (g["when"] == "after").any() or plain.empty:
+            continue
+        keys = ["benchmark", "eval_temperature"]
+        both = g.merge(plain.groupby(keys)[["ece_majority", "majority_confidence", "majority_accuracy"]].mean()
+                       .reset_index(), on=keys, suffixes=("", "_plain"))
+        if both.empty:
+            continue
+        lines.append(f"- `{name}` (no training; against plain decoding of the same model, the other objectives' "
+                     f"step 0): majority-share ECE {100 * both['ece_majority_plain'].mean():.1f} -> "
+                     f"{100 * both['ece_majority'].mean():.1f} points; confidence minus maj@n "
+                     f"{100 * (both['majority_confidence_plain'] - both['majority_accuracy_plain']).mean():+.1f} -> "
+                     f"{100 * (both['majority_confidence'] - both['majority_accuracy']).mean():+.1f} pp.")
     fig = plot_reliability(p, extras)
     if fig is not None:
         import matplotlib.pyplot as plt
@@ -234,19 +248,22 @@ def plot_reliability(p: Any, extras: dict[str, dict[str, Any]]):
     if not groups:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    names = sorted({name for name, _ in groups})
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per objective in both panels
     for ax, when in zip(axes, ("before", "after"), strict=True):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         for (name, w), entries in sorted(groups.items()):
             if w != when:
                 continue
             bins = pooled_bins(entries)
-            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=name)
-        ax.set_title(f"{when} training")
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=name,
+                    color=colors[name], alpha=0.8)
+        ax.set_title(f"{when} training" + (" (plain decoding unless em_inf)" if when == "before" else ""))
+        ax.legend(fontsize=7)
         ax.set_xlabel("majority share (confidence)")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("maj@n accuracy")
-    axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 

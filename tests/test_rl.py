@@ -117,7 +117,7 @@ def test_response_entropies_are_the_full_logits_own_with_their_gradient(tiny):
     g1 = torch.autograd.grad(entropy.sum(), model.get_output_embeddings().weight)[0]
     g2 = torch.autograd.grad(direct.sum(), model.get_output_embeddings().weight)[0]
     # the chunked backward uses log(p + 1e-12) like the EM loss; the direct one exact log-softmax
-    assert torch.allclose(g1, g2, rtol=2e-3, atol=1e-6)
+    assert float((g1 - g2).norm() / g2.norm()) < 1e-3, float((g1 - g2).norm() / g2.norm())
 
 
 def test_a_step_whose_groups_agree_still_takes_its_entropy_bonus(tiny):
