@@ -22,6 +22,10 @@ RUN_COLUMNS = ("run_id", "run_dir", "status", "reason", "seconds")
 # Columns that describe one score of a run.
 SCORE_COLUMNS = ("step", "benchmark", "eval_temperature", "accuracy", "pass_at_n", "n", "n_problems",
                  "boxed_rate", "grader_failures", "template", "max_new_tokens", "family")
+# Calibration of sampled evaluation (n > 1; em_sweep/calibration.py), empty otherwise.
+CALIBRATION_COLUMNS = ("majority_accuracy", "majority_confidence", "ece_majority", "brier_majority",
+                       "seqprob_confidence", "ece_seqprob", "brier_seqprob")
+SCORE_COLUMNS = SCORE_COLUMNS + CALIBRATION_COLUMNS
 # Config keys that are always columns (the axes of the paper's findings).
 KEY_CONFIG_COLUMNS = ("name", "model.name", "seed", "temperature", "train.lr", "prompt.name", "prompt.ids",
                       "prompt.n_ids", "train.steps", "stages")

@@ -16,7 +16,8 @@ It writes two tables to ``<dir>/collected/`` (or ``--out``):
   differs between the collected runs. Lists are stored as comma-joined strings;
 - score: ``step``, ``benchmark``, ``eval_temperature``, ``accuracy``, ``pass_at_n``, ``n``,
   ``n_problems``, ``boxed_rate``, ``grader_failures``, ``template``, ``max_new_tokens``,
-  ``family`` (math | code | logic; empty for scores recorded before families: math).
+  ``family`` (math | code | logic; empty for scores recorded before families: math), and the
+  calibration columns of sampled evaluation (``aggregate.CALIBRATION_COLUMNS``; empty for n = 1).
 A run that is not done (failed, running, never started) has exactly one row, with empty scores:
 its scores are not mixed with complete runs', but it is never dropped.
 
@@ -41,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from em_sweep import rundir
-from em_sweep.aggregate import KEY_CONFIG_COLUMNS, SCORE_COLUMNS
+from em_sweep.aggregate import CALIBRATION_COLUMNS, KEY_CONFIG_COLUMNS, SCORE_COLUMNS
 
 SCORES_FILE = "scores.parquet"
 TRAIN_FILE = "train.parquet"
@@ -270,7 +271,7 @@ def table_parts(records: Sequence[RunRecord]) -> TableParts:
                                        index=range(len(raw))))
     for c in INTEGER_COLUMNS:
         scores[c] = pd.to_numeric(scores[c], errors="coerce").astype("Int64")
-    for c in ("eval_temperature", "accuracy", "pass_at_n", "boxed_rate"):
+    for c in ("eval_temperature", "accuracy", "pass_at_n", "boxed_rate", *CALIBRATION_COLUMNS):
         scores[c] = pd.to_numeric(scores[c], errors="coerce").astype(float)
     curve_counts = np.array([len(r.loss_curve) + len(r.rl_curve) for r in records], dtype=np.int64)
     curve_dicts = [c for r in records for c in (*({"stage": "em", **x} for x in r.loss_curve),

@@ -197,6 +197,57 @@ class RLConfig:
     compile_loss: bool = II("train.compile_loss")
     # Micro-batch rows of one prompt (a group) run it once in the loss pass (train.share_prompt_pass).
     share_prompt_pass: bool = II("train.share_prompt_pass")
+    # Weight of the entropy bonus: the loss subtracts it times the token-mean policy entropy at the
+    # rollout temperature (verl's actor.entropy_coeff); 0 = none.
+    entropy_coef: float = 0.0
+    # What a response is worth (em_sweep/objectives.py): gold (its answer vs the prompt's gold answer) |
+    # majority_vote (vs its group's most common answer, TTRL) | self_certainty (mean KL(U || p), Intuitor) |
+    # neg_entropy (minus its mean token entropy, EM-RL token) | mean_logprob (its mean token
+    # log-probability, EM-RL sequence). All but gold use no labels.
+    reward: str = "gold"
+    # How rewards become advantages within a group: grpo (minus the group mean, over its std) | rloo
+    # (minus the mean of the other responses, as EM-RL).
+    advantage: str = "grpo"
+
+
+@dataclass
+class EMInfConfig:
+    """EM-INF decoding at evaluation (em_sweep/objectives.py em_inf_logits): the weights never change;
+    at each position a few Adam steps on the logits lower their entropy before sampling. Defaults are
+    the reference's EM-INF/em_inf_eval.sh (Agarwal et al., `chotkrin/EM_PT`)."""
+
+    enabled: bool = False
+    # Adam steps per position (n_grad_steps).
+    steps: int = 3
+    # Adam learning rate on the logits.
+    lr: float = 0.1
+    # Weight of KL(original || adjusted) in the minimised objective.
+    kl_weight: float = 0.05
+    # A position whose entropy (nats) is below this takes no (further) step.
+    threshold: float = 0.3
+
+
+@dataclass
+class StopConfig:
+    """The label-free stopping rule (em_sweep/stopping.py). Training always runs its configured steps;
+    the rule only names the step it would have kept, and the report scores that choice against the
+    evaluated step curve."""
+
+    # Responses sampled to the training prompt(s) after every step (and before the first) at the
+    # training sampling settings, for the signals: their mean token entropy, the agreement of their
+    # extracted answers, their length. 0 = no probe (no signals, no chosen step).
+    probe_samples: int = 0
+    # Unlabeled held-out prompts (the first of prompt.pool not trained on) whose mean token entropy,
+    # one greedy response each, is tracked as a change from step 0. 0 = none.
+    heldout_prompts: int = 0
+    # The rule that picks the step: agreement (the first step whose answer agreement reaches
+    # stop.agreement) | heldout_entropy (the first step whose held-out entropy has fallen to
+    # stop.heldout_ratio of its step-0 value) | entropy (the same on the probe responses' entropy).
+    # Only evaluated steps can be chosen (it snaps to the first evaluated step at or after it).
+    rule: str = "agreement"
+    agreement: float = 0.9
+    heldout_ratio: float = 0.5
+    entropy_ratio: float = 0.5
 
 
 @dataclass
@@ -245,6 +296,8 @@ class EvalConfig:
     code_timeout_s: float = 10.0
     code_memory_mb: int = 1024
     code_workers: int = 2
+    # Decode with EM-INF (entropy-minimised logits at each position) instead of plain sampling.
+    em_inf: EMInfConfig = field(default_factory=EMInfConfig)
 
 
 @dataclass
@@ -279,6 +332,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
     # Global seed: sampling, initialisation of anything random.
     seed: int = 15
     # Training temperature: default for both train.sample_temperature and train.loss_temperature.
@@ -315,6 +369,10 @@ KNOWN_LOSS_AVERAGING = ("batch_token_mean", "rank_token_mean")
 KNOWN_LOSS_POSITIONS = ("exact", "reference")
 KNOWN_STOP_TOKENS = ("model_and_tokenizer", "generation_config")
 KNOWN_PARALLEL = ("none", "fsdp")
+# Kept in step with em_sweep.objectives.REWARDS / ADVANTAGES and em_sweep.stopping.RULES (tests check).
+KNOWN_REWARDS = ("gold", "majority_vote", "self_certainty", "neg_entropy", "mean_logprob")
+KNOWN_ADVANTAGES = ("grpo", "rloo")
+KNOWN_STOP_RULES = ("agreement", "heldout_entropy", "entropy")
 # A benchmark's name becomes a W&B key and a results column: keep it plain.
 _BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -412,6 +470,19 @@ def validate(cfg: DictConfig | Config) -> None:
                "vllm is not installed; `pip install vllm` on a CUDA machine (it is not an em-sweep "
                "dependency), or use eval.backend=hf")
 
+    m = e.em_inf
+    if m.enabled:
+        _check(m.steps >= 0, "eval.em_inf.steps", f"must be >= 0, got {m.steps}")
+        _check(m.lr > 0, "eval.em_inf.lr", f"must be > 0, got {m.lr}")
+        _check(m.kl_weight >= 0, "eval.em_inf.kl_weight", f"must be >= 0, got {m.kl_weight}")
+        _check(e.backend == "hf", "eval.em_inf.enabled", "EM-INF decodes with eval.backend=hf only")
+    st = c.stop
+    _check(st.probe_samples >= 0, "stop.probe_samples", f"must be >= 0 (0 = no probe), got {st.probe_samples}")
+    _check(st.heldout_prompts >= 0, "stop.heldout_prompts", f"must be >= 0, got {st.heldout_prompts}")
+    _check(st.rule in KNOWN_STOP_RULES, "stop.rule", f"unknown {st.rule!r}; choose from {KNOWN_STOP_RULES}")
+    _check(0 < st.agreement <= 1, "stop.agreement", f"must be in (0, 1], got {st.agreement}")
+    _check(0 < st.heldout_ratio <= 1, "stop.heldout_ratio", f"must be in (0, 1], got {st.heldout_ratio}")
+    _check(0 < st.entropy_ratio <= 1, "stop.entropy_ratio", f"must be in (0, 1], got {st.entropy_ratio}")
     _check(c.model.dtype in KNOWN_DTYPES, "model.dtype", f"unknown {c.model.dtype!r}; choose from {KNOWN_DTYPES}")
     _check(c.logger.project_shards >= 1, "logger.project_shards", f"must be >= 1, got {c.logger.project_shards}")
     _check(c.logger.mode in KNOWN_LOGGER_MODES, "logger.mode",
@@ -458,6 +529,9 @@ def _validate_rl(r: Any) -> None:
            f"must be > 0: greedy rollouts make every group agree (zero advantages), got {r.temperature}")
     _check(r.weight_decay >= 0, "rl.weight_decay", f"must be >= 0, got {r.weight_decay}")
     _check(r.updates_per_batch >= 1, "rl.updates_per_batch", f"must be >= 1, got {r.updates_per_batch}")
+    _check(r.entropy_coef >= 0, "rl.entropy_coef", f"must be >= 0 (0 = no entropy bonus), got {r.entropy_coef}")
+    _check(r.reward in KNOWN_REWARDS, "rl.reward", f"unknown {r.reward!r}; choose from {KNOWN_REWARDS}")
+    _check(r.advantage in KNOWN_ADVANTAGES, "rl.advantage", f"unknown {r.advantage!r}; choose from {KNOWN_ADVANTAGES}")
 
 
 def _check_stage_settings(x: Any, prefix: str) -> None:

@@ -15,11 +15,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep import families
 from em_sweep.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spec
+from em_sweep.calibration import calibration_summary, mean_token_logprobs
 from em_sweep.grading import EXTRACTION_RULES, cut_at_stop, extract, grade_many, grader_versions
+from em_sweep.objectives import em_inf_processor
 from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
 
 
@@ -53,6 +55,18 @@ class Score:
     family: str = "math"  # math | code | logic (em_sweep.benchmarks.FAMILIES)
     # Family figures (code: pass@k; logic: accuracy_people<k>); flat in the score's dict.
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+    # Calibration (n > 1 samples per problem; em_sweep/calibration.py): None when n = 1.
+    majority_accuracy: float | None = None
+    majority_confidence: float | None = None
+    ece_majority: float | None = None
+    brier_majority: float | None = None
+    reliability_majority: list[dict[str, float]] | None = None
+    seqprob_confidence: float | None = None
+    ece_seqprob: float | None = None
+    brier_seqprob: float | None = None
+    reliability_seqprob: list[dict[str, float]] | None = None
 
 
 def score_dict(score: Score) -> dict[str, Any]:
@@ -109,10 +123,12 @@ def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     jobs = sorted(((i, k) for i in range(len(texts)) for k in range(n)), key=lambda ik: len(texts[ik[0]]))
     responses = [[""] * n for _ in texts]
     stop_ids = stop_token_ids(tokenizer, list(eval_cfg.stop_strings))
+    em_inf = em_inf_processor(eval_cfg)
+    processors = LogitsProcessorList([em_inf]) if em_inf is not None else None
     for b, start in enumerate(range(0, len(jobs), eval_cfg.batch_size)):
         chunk = jobs[start:start + eval_cfg.batch_size]
         out = sample_responses(model, tokenizer, [texts[i] for i, _ in chunk], settings,
-                               batch_size=eval_cfg.batch_size, seed=eval_cfg.seed + b)
+                               batch_size=eval_cfg.batch_size, seed=eval_cfg.seed + b, logits_processor=processors)
         for (i, k), text in zip(chunk, response_texts(out, tokenizer, stop_ids), strict=True):
             responses[i][k] = text
     return responses
@@ -155,6 +171,15 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         for (i, k), e, g in zip(order, extractions, grades, strict=True)
     ]
     by_rule = {rule: sum(e.rule == rule for e in extractions) for rule in EXTRACTION_RULES}
+    calibration: dict[str, Any] = {}
+    if n > 1:  # each problem's confidence: its majority share, and each response's sequence probability
+        seq_lp = None
+        if eval_cfg.backend == "hf":
+            seq_lp = mean_token_logprobs(model, tokenizer, [texts[i] for i, _ in order],
+                                         [responses[i][k] for i, k in order], batch_size=eval_cfg.batch_size)
+            for r, lp in zip(records, seq_lp, strict=True):
+                r["mean_logprob"] = lp
+        calibration = calibration_summary(records, n, seq_lp)
     correct = [r["correct"] for r in records]
     per_problem = [any(correct[i * n:(i + 1) * n]) for i in range(len(problems))]
     score = Score(
@@ -169,6 +194,7 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         **{f"extraction_{rule}": count for rule, count in by_rule.items()},
         last_number_fallback=bool(eval_cfg.last_number_fallback),
         **version_fields(),
+        **calibration,
     )
     return score, records
 

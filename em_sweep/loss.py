@@ -139,3 +139,15 @@ def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targe
     step = n if chunk_tokens <= 0 else chunk_tokens
     return torch.cat([_ChunkLogProb.apply(hidden[s:s + step], weight, bias, targets[s:s + step], temperature)
                       for s in range(0, n, step)])
+
+
+def token_entropies_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+                                chunk_tokens: int = 4096, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row entropies [N] of ``softmax(hidden @ weight.T / tau)``, with gradient: the terms that
+    :func:`entropy_sum_from_hidden` sums (same memory bound), for losses that weight them per token."""
+    n = hidden.shape[0]
+    if n == 0:
+        return hidden.sum(-1).float() * 0.0
+    step = n if chunk_tokens <= 0 else chunk_tokens
+    return torch.cat([_ChunkEntropy.apply(hidden[s:s + step], weight, bias, temperature)
+                      for s in range(0, n, step)])

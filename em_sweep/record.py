@@ -115,8 +115,9 @@ class RunRecorder:
 
     def step(self, metrics: Mapping[str, Any]) -> None:
         rundir.append_jsonl(self.dir / rundir.METRICS, {"kind": "train", **metrics})
-        # EM steps under train/, RL steps under rl/ (numbers only: the stage name is the prefix).
-        prefix = "rl" if metrics.get("stage") == "rl" else "train"
+        # EM steps under train/, RL steps under rl/, the stopping probe's signals under stop/ (numbers
+        # only: the stage name is the prefix).
+        prefix = {"rl": "rl", "probe": "stop"}.get(str(metrics.get("stage")), "train")
         self.wandb.log({f"{prefix}/{k}": float(v) if isinstance(v, bool) else v for k, v in metrics.items()
                         if k not in ("step", "stage") and isinstance(v, int | float)}, step=int(metrics["step"]))
 

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from em_sweep import aggregate as agg
+from em_sweep import objectives_report
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
@@ -828,6 +829,9 @@ def build_report(p: Prepared, out_dir: Path, source: str = "") -> Path:
     lines += ["## Findings without data in this sweep", ""]
     for f in without:
         lines.append(f"- **{f.number}. {f.title}**: {' '.join(f.lines)}")
+    family = objectives_report.sections(p, out_dir)  # objectives, label-free stopping, calibration
+    if family:
+        lines += [""] + family
     path = out_dir / REPORT_FILE
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

@@ -9,8 +9,10 @@ as EM, :mod:`em_sweep.em`) minimises the clipped-ratio GRPO loss
 
     A_i     = (r_i - mean(r_group)) / (std(r_group) + eps)      (all-equal group: A = 0)
     rho_t   = exp(logp_t - logp_old_t)
-    L_t     = -min(rho_t A, clip(rho_t, 1 - c, 1 + c) A) + beta * KL_t
+    L_t     = -min(rho_t A, clip(rho_t, 1 - c, 1 + c) A) + beta * KL_t - alpha * H_t
     KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1         (k3 estimator, >= 0)
+    H_t     = entropy of the policy at t (the entropy bonus, alpha = rl.entropy_coef; verl's
+              entropy_coeff, whose loss subtracts alpha times the token-mean entropy)
     loss    = sum over response tokens of L_t / number of response tokens in the batch
 
 (token-level mean over the batch, as DAPO/verl's "token-mean"; log-probabilities at the rollout
@@ -18,7 +20,10 @@ temperature). ``rl.updates_per_batch`` (GRPO's mu) updates reuse each batch: the
 on-policy (rho = 1, the clip inert), later ones see rho against the sampling policy's
 log-probabilities and the clip bounds them. Metrics average over the updates. ``beta = rl.kl_coef``; 0 means no reference model is
 kept; otherwise the reference is a frozen copy of the model as the RL stage begins.
-A step whose advantages are all zero and whose KL term is off has no gradient: it is recorded
+``rl.reward`` chooses the reward (gold answers, or a label-free one: majority vote, self-certainty,
+EM-RL's negative mean token entropy or mean log-probability; :mod:`em_sweep.objectives`) and
+``rl.advantage`` GRPO's group normalisation or RLOO's leave-one-out baseline.
+A step whose advantages are all zero and whose KL and entropy terms are off has no gradient: it is recorded
 (``skipped``) and the weights are not touched (an AdamW step on a zero gradient would still
 apply weight decay). With the KL term on such a step is taken (its gradient is the KL's).
 """
@@ -34,9 +39,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from em_sweep import objectives
 from em_sweep.em import apply_update, compiled_layers, make_optimizer, response_outputs
 from em_sweep.grading import extract_answer, grade_many
-from em_sweep.loss import token_logprobs_from_hidden
+from em_sweep.loss import token_entropies_from_hidden, token_logprobs_from_hidden
 from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
 
 ADV_EPS = 1e-6
@@ -56,12 +62,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EP
 
 
 def grpo_token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_ratio: float,
-                      kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None
+                      kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None,
+                      entropy_coef: float = 0.0, entropy: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token GRPO loss for tokens with log-probabilities ``logp`` (current policy, with
-    gradient), ``old_logp`` (the policy that sampled them), per-token ``advantages`` and an
-    optional reference ``ref_logp``. Returns (loss, kl, clipped), each shaped like ``logp``;
-    ``clipped`` marks tokens whose ratio the clip took out of the gradient."""
+    gradient), ``old_logp`` (the policy that sampled them), per-token ``advantages``, an
+    optional reference ``ref_logp`` and an optional entropy bonus (``entropy``: the policy's
+    entropy at each token's position, with gradient; ``entropy_coef * entropy`` is subtracted).
+    Returns (loss, kl, clipped), each shaped like ``logp``; ``clipped`` marks tokens whose ratio
+    the clip took out of the gradient."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped_obj = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
@@ -72,16 +81,19 @@ def grpo_token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
         loss = loss + kl_coef * kl
     else:
         kl = torch.zeros_like(logp)
+    if entropy_coef and entropy is not None:
+        loss = loss - entropy_coef * entropy
     return loss, kl.detach(), (clipped_obj < unclipped).detach()
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              clip_ratio: float, kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None) -> torch.Tensor:
+              clip_ratio: float, kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None,
+              entropy_coef: float = 0.0, entropy: torch.Tensor | None = None) -> torch.Tensor:
     """Masked token-mean of :func:`grpo_token_losses` over [B, T] inputs (``advantages`` [B] or
     [B, T]); an all-zero mask gives 0."""
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)
-    loss, _, _ = grpo_token_losses(logp, old_logp, advantages, clip_ratio, kl_coef, ref_logp)
+    loss, _, _ = grpo_token_losses(logp, old_logp, advantages, clip_ratio, kl_coef, ref_logp, entropy_coef, entropy)
     m = mask.to(loss.dtype)
     return (loss * m).sum() / m.sum().clamp(min=1.0)
 
@@ -113,6 +125,8 @@ class RLStepMetrics:
     lr: float
     skipped: bool  # no gradient (all advantages 0, no KL): weights untouched
     grader_failures: int
+    agreement: float  # mean over groups of the majority answer's share (label-free; objectives.majority_share)
+    token_entropy: float | None  # mean token entropy of the responses at the rollout temperature, where computed
     seconds_sample: float
     seconds_grade: float
     seconds_loss: float
@@ -144,6 +158,78 @@ def response_logprobs(model: PreTrainedModel, batch: SampleBatch, rows: slice, t
     return logp, row_of
 
 
+def response_logprobs_and_entropy(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
+                                  chunk_tokens: int, share_prompt: bool = False
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`response_logprobs` and, from the same forward, the policy's entropy at each of those
+    positions (with gradient, for the entropy bonus): (logp [n], row index [n], entropy [n])."""
+    first = batch.prompt_len - 1
+    mask = batch.response_mask[rows, first:-1].bool()
+    ids = batch.input_ids[rows]
+    targets = ids[:, first + 1:][mask]
+    row_of = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
+    outputs, from_hidden = response_outputs(model, batch, rows, share_prompt)
+    if from_hidden:
+        head = model.get_output_embeddings()
+        logp = token_logprobs_from_hidden(outputs, head.weight, targets, temperature, chunk_tokens, head.bias)
+        entropy = token_entropies_from_hidden(outputs, head.weight, temperature, chunk_tokens, head.bias)
+    else:
+        log_probs = torch.log_softmax(outputs.float() / temperature, dim=-1)
+        logp = log_probs.gather(1, targets[:, None]).squeeze(1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logp, row_of, entropy
+
+
+@torch.no_grad()
+def response_token_statistics(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
+                              chunk_tokens: int, share_prompt: bool = False
+                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`em_sweep.objectives.token_statistics` at the generated-token positions of ``rows``
+    (no gradient; chunked over positions like the loss), and the row index of each position."""
+    first = batch.prompt_len - 1
+    mask = batch.response_mask[rows, first:-1].bool()
+    ids = batch.input_ids[rows]
+    targets = ids[:, first + 1:][mask]
+    row_of = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
+    outputs, from_hidden = response_outputs(model, batch, rows, share_prompt)
+    n = outputs.shape[0]
+    step = max(n, 1) if chunk_tokens <= 0 else chunk_tokens
+    parts = []
+    for s in range(0, n, step):
+        chunk = outputs[s:s + step]
+        if from_hidden:
+            head = model.get_output_embeddings()
+            chunk = torch.nn.functional.linear(chunk, head.weight, head.bias)
+        parts.append(objectives.token_statistics(chunk, targets[s:s + step], temperature))
+    if not parts:
+        empty = torch.zeros(0, device=ids.device)
+        return {"entropy": empty, "logprob": empty, "self_certainty": empty}, row_of
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, row_of
+
+
+def step_rewards(model: PreTrainedModel, batch: SampleBatch, golds: list[str], rl: Any, timeout_s: float
+                 ) -> tuple[list[float], int, float | None]:
+    """The rewards ``rl.reward`` gives the batch's responses (objectives.REWARDS), the number of
+    grader failures, and the responses' mean token entropy where it was computed on the way."""
+    kind = getattr(rl, "reward", "gold")
+    if kind == "gold":
+        rewards, failures = math_rewards(batch.texts, golds, timeout_s)
+        return rewards, failures, None
+    if kind == "majority_vote":
+        answers = [extract_answer(t) for t in batch.texts]
+        return objectives.majority_vote_rewards(answers, rl.group_size), 0, None
+    share = bool(getattr(rl, "share_prompt_pass", False))
+    n_rows = batch.input_ids.shape[0]
+    values, ent_sum, ent_n = [], 0.0, 0
+    for s in range(0, n_rows, rl.micro_batch_size):
+        rows = slice(s, s + rl.micro_batch_size)
+        stats, row_of = response_token_statistics(model, batch, rows, rl.temperature, rl.loss_chunk_tokens, share)
+        values.append(objectives.model_reward(kind, stats, row_of, min(rl.micro_batch_size, n_rows - s)))
+        ent_sum += float(stats["entropy"].sum())
+        ent_n += int(stats["entropy"].numel())
+    return torch.cat(values).tolist(), 0, ent_sum / max(ent_n, 1)
+
+
 def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
             prompt_texts: list[str], golds: list[str], rl: Any, step: int, lr: float, seed: int,
             reference: PreTrainedModel | None = None, generation_backend: str = "auto",
@@ -156,19 +242,22 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     batch = sample_responses(model, tokenizer, texts, rl_sampling_settings(rl, generation_backend),
                              batch_size=rl.sample_batch_size, seed=seed)
     t1 = time.perf_counter()
-    reward_list, failures = math_rewards(batch.texts, gold_per_sample, grade_timeout_s)
+    reward_list, failures, token_entropy = step_rewards(model, batch, gold_per_sample, rl, grade_timeout_s)
+    answers = [extract_answer(t) for t in batch.texts]
+    agreement = sum(objectives.majority_share(answers[k:k + g]) for k in range(0, len(answers), g)) / (len(answers) // g)
     device = batch.input_ids.device
     rewards = torch.tensor(reward_list, dtype=torch.float32, device=device)
-    adv = group_advantages(rewards, g)
+    adv = objectives.advantages(rewards, g, getattr(rl, "advantage", "grpo"))
     zero_groups = float((rewards.view(-1, g).std(dim=1) == 0).float().mean())
     t2 = time.perf_counter()
     first = batch.prompt_len - 1
     n_tokens = batch.response_mask[:, first:-1].sum().clamp(min=1).float()
-    skipped = bool((adv == 0).all()) and not rl.kl_coef
+    entropy_coef = float(getattr(rl, "entropy_coef", 0.0))
+    skipped = bool((adv == 0).all()) and not rl.kl_coef and not entropy_coef
     slices = [slice(s, s + rl.micro_batch_size) for s in range(0, batch.input_ids.shape[0], rl.micro_batch_size)]
     mu = int(getattr(rl, "updates_per_batch", 1))
     share = bool(getattr(rl, "share_prompt_pass", False))
-    loss_sum = kl_sum = clip_sum = 0.0
+    loss_sum = kl_sum = clip_sum = ent_sum = 0.0
     grad_norm = 0.0
     seconds_loss = seconds_optim = 0.0
     if not skipped:
@@ -183,7 +272,13 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
                 optimizer.zero_grad(set_to_none=True)
                 update_loss = 0.0
                 for j, rows in enumerate(slices):
-                    logp, row_of = response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens, share)
+                    entropy = None
+                    if entropy_coef:
+                        logp, row_of, entropy = response_logprobs_and_entropy(model, batch, rows, rl.temperature,
+                                                                              rl.loss_chunk_tokens, share)
+                    else:
+                        logp, row_of = response_logprobs(model, batch, rows, rl.temperature, rl.loss_chunk_tokens,
+                                                         share)
                     ref_logp = None
                     if reference is not None and rl.kl_coef:
                         with torch.no_grad():
@@ -191,7 +286,9 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
                                                            share)
                     old_logp = logp.detach() if old is None else old[j]  # first update: on-policy, ratio 1
                     losses, kl, clipped = grpo_token_losses(logp, old_logp, adv[rows][row_of], rl.clip_ratio,
-                                                            rl.kl_coef, ref_logp)
+                                                            rl.kl_coef, ref_logp, entropy_coef, entropy)
+                    if entropy is not None and _update == 0 and token_entropy is None:
+                        ent_sum += float(entropy.detach().sum())
                     (losses.sum() / n_tokens).backward()
                     total = float(losses.detach().sum())  # one device sync for both sums
                     update_loss += total / float(n_tokens)
@@ -206,10 +303,13 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
                 seconds_optim += time.perf_counter() - tb
         model.eval()
     n = float(n_tokens)
+    if token_entropy is None and entropy_coef and not skipped:
+        token_entropy = ent_sum / n
     return RLStepMetrics(step=step, reward=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
                          zero_advantage_groups=zero_groups, loss=loss_sum / n, kl=kl_sum / n,
                          clip_fraction=clip_sum / n, response_length=float(batch.response_lengths.float().mean()),
                          grad_norm=grad_norm, lr=lr, skipped=skipped, grader_failures=failures,
+                         agreement=agreement, token_entropy=token_entropy,
                          seconds_sample=t1 - t0, seconds_grade=t2 - t1, seconds_loss=seconds_loss,
                          seconds_optim=seconds_optim)
 

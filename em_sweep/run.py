@@ -33,9 +33,11 @@ from em_sweep.models import (
     resolve_model_path,
     set_checkpointing,
 )
-from em_sweep.prompts import PoolItem, PromptError, format_prompt, select_prompts
+from em_sweep.objectives import objective_name
+from em_sweep.prompts import PoolItem, PromptError, format_prompt, load_pool, select_prompts
 from em_sweep.record import RunRecorder, WandbMirror
 from em_sweep.rl import RLStepMetrics, train_rl
+from em_sweep.stopping import choose_step, probe_signals
 
 log = logging.getLogger("em_sweep")
 
@@ -63,10 +65,10 @@ def preflight(cfg: DictConfig) -> list[PoolItem]:
         resolve_spec(name)
     resolve_model_path(cfg.model.path)
     prompts = select_prompts(cfg.prompt)
-    if "rl" in cfg.stages:
+    if "rl" in cfg.stages and cfg.rl.reward == "gold":  # the label-free rewards read no answers
         missing = [p.id for p in prompts if not (p.answer or "").strip()]
         if missing:
-            raise PromptError(f"stages has rl, whose reward needs gold answers, but prompt(s) {missing} of "
+            raise PromptError(f"stages has rl with rl.reward=gold, which needs gold answers, but prompt(s) {missing} of "
                               f"pool {cfg.prompt.pool!r} have none")
     return prompts
 
@@ -105,7 +107,7 @@ def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: Mo
     attempt = rundir.reset_partial(path)
     rundir.write_text_atomic(path / rundir.CONFIG, OmegaConf.to_yaml(config))
     rundir.write_status(path, "running", attempt=attempt)
-    tags = [cfg.model.name, cfg.prompt.name, "stages=" + ",".join(cfg.stages)]
+    tags = [cfg.model.name, cfg.prompt.name, "stages=" + ",".join(cfg.stages), "objective=" + objective_name(cfg)]
     mirror = WandbMirror(cfg.logger, path, path.name, cfg.name, config, tags=tags, attempt=attempt)
     recorder = RunRecorder(path, mirror)
     t_start = time.perf_counter()
@@ -154,7 +156,14 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
     curve: list[dict[str, Any]] = []
     updates = 0  # optimizer updates so far (train.step_unit=micro_step: fewer than steps)
 
+    heldout = heldout_prompt_texts(cfg, tokenizer, prompts)
+    signals: list[dict[str, Any]] = []
+
     def on_eval(step: int) -> None:
+        if cfg.stop.probe_samples or heldout:  # label-free stopping signals, every step
+            base = signals[0].get("heldout_entropy") if signals else None
+            signals.append(probe_signals(model, tokenizer, texts, heldout, cfg.train, cfg.stop, step, base))
+            recorder.step({"stage": "probe", **signals[-1]})
         if step in cfg.train.save_at_steps:
             save_checkpoint(model, tokenizer, path / "checkpoints" / f"step-{step}")
         if step not in at:
@@ -208,6 +217,8 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
                      cfg.seed, on_step=on_rl_step, on_eval=on_eval, start_step=first - 1,
                      generation_backend=cfg.train.generation_backend, grade_timeout_s=cfg.eval.grade_timeout_s)
     return {
+        "objective": objective_name(cfg),
+        "stop": {**choose_step(signals, cfg.stop, sorted(at)), "signals": signals} if signals else None,
         "prompt": {"name": cfg.prompt.name, "ids": list(cfg.prompt.ids), "note": cfg.prompt.note},
         "stages": [{"stage": n, "first_step": f, "last_step": la} for n, f, la in plan],
         # What the step axis counts: "update" (one optimizer update a step) or "micro_step" (the
@@ -220,8 +231,20 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
         "loss_curve": [{k: r[k] for k in ("step", "updates", "loss", "entropy", "response_length", "grad_norm")}
                        for r in curve],
         "rl_curve": [{k: r[k] for k in ("step", "reward", "reward_std", "zero_advantage_groups", "loss", "kl",
-                                        "clip_fraction", "response_length", "grad_norm", "skipped")} for r in rl_curve],
+                                        "clip_fraction", "response_length", "grad_norm", "skipped", "agreement",
+                                        "token_entropy")} for r in rl_curve],
     }
+
+
+def heldout_prompt_texts(cfg: DictConfig, tokenizer: Any, prompts: list[PoolItem]) -> list[str]:
+    """The first ``stop.heldout_prompts`` problems of ``prompt.pool`` that the run does not train on,
+    formatted like the training prompts (their answers are never read)."""
+    k = int(cfg.stop.heldout_prompts)
+    if not k:
+        return []
+    trained = {p.id for p in prompts}
+    pool = [p for p in load_pool(cfg.prompt.pool).values() if p.id not in trained][:k]
+    return [format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template) for p in pool]
 
 
 def save_checkpoint(model: Any, tokenizer: Any, out: Path) -> None:
@@ -239,7 +262,8 @@ def save_checkpoint(model: Any, tokenizer: Any, out: Path) -> None:
 
 def format_summary(results: dict[str, Any]) -> str:
     """The before/after table and loss-curve summary printed at the end of a run."""
-    lines = [f"run {results['run_id']}  ({results['seconds']:.1f}s)  {results['run_dir']}"]
+    lines = [f"run {results['run_id']}  ({results['seconds']:.1f}s)  {results['run_dir']}"
+             + (f"  objective {results['objective']}" if results.get("objective") else "")]
     before = {(s["benchmark"], s["temperature"]): s for s in results["initial_scores"]}
     final = results["final_scores"]
     steps = final[0]["step"] if final else 0
@@ -268,6 +292,10 @@ def format_summary(results: dict[str, Any]) -> str:
         lines.append("stages: " + ", ".join(
             f"{s['stage']} (steps {s['first_step']}-{s['last_step']})" if s["last_step"] >= s["first_step"]
             else f"{s['stage']} (0 steps)" for s in stages))
+    stop = results.get("stop")
+    if stop:
+        lines.append(f"label-free stopping rule {stop['rule']}: would keep step {stop['chosen_step']} "
+                     f"(all rules: {stop['by_rule']})")
     prompt = results["prompt"]
     lines.append(f"prompt {prompt['name']} {prompt['ids']}")
     if prompt["note"]:

@@ -40,6 +40,29 @@ NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
 # The sandbox's limits change results of code benchmarks only: part of the id when one is evaluated.
 CODE_ONLY_EVAL_KEYS = ("code_timeout_s", "code_memory_mb")
 
+# Settings added after runs were recorded, at the value that does what runs did before they
+# existed: a run at that value keeps its earlier id; any other value enters the id.
+ADDED_AT_NEUTRAL: dict[str, dict[str, Any]] = {
+    "rl": {"entropy_coef": 0.0, "reward": "gold", "advantage": "grpo"},
+}
+
+
+def _neutral_sections_dropped(science: dict[str, Any]) -> dict[str, Any]:
+    """``science`` without the later-added settings that are at their neutral value: the keys of
+    ADDED_AT_NEUTRAL, ``eval.em_inf`` while it is off, and ``stop`` while it probes nothing."""
+    for section, neutral in ADDED_AT_NEUTRAL.items():
+        values = science.get(section)
+        if isinstance(values, dict):
+            science[section] = {k: v for k, v in values.items() if k not in neutral or v != neutral[k]}
+    evaluation = science.get("eval")
+    if isinstance(evaluation, dict) and not (evaluation.get("em_inf") or {}).get("enabled", False):
+        science["eval"] = {k: v for k, v in evaluation.items() if k != "em_inf"}
+    stop = science.get("stop")
+    if isinstance(stop, dict) and not stop.get("probe_samples") and not stop.get("heldout_prompts"):
+        science.pop("stop")
+    return science
+
+
 RESULTS = "results.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
@@ -68,7 +91,7 @@ def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     # its own; the single-process default keeps the ids runs had before the setting existed.
     if isinstance(science.get("train"), dict) and science["train"].get("parallel") == "none":
         science["train"] = {k: v for k, v in science["train"].items() if k != "parallel"}
-    return science
+    return _neutral_sections_dropped(science)
 
 
 def _has_code_benchmark(entries: Any) -> bool:

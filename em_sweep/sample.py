@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep import decode
 
@@ -143,13 +143,15 @@ def kv_cache_guard(model: PreTrainedModel) -> Iterator[None]:
 
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str],
-                     settings: SamplingSettings, batch_size: int, seed: int | None = None) -> SampleBatch:
+                     settings: SamplingSettings, batch_size: int, seed: int | None = None,
+                     logits_processor: LogitsProcessorList | None = None) -> SampleBatch:
     """Generate one response per prompt text (repeat a text to sample it several times).
 
     Deterministic for a given ``seed`` on CPU. Runs in eval mode with the KV cache on and
-    restores the model's previous train/eval mode.
+    restores the model's previous train/eval mode. ``logits_processor`` (e.g. EM-INF's) runs on
+    each step's logits before temperature / top-p, on HF generate.
     """
-    backend = resolve_backend(model, settings.backend)
+    backend = "hf" if logits_processor is not None else resolve_backend(model, settings.backend)
     fallback = settings.backend == "auto"  # auto may fall back to HF generate; an explicit choice may not
     was_training = model.training
     model.eval()
@@ -181,7 +183,8 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             ids, mask = prompt_ids[start:start + batch_size], prompt_mask[start:start + batch_size]
             if backend == "hf":
                 with kv_cache_guard(model):
-                    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                         logits_processor=logits_processor)
                 chunks.append(out[:, ids.shape[1]:])
             else:
                 try:

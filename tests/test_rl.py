@@ -16,6 +16,7 @@ from em_sweep.rl import (
     grpo_token_losses,
     math_rewards,
     response_logprobs,
+    response_logprobs_and_entropy,
     rl_sampling_settings,
     rl_step,
     train_rl,
@@ -72,6 +73,66 @@ def test_grpo_token_losses_match_a_direct_implementation(beta):
     if not beta:
         assert float(loss[0]) == pytest.approx(-1.2 * 2.0)
     assert (kl >= 0).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_the_entropy_bonus_matches_a_direct_implementation(beta):
+    """verl's actor loss: pg_loss - entropy_coeff * entropy (+ kl_coef * k3), per token."""
+    logp = torch.tensor([math.log(1.5), math.log(0.5), -1.0, -2.0])
+    old = torch.tensor([0.0, 0.0, -1.0, -2.0])
+    adv = torch.tensor([2.0, -1.0, 0.7, 0.0])
+    ref = torch.tensor([0.1, -0.3, -1.0, -1.5])
+    entropy = torch.tensor([0.9, 2.3, 0.0, 1.1])
+    loss, _, _ = grpo_token_losses(logp, old, adv, 0.2, beta, ref if beta else None, 0.05, entropy)
+    for i in range(4):
+        want, _ = direct_token_loss(float(logp[i]), float(old[i]), float(adv[i]), 0.2, beta,
+                                    float(ref[i]) if beta else None)
+        assert abs(float(loss[i]) - (want - 0.05 * float(entropy[i]))) < 1e-5, i
+    plain, _, _ = grpo_token_losses(logp, old, adv, 0.2, beta, ref if beta else None)
+    assert torch.allclose(grpo_token_losses(logp, old, adv, 0.2, beta, ref if beta else None, 0.0, entropy)[0], plain)
+    # masked token mean, and the gradient reaching the entropies is -coef / tokens
+    ent = entropy[None].clone().requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    total = grpo_loss(logp[None], old[None], adv[None], mask, 0.2, beta, ref[None] if beta else None, 0.05, ent)
+    total.backward()
+    direct = sum(direct_token_loss(float(logp[i]), float(old[i]), float(adv[i]), 0.2, beta,
+                                   float(ref[i]) if beta else None)[0] - 0.05 * float(entropy[i]) for i in range(3)) / 3
+    assert float(total.detach()) == pytest.approx(direct, abs=1e-5)
+    assert ent.grad[0].tolist() == pytest.approx([-0.05 / 3] * 3 + [0.0])
+
+
+def test_response_entropies_are_the_full_logits_own_with_their_gradient(tiny):
+    model, tok = tiny
+    cfg = compose_config(["stages=[rl]"])
+    texts = [arith(tok, cfg, f"arith{i}")[0] for i in (1, 2)]
+    batch = sample_responses(model, tok, texts, rl_sampling_settings(cfg.rl, "auto"), 2, seed=4)
+    rows = slice(0, 2)
+    logp, row_of, entropy = response_logprobs_and_entropy(model, batch, rows, 0.6, 7)
+    logp_only, row_only = response_logprobs(model, batch, rows, 0.6, 7)
+    assert torch.allclose(logp, logp_only, atol=1e-6) and torch.equal(row_of, row_only)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float() / 0.6
+    lp = torch.log_softmax(logits[batch.response_mask.bool()], -1)
+    direct = -(lp.exp() * lp).sum(-1)
+    assert torch.allclose(entropy, direct, atol=1e-5)
+    g1 = torch.autograd.grad(entropy.sum(), model.get_output_embeddings().weight)[0]
+    g2 = torch.autograd.grad(direct.sum(), model.get_output_embeddings().weight)[0]
+    # the chunked backward uses log(p + 1e-12) like the EM loss; the direct one exact log-softmax
+    assert float((g1 - g2).norm() / g2.norm()) < 1e-3, float((g1 - g2).norm() / g2.norm())
+
+
+def test_a_step_whose_groups_agree_still_takes_its_entropy_bonus(tiny):
+    model = copy.deepcopy(tiny[0])
+    tok = tiny[1]
+    cfg = compose_config(["stages=[rl]", "rl.batch_size=16", "rl.micro_batch_size=16", "rl.entropy_coef=0.01"])
+    text, _ = arith(tok, cfg, "arith1")
+    before = [p.detach().clone() for p in model.parameters()]
+    from em_sweep.em import make_optimizer
+    opt, _ = make_optimizer(model, cfg.rl)
+    m = rl_step(model, tok, opt, [text, text], ["not a number at all"] * 2, cfg.rl, 1, 1e-3, seed=0)
+    assert m.zero_advantage_groups == 1.0 and not m.skipped and m.grad_norm > 0
+    assert m.token_entropy is not None and m.token_entropy > 0
+    assert m.loss == pytest.approx(-0.01 * m.token_entropy, rel=1e-4)  # the bonus is the whole loss
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_grpo_loss_masks_means_and_gives_the_policy_gradient():
