@@ -592,10 +592,5 @@ def is_equivalent(prediction: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT
     return grade(prediction, [gold], timeout_s=timeout_s).correct
 
 
-def shutdown_workers() -> None:
-    """Stop the grading worker processes (they restart on the next call that needs them)."""
-    _POOL.shutdown()
-
-
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
     _serve(int(sys.argv[2]), int(sys.argv[3]))
