@@ -1,7 +1,7 @@
 """One EM run across the GPUs of a node, for models whose training state does not fit one card:
 PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-One step is still one optimizer update, whatever the number of ranks (MISSION.md s7): the
+One step is still one optimizer update, whatever the number of ranks (docs/reproducing.md): the
 ``train.batch_size`` responses are split evenly over the ranks, each rank samples its share,
 the generated-token count is summed over ranks, and each rank backpropagates
 ``world * (its entropy sum) / (global token count)``; FSDP averages gradients over ranks, so the

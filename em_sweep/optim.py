@@ -28,7 +28,7 @@ rounding), while plain bf16 AdamW loses about two thirds of the decrease. Per we
 Kahan's bf16 weights equal fp32-master's rounded weights (>98%); stochastic rounding's
 differ by up to one bf16 step at random (unbiased: the mean over rounding seeds converges),
 noise of the kind a same-size random update brings, which does not move EM's effect
-(MISSION.md s8).
+(docs/method.md, section 6).
 
 ``auto`` (the default) keeps CPU behaviour: fp32 models get ``torch.optim.AdamW`` as before;
 low-precision models get the most faithful variant whose bytes per parameter fit in 60% of

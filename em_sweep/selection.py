@@ -1,4 +1,4 @@
-"""Variance-based prompt selection (MISSION.md s2): which unlabeled prompt to run EM on.
+"""Variance-based prompt selection (docs/method.md, section 3): which unlabeled prompt to run EM on.
 
 A candidate prompt is informative when the model is unsure of it: sampled k times, some
 answers are right and some wrong. Two inputs give such a history of correctness per prompt:

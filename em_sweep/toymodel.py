@@ -11,7 +11,7 @@
 4. supervised fine-tuning on the chat-templated conversations (loss on the assistant turn only);
 5. the saved model: the *mid-training* snapshot, the first checkpoint whose validation accuracy
    reaches `SNAPSHOT_TARGET`, because one-shot EM moves a half-trained model by tens of points in
-   either direction while it mostly hurts a fully trained one (MISSION.md section 8). Training
+   either direction while it mostly hurts a fully trained one (docs/method.md, section 6). Training
    stops there unless `--final-out` asks for the fully trained model too.
 """
 

@@ -26,7 +26,7 @@ def test_model_presets_carry_their_own_learning_rate():
         assert cfg.train.lr == cfg.model.lr
     assert lrs["qwen25_math_1_5b"] < lrs["qwen25_math_7b"]
     real = compose_config(["model=qwen25_math_7b", "prompt=pi1"])
-    # Real models get the paper's reference settings (MISSION.md s1, s3).
+    # Real models get the paper's reference settings (docs/method.md, section 2).
     assert real.model.path == "Qwen/Qwen2.5-Math-7B"
     assert (real.train.top_p, real.train.repetition_penalty, real.train.max_new_tokens) == (0.95, 1.15, 512)
     assert real.eval.max_new_tokens == 3072 and real.eval.template == "qwen25-math-cot"

@@ -7,7 +7,7 @@ from em_sweep.loss import entropy_sum_from_hidden, token_entropy
 
 
 def direct_entropy(logits: torch.Tensor, mask: torch.Tensor, tau: float) -> float:
-    """The formula of MISSION.md s1 written out with Python loops over tokens."""
+    """The formula of docs/method.md (paper eq. 1) written out with Python loops over tokens."""
     total, count = 0.0, 0
     flat_logits = logits.reshape(-1, logits.shape[-1]).double()
     for row, m in zip(flat_logits, mask.reshape(-1), strict=True):

@@ -73,7 +73,7 @@ def test_config_names_eos_and_pad(model, tokenizer):
 
 
 def test_shipped_model_is_a_mid_training_snapshot(model, tokenizer):
-    # The snapshot is meant to be half right (MISSION.md section 8), not fully trained.
+    # The snapshot is meant to be half right (docs/method.md, section 6), not fully trained.
     test = read_jsonl(Path(toymodel.__file__).parent / "data" / "benchmarks" / "arith.jsonl")[:200]
     problems = [(row["question"], "", row["answer"]) for row in test]
     assert 0.25 <= toymodel.greedy_accuracy(model, tokenizer, problems) <= 0.75
