@@ -24,9 +24,11 @@ from em_sweep.benchmarks import BenchmarkError, resolve_spec
 from em_sweep.config import ConfigError, stage_plan, to_container, validate
 from em_sweep.em import StepMetrics, decoder_layers, train_em
 from em_sweep.evaluate import evaluate
+from em_sweep.limits import check_run
 from em_sweep.models import (
     ModelCache,
     ModelLoadError,
+    check_model,
     checkpointing_modules,
     load_tokenizer,
     resolve_model_path,
@@ -67,6 +69,9 @@ def preflight(cfg: DictConfig) -> list[PoolItem]:
         if missing:
             raise PromptError(f"stages has rl, whose reward needs gold answers, but prompt(s) {missing} of "
                               f"pool {cfg.prompt.pool!r} have none")
+    # The model without its weights (device, dtype, attention, config, tokenizer, weight files),
+    # then context and memory limits: before a directory is created or the weights loaded.
+    check_run(cfg, check_model(cfg.model), prompts)
     return prompts
 
 
