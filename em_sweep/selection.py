@@ -410,10 +410,11 @@ def _sample_history(candidates: Sequence[PoolItem], k: int, overrides: list[str]
     from em_sweep.cli import compose
     from em_sweep.config import validate
     from em_sweep.em import sampling_settings
-    from em_sweep.models import load_model, load_tokenizer
+    from em_sweep.models import check_model, load_model, load_tokenizer
 
     cfg = compose(overrides)
     validate(cfg)
+    check_model(cfg.model)  # device, attention, config, tokenizer and weight files: before the weights load
     settings = sampling_settings(cfg.train)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     model = load_model(cfg.model)

@@ -152,3 +152,16 @@ def test_launch_names_a_corrupt_model_in_one_line_and_creates_nothing(tmp_path):
                           timeout=300)
     assert proc.returncode == 2 and "model.safetensors is truncated or corrupt" in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out" / "runs").exists()
+
+
+def test_select_prompts_names_a_corrupt_model_before_loading_it(tmp_path, capsys):
+    import argparse
+
+    from em_sweep.selection import cmd_select_prompts
+
+    d = _broken_model(tmp_path, "no_tokenizer")
+    args = argparse.Namespace(arguments=["pool=arith_pool", "k=2", "limit=2", f"model.path={d}"], history=None,
+                              out_dir=str(tmp_path / "conf"), ranking=str(tmp_path / "r.json"), force=False)
+    assert cmd_select_prompts(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.path: no tokenizer in") and "\n" not in err, err
