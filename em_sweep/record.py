@@ -35,11 +35,6 @@ _exit_timeout_s: float | None = None
 _HUNG_EXIT_TIMEOUT_S = 5.0
 
 
-def wandb_hung() -> str | None:
-    """Why W&B is off for the rest of this process (a call did not return in time), or None."""
-    return _hung
-
-
 def _bounded(fn: Callable[[], Any], timeout_s: float, what: str, slow_s: float | None = None) -> tuple[bool, Any]:
     """Run ``fn`` in a daemon thread; (finished without error, result or exception).
 

@@ -73,6 +73,9 @@ for i in range(n_runs):  # packed runs: one process, one run after the other
     t0 = time.monotonic()
     mirror.finish()
     times[f"finish{i}"] = time.monotonic() - t0
+    if i == 0 and action == "stop_after_finish":  # only the exit teardown is left to talk to it
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
 (out / "results.json").write_text(json.dumps(times))
 print(json.dumps(times), flush=True)
 """
@@ -132,6 +135,14 @@ def test_a_stopped_wandb_service_cannot_hold_the_run_or_its_exit(tmp_path):
     assert service, "no W&B service process was started"
     assert times["log0"] < 3.0 + 3 and times["finish0"] < 1.0  # log timed out once, then off
     assert "W&B is off for the rest of this process" in stderr
+    assert took < 25, took
+
+
+def test_a_wandb_service_stopped_after_finish_cannot_hold_the_exit(tmp_path):
+    """results.json is written; the service stops answering before the interpreter's exit
+    teardown, which waits for it: the exit is bounded too."""
+    took, times, stderr, service = _run_script(tmp_path, "offline", "stop_after_finish", 1, {})
+    assert service and "teardown at exit did not return within 3s" in stderr
     assert took < 25, took
 
 
