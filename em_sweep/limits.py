@@ -187,6 +187,13 @@ def check_run(cfg: Any, facts: Any, prompts: list[Any]) -> None:
     """Context and memory limits of a run, from its config, model facts and prompt set."""
     from em_sweep.prompts import format_prompt
 
+    for stage, first, last in stage_plan(cfg):
+        key = "train.optimizer" if stage == "em" else "rl.optimizer"
+        name = cfg.train.optimizer if stage == "em" else cfg.rl.optimizer
+        if last >= first and name.startswith("adamw_bf16") and facts.dtype != torch.bfloat16:
+            raise ConfigError(f"{key}: {name} updates bfloat16 weights, but model.dtype={cfg.model.dtype} is "
+                              f"{str(facts.dtype).removeprefix('torch.')} on {facts.device}; set model.dtype=bfloat16, "
+                              "or optimizer adamw")
     texts = [format_prompt(facts.tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template) for p in prompts]
     lengths = _token_lengths(facts.tokenizer, texts)
     eval_lengths = eval_prompt_lengths(cfg, facts.tokenizer)

@@ -81,6 +81,11 @@ def test_cuda_without_cuda_is_named(device):
     _fails_in_one_line([f"model.device={device}"], ModelLoadError, "CUDA is not available here")
 
 
+def test_a_bf16_optimizer_on_the_float32_weights_auto_resolves_to_is_named():
+    _fails_in_one_line(["model.dtype=auto", "model.device=cpu", "train.optimizer=adamw_bf16_kahan"], ConfigError,
+                       "train.optimizer: adamw_bf16_kahan updates bfloat16 weights, but model.dtype=auto is float32 on cpu")
+
+
 @pytest.mark.parametrize("name", ["sdap", "flash_attention", "Eager"])
 def test_an_unknown_attention_implementation_is_named(name):
     _fails_in_one_line([f"model.attn_implementation={name}"], ModelLoadError,
