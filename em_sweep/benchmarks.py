@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
-import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from em_sweep import inputs
 from em_sweep.grading import extract_answer, strip_math_delimiters
 
 BENCHMARK_DIR = Path(__file__).resolve().parent / "data" / "benchmarks"
@@ -271,46 +270,44 @@ def _parse_file(spec: BenchmarkSpec, path: str, mtime_ns: int, size: int) -> tup
     """All problems in ``path``; mtime and size are part of the key so edits are re-read."""
     problems: list[Problem] = []
     where = f"benchmark {spec.name!r}, {path}"
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        row_index = 0
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BenchmarkError(f"{where}, line {line_no}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise BenchmarkError(
-                    f"{where}, line {line_no}: expected a JSON object, got {type(row).__name__}"
-                )
-            needed = (spec.question_field, spec.answer_field, spec.id_field, spec.test_field,
-                      spec.entry_point_field, spec.names_field)
-            for field in needed:
-                if field and field not in row:
-                    raise BenchmarkError(
-                        f"{where}, line {line_no}: missing field {field!r} (row has {', '.join(sorted(row))})"
-                    )
-            if spec.family != "math":
-                problem_id = str(row[spec.id_field]) if spec.id_field is not None else str(row_index)
-                problems.append(_family_problem(spec, row, problem_id, f"{where}, line {line_no}"))
-                row_index += 1
-                continue
-            answers = _gold_answers(row[spec.answer_field], spec.answer_format)
-            if answers is None:
-                raise BenchmarkError(
-                    f"{where}, line {line_no}: no gold answer in field {spec.answer_field!r}"
-                    f" for answer_format {spec.answer_format!r}"
-                )
-            question = row[spec.question_field]
-            if not isinstance(question, str) or not question.strip():
-                raise BenchmarkError(
-                    f"{where}, line {line_no}: field {spec.question_field!r} is not a non-empty string"
-                )
-            problem_id = str(row[spec.id_field]) if spec.id_field is not None else str(row_index)
-            problems.append(Problem(spec.name, problem_id, question, answers))
-            row_index += 1
+
+    def fail(line: int | None, message: str) -> NoReturn:
+        raise BenchmarkError(f"{where}{'' if line is None else f', line {line}'}: {message}")
+
+    ids = inputs.DuplicateIds(f"id (field {spec.id_field!r})")
+    for row_index, (line_no, row) in enumerate(inputs.jsonl_objects(Path(path), fail)):
+        needed = (spec.question_field, spec.answer_field, spec.id_field, spec.test_field,
+                  spec.entry_point_field, spec.names_field)
+        for field in needed:
+            if field and field not in row:
+                fail(line_no, f"missing field {field!r} (row has {', '.join(sorted(row))})")
+        if spec.family != "math":
+            if spec.id_field is not None:
+                problem_id = inputs.scalar_id(row[spec.id_field], spec.id_field, line_no, fail)
+                ids.add(problem_id, line_no, fail)
+            else:
+                problem_id = str(row_index)
+            problems.append(_family_problem(spec, row, problem_id, f"{where}, line {line_no}"))
+            continue
+        value = row[spec.answer_field]
+        if spec.answer_format in ("boxed_in_solution", "gsm8k"):
+            if value is not None and not isinstance(value, str):
+                fail(line_no, f"field {spec.answer_field!r} must be a string for answer_format "
+                              f"{spec.answer_format!r}, got a {type(value).__name__}")
+        else:
+            inputs.check_gold(value, spec.answer_field, line_no, fail, allow_list=True)
+        answers = _gold_answers(value, spec.answer_format)
+        if answers is None:
+            fail(line_no, f"no gold answer in field {spec.answer_field!r} for answer_format {spec.answer_format!r}")
+        question = row[spec.question_field]
+        if not isinstance(question, str) or not question.strip():
+            fail(line_no, f"field {spec.question_field!r} is not a non-empty string")
+        if spec.id_field is not None:
+            problem_id = inputs.scalar_id(row[spec.id_field], spec.id_field, line_no, fail)
+            ids.add(problem_id, line_no, fail)
+        else:
+            problem_id = str(row_index)
+        problems.append(Problem(spec.name, problem_id, question, answers))
     if not problems:
         raise BenchmarkError(f"{where}: no problems in file")
     return tuple(problems)

@@ -311,7 +311,8 @@ class LoggerConfig:
     # `<project>-<k>`, k = its run id mod N (the same project again when the run resumes).
     project_shards: int = 1
     entity: str | None = None
-    # Seconds allowed for wandb.init / finish before we carry on without W&B.
+    # Seconds allowed for each call into W&B (init, log, finish, the teardown at exit) before the
+    # run carries on without it; a call that hangs turns W&B off for the rest of the process.
     init_timeout_s: float = 60.0
 
 
@@ -375,6 +376,16 @@ KNOWN_ADVANTAGES = ("grpo", "rloo")
 KNOWN_STOP_RULES = ("agreement", "heldout_entropy", "entropy")
 # A benchmark's name becomes a W&B key and a results column: keep it plain.
 _BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Seeds: torch takes 64 bits, but numpy and vLLM take 0 .. 2**32-1; every seed em-sweep derives
+# (seed * 1_000_033 + steps) stays inside torch's range from there.
+MAX_SEED = 2**32 - 1
+# Seconds: more than a day is a typo, and Python's timed waits overflow past ~2.9e11 s.
+MAX_TIMEOUT_S = 86400.0
+# attn_implementation values that need a package em-sweep does not depend on (the module name).
+ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+# train.optimizer variants that need a package (em_sweep/optim.py imports it when the stage starts).
+OPTIMIZER_PACKAGES = {"adamw_8bit": "torchao"}
 
 
 def stage_plan(cfg: Any) -> list[tuple[str, int, int]]:
@@ -391,6 +402,28 @@ def stage_plan(cfg: Any) -> list[tuple[str, int, int]]:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_range(value: Any, key: str, low: float, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False, hint: str = "") -> None:
+    """``value`` is a finite number in the interval from ``low`` to ``high`` (ends closed unless
+    ``*_open``; an infinite ``high`` means no upper bound)."""
+    ok = _finite(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if not ok:
+        interval = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if math.isfinite(high)
+                    else f"{'>' if low_open else '>='} {low:g}")
+        _check(False, key, f"must be a finite number {'in ' if math.isfinite(high) else ''}{interval}, "
+                           f"got {value}{hint}")
+
+
+def _check_package(module: str, key: str, value: str, how: str) -> None:
+    _check(importlib.util.find_spec(module) is not None, key,
+           f"{value} needs the {module} package, which is not installed here; {how}")
 
 
 def validate(cfg: DictConfig | Config) -> None:
@@ -410,6 +443,7 @@ def validate(cfg: DictConfig | Config) -> None:
         _check(math.isfinite(value) and value > 0, key,
                f"must be > 0, got {value} (for greedy evaluation use eval.temperatures=[0.0])")
     _check_stage_settings(t, "train")
+    _check_range(c.model.lr, "model.lr", 0)  # first: train.lr follows it unless set
     _check(t.lr >= 0 and math.isfinite(t.lr), "train.lr", f"must be a finite number >= 0, got {t.lr}")
     _check(all(s >= 0 for s in t.save_at_steps), "train.save_at_steps", "steps must be >= 0")
     _check(t.generation_backend in KNOWN_GENERATION_BACKENDS, "train.generation_backend",
@@ -488,6 +522,54 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(c.logger.mode in KNOWN_LOGGER_MODES, "logger.mode",
            f"unknown {c.logger.mode!r}; choose from {KNOWN_LOGGER_MODES}")
     _check(len(c.prompt.ids) > 0, "prompt.ids", "needs at least one prompt id")
+    _check_numbers(c)
+    _check_model_settings(c)
+
+
+def _check_numbers(c: Any) -> None:
+    """Every numeric key not checked above: finite and in range (docs/input-checks.md lists them)."""
+    _check_range(c.temperature, "temperature", 0, low_open=True)
+    for key, seed in (("seed", c.seed), ("eval.seed", c.eval.seed)):
+        _check(isinstance(seed, int) and 0 <= seed <= MAX_SEED, key, f"must be an integer in [0, {MAX_SEED}], got {seed}")
+    _check_optimizer_numbers(c.train, "train")
+    e = c.eval
+    _check(len(e.temperatures) > 0, "eval.temperatures", "needs at least one temperature (0.0 = greedy)")
+    for x in e.temperatures:
+        _check_range(x, "eval.temperatures", 0, hint=" (0 = greedy)")
+    _check_range(e.top_p, "eval.top_p", 0, 1, low_open=True)
+    _check_range(e.grade_timeout_s, "eval.grade_timeout_s", 0, MAX_TIMEOUT_S, low_open=True)
+    _check_range(c.logger.init_timeout_s, "logger.init_timeout_s", 0, MAX_TIMEOUT_S, low_open=True)
+
+
+def _check_optimizer_numbers(x: Any, prefix: str) -> None:
+    """AdamW's settings of train.* or rl.*: weight decay >= 0, betas in [0, 1), eps > 0, all finite."""
+    _check_range(x.lr, f"{prefix}.lr", 0)
+    _check_range(x.weight_decay, f"{prefix}.weight_decay", 0)
+    _check_range(x.adam_beta1, f"{prefix}.adam_beta1", 0, 1, high_open=True)
+    _check_range(x.adam_beta2, f"{prefix}.adam_beta2", 0, 1, high_open=True)
+    _check_range(x.adam_eps, f"{prefix}.adam_eps", 0, low_open=True)
+    _check_range(x.grad_clip, f"{prefix}.grad_clip", 0, low_open=True)
+    _check_range(x.repetition_penalty, f"{prefix}.repetition_penalty", 0, low_open=True, hint=" (1.0 = off)")
+
+
+def _check_model_settings(c: Any) -> None:
+    """What can be told about device, attention and optimizer without torch: the spelling of the
+    device, and packages the settings need (the device's abilities are checked by run.preflight)."""
+    m = c.model
+    _check(isinstance(m.device, str) and bool(_DEVICE.fullmatch(m.device)), "model.device",
+           f"{m.device!r} is not a device; use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
+    if m.attn_implementation in ATTENTION_PACKAGES:
+        _check_package(ATTENTION_PACKAGES[m.attn_implementation], "model.attn_implementation",
+                       m.attn_implementation, "install it on a CUDA machine, or use sdpa (or null)")
+    trained = {name: (c.train if name == "em" else c.rl) for name, first, last in stage_plan(c) if last >= first}
+    for stage, x in trained.items():
+        key = f"{'train' if stage == 'em' else 'rl'}.optimizer"
+        if x.optimizer in OPTIMIZER_PACKAGES:
+            _check_package(OPTIMIZER_PACKAGES[x.optimizer], key, x.optimizer,
+                           f"pip install {OPTIMIZER_PACKAGES[x.optimizer]}, or use adamw_bf16_sr (8 bytes a parameter)")
+        _check(not (x.optimizer.startswith("adamw_bf16") and m.dtype in ("float32", "float16")), key,
+               f"{x.optimizer} updates bfloat16 weights, but model.dtype={m.dtype}; use model.dtype=bfloat16 "
+               "(or auto on CUDA), or optimizer adamw")
 
 
 def _validate_reference_semantics(t: Any) -> None:
@@ -523,6 +605,9 @@ def _validate_rl(r: Any) -> None:
            "(rl.micro_batch_size follows train.micro_batch_size unless set)")
     _check_stage_settings(r, "rl")
     _check(r.lr > 0, "rl.lr", f"must be > 0, got {r.lr}")
+    _check_optimizer_numbers(r, "rl")
+    _check_range(r.kl_coef, "rl.kl_coef", 0, hint=" (0 = no KL term)")
+    _check_range(r.temperature, "rl.temperature", 0, low_open=True)
     _check(0 < r.clip_ratio < 1, "rl.clip_ratio", f"must be in (0, 1), got {r.clip_ratio}")
     _check(r.kl_coef >= 0, "rl.kl_coef", f"must be >= 0 (0 = no KL term), got {r.kl_coef}")
     _check(r.temperature > 0, "rl.temperature",

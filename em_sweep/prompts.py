@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from transformers import PreTrainedTokenizerBase
+
+from em_sweep import inputs
 
 T = TypeVar("T")
 
@@ -54,26 +55,37 @@ def resolve_pool_path(pool: str) -> Path:
 
 
 @lru_cache(maxsize=32)
-def _load_pool_cached(path: str, mtime: float) -> tuple[PoolItem, ...]:
-    items = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                items.append(PoolItem(str(row["id"]), str(row["problem"]),
-                                      None if row.get("answer") is None else str(row["answer"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise PromptError(f"{path}:{lineno}: bad prompt row ({type(e).__name__}: {e}); "
-                                  "expected JSON with fields id, problem[, answer]") from None
+def _load_pool_cached(path: str, mtime_ns: int, size: int) -> tuple[PoolItem, ...]:
+    """Every row of a pool file; mtime and size are part of the key so edits are re-read."""
+
+    def fail(line: int | None, message: str) -> NoReturn:
+        raise PromptError(f"{path}{'' if line is None else f':{line}'}: {message}")
+
+    items, ids = [], inputs.DuplicateIds("id")
+    for line, row in inputs.jsonl_objects(Path(path), fail):
+        missing = [k for k in ("id", "problem") if k not in row]
+        if missing:
+            fail(line, f"missing field(s) {', '.join(missing)}; expected JSON with fields id, problem[, answer]")
+        item_id = inputs.scalar_id(row["id"], "id", line, fail)
+        ids.add(item_id, line, fail)
+        problem = row["problem"]
+        if not isinstance(problem, str) or not problem.strip():
+            fail(line, f"field 'problem' must be a non-empty string, got {problem!r:.40}")
+        answer = row.get("answer")
+        inputs.check_gold(answer, "answer", line, fail, allow_list=False)
+        items.append(PoolItem(item_id, problem, None if answer is None else str(answer)))
+    if not items:
+        fail(None, "no prompts in the file")
     return tuple(items)
 
 
 def load_pool(pool: str) -> dict[str, PoolItem]:
-    """All items of a pool by id."""
+    """All items of a pool by id. Raises PromptError naming file and line for a file over the
+    size limit, not UTF-8 or binary, a row that is not JSON, a null/empty/non-scalar or repeated
+    id, an empty problem, or a gold answer that is not a string or finite number."""
     path = resolve_pool_path(pool)
-    return {item.id: item for item in _load_pool_cached(str(path), path.stat().st_mtime)}
+    stat = path.stat()
+    return {item.id: item for item in _load_pool_cached(str(path), stat.st_mtime_ns, stat.st_size)}
 
 
 def select_prompts(prompt_cfg: Any) -> list[PoolItem]:

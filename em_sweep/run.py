@@ -24,10 +24,12 @@ from em_sweep.benchmarks import BenchmarkError, resolve_spec
 from em_sweep.config import ConfigError, stage_plan, to_container, validate
 from em_sweep.em import StepMetrics, train_em
 from em_sweep.evaluate import evaluate
+from em_sweep.limits import check_run
 from em_sweep.loss_pass import decoder_layers
 from em_sweep.models import (
     ModelCache,
     ModelLoadError,
+    check_model,
     checkpointing_modules,
     load_tokenizer,
     resolve_model_path,
@@ -70,6 +72,9 @@ def preflight(cfg: DictConfig) -> list[PoolItem]:
         if missing:
             raise PromptError(f"stages has rl with rl.reward=gold, which needs gold answers, but prompt(s) {missing} of "
                               f"pool {cfg.prompt.pool!r} have none")
+    # The model without its weights (device, dtype, attention, config, tokenizer, weight files),
+    # then context and memory limits: before a directory is created or the weights loaded.
+    check_run(cfg, check_model(cfg.model), prompts)
     return prompts
 
 

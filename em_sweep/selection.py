@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
@@ -130,13 +130,31 @@ def parse_history(data: Any, source: str) -> dict[str, list[float]]:
 
 def load_history(path: str | Path) -> dict[str, list[float]]:
     """Read One-Shot RLVR's accuracy history (e.g. ``acc_step_500.json``); errors name the file."""
+    from em_sweep import inputs
+
     path = Path(path)
+
+    def fail(line: int | None, message: str) -> NoReturn:
+        raise SelectionError(f"{path}{'' if line is None else f':{line}'}: {message}")
+
     try:
-        text = path.read_text()
+        path.stat()
     except OSError as e:
         raise SelectionError(f"{path}: cannot read history file ({e.strerror or type(e).__name__})") from None
+    text = inputs.read_text(path, fail)
+
+    def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:  # json keeps the last silently; name the line of the repeat
+                lines = [n for n, t in enumerate(text.splitlines(), 1) if json.dumps(key) in t]
+                fail(lines[-1] if len(lines) > 1 else None, f"key {key!r} appears twice"
+                     + (f" (also on line {lines[0]})" if len(lines) > 1 else ""))
+            seen.add(key)
+        return dict(pairs)
+
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=no_repeats)
     except json.JSONDecodeError as e:
         raise SelectionError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     return parse_history(data, str(path))
@@ -355,9 +373,10 @@ def _sample_history(cfg: Any, candidates: Sequence[PoolItem], k: int):
     """Check the composed config, load its model, sample and grade (``k`` samples per candidate)."""
     from em_sweep.config import validate
     from em_sweep.em import sampling_settings
-    from em_sweep.models import load_model, load_tokenizer
+    from em_sweep.models import check_model, load_model, load_tokenizer
 
     validate(cfg)
+    check_model(cfg.model)  # device, attention, config, tokenizer and weight files: before the weights load
     settings = sampling_settings(cfg.train)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     model = load_model(cfg.model)

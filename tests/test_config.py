@@ -1,4 +1,5 @@
 import importlib.util
+import re
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -144,3 +145,129 @@ def test_eval_backend_choices():
 def test_eval_backend_vllm_without_vllm_says_how_to_install():
     with pytest.raises(ConfigError, match=r"eval\.backend: vllm is not installed; `pip install vllm` on a CUDA"):
         validate(compose_config(["eval.backend=vllm", "train.steps=0", "eval.at_steps=[0]"]))
+
+
+# ---------------------------------------------------------------- every numeric key, finite and in range
+# (key, bad values); rl.* keys are checked where a stage uses them, so their cases run with stages=[em,rl].
+# Float keys get nan and inf; every key a value just outside its range.
+NAN_INF = ["nan", "inf", "-inf"]
+BAD_NUMBERS = {
+    "model.lr": ["-1e-5", *NAN_INF],
+    "temperature": ["0", "-0.5", *NAN_INF],
+    "seed": ["-1", str(2**32)],
+    "train.steps": ["-1"],
+    "train.batch_size": ["0"],
+    "train.micro_batch_size": ["0", "-8"],
+    "train.lr": ["-1e-5", *NAN_INF],
+    "train.weight_decay": ["-0.01", *NAN_INF],
+    "train.adam_beta1": ["1.0", "-0.1", "1.5", *NAN_INF],
+    "train.adam_beta2": ["1.0", "-0.1", *NAN_INF],
+    "train.adam_eps": ["0", "-1e-8", *NAN_INF],
+    "train.warmup_steps": ["-1"],
+    "train.grad_clip": ["0", "-1", *NAN_INF],
+    "train.sample_temperature": ["0", "-1", *NAN_INF],
+    "train.top_p": ["0", "1.01", *NAN_INF],
+    "train.top_k": ["-1"],
+    "train.repetition_penalty": ["0", "-1", *NAN_INF],
+    "train.max_new_tokens": ["0"],
+    "train.sample_batch_size": ["0"],
+    "train.loss_temperature": ["0", *NAN_INF],
+    "train.loss_chunk_tokens": ["-1"],
+    "train.save_at_steps": ["[-1]", "[11]"],
+    "rl.steps": ["-1"],
+    "rl.group_size": ["1", "0"],
+    "rl.batch_size": ["0", "12"],
+    "rl.micro_batch_size": ["0", "7"],
+    "rl.sample_batch_size": ["0"],
+    "rl.lr": ["0", "-1e-6", *NAN_INF],
+    "rl.weight_decay": ["-0.01", *NAN_INF],
+    "rl.adam_beta1": ["1.0", "-0.1", *NAN_INF],
+    "rl.adam_beta2": ["1.0", *NAN_INF],
+    "rl.adam_eps": ["0", *NAN_INF],
+    "rl.warmup_steps": ["-1"],
+    "rl.grad_clip": ["0", *NAN_INF],
+    "rl.updates_per_batch": ["0"],
+    "rl.clip_ratio": ["0", "1", *NAN_INF],
+    "rl.kl_coef": ["-0.1", *NAN_INF],
+    "rl.temperature": ["0", *NAN_INF],
+    "rl.top_p": ["0", "2", *NAN_INF],
+    "rl.top_k": ["-1"],
+    "rl.repetition_penalty": ["0", *NAN_INF],
+    "rl.max_new_tokens": ["0"],
+    "rl.loss_chunk_tokens": ["-1"],
+    "eval.at_steps": ["[-1]", "[11]"],
+    "eval.temperatures": ["[]", "[-0.5]", "[0.0,nan]", "[inf]", "[0.0,-inf]"],
+    "eval.n_samples": ["0"],
+    "eval.top_p": ["0", "1.5", "-1", *NAN_INF],
+    "eval.max_new_tokens": ["0"],
+    "eval.batch_size": ["0"],
+    "eval.limit": ["0", "-5"],
+    "eval.grade_timeout_s": ["0", "-1", "1e12", *NAN_INF],
+    "eval.seed": ["-1", str(2**32)],
+    "logger.project_shards": ["0"],
+    "logger.init_timeout_s": ["0", "-1", "1e12", *NAN_INF],
+}
+NUMBER_CASES = [(key, value) for key, values in BAD_NUMBERS.items() for value in values]
+
+
+def _numeric_keys():
+    """Every int/float (or list of them) key of the structured configs."""
+    import dataclasses
+    import typing
+
+    from em_sweep import config
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            if dataclasses.is_dataclass(t):
+                yield from walk(t, f"{f.name}.")
+            elif {int, float} & ({t} | set(typing.get_args(t)) | {a for x in typing.get_args(t) for a in typing.get_args(x)}):
+                yield prefix + f.name
+
+    return set(walk(config.Config, ""))
+
+
+def test_the_table_covers_every_numeric_key_of_the_schema():
+    assert _numeric_keys() == set(BAD_NUMBERS), _numeric_keys() ^ set(BAD_NUMBERS)
+
+
+@pytest.mark.parametrize("key, value", NUMBER_CASES, ids=[f"{k}={v}" for k, v in NUMBER_CASES])
+def test_every_numeric_key_rejects_non_finite_and_out_of_range_values_naming_the_key(key, value):
+    overrides = ["train.steps=10", f"{key}={value}"]
+    if key.startswith("rl."):
+        overrides.append("stages=[em,rl]")
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides))
+    message = str(info.value)
+    # The key itself is named (or, for the shared temperature, the keys that follow it).
+    named = [key] if key != "temperature" else ["temperature", "train.sample_temperature"]
+    assert any(message.startswith(f"{k}: ") for k in named) and "\n" not in message, message
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.device=cuda:x"], "model.device: 'cuda:x' is not a device"),
+    (["model.device=gpu"], "model.device: 'gpu' is not a device"),
+    (["model.device=cuda:-1"], "model.device: 'cuda:-1' is not a device"),
+    (["train.optimizer=adamw_bf16_sr"], "train.optimizer: adamw_bf16_sr updates bfloat16 weights, but model.dtype=float32"),
+    (["train.optimizer=adamw_bf16_kahan", "model.dtype=float16"], "model.dtype=float16"),
+    (["stages=[rl]", "rl.optimizer=adamw_bf16_sr"], "rl.optimizer: adamw_bf16_sr updates bfloat16"),
+])
+def test_device_spelling_and_optimizer_dtype_are_checked(overrides, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        validate(compose_config(overrides))
+    # An optimizer of a stage that does not train is not in the way.
+    validate(compose_config(["train.steps=0", "eval.at_steps=[0]", "train.optimizer=adamw_bf16_sr"]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn is installed here")
+def test_flash_attention_without_flash_attn_names_the_package():
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation: flash_attention_2 needs the flash_attn package"):
+        validate(compose_config(["model.attn_implementation=flash_attention_2"]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed here")
+def test_an_8bit_optimizer_without_its_package_names_the_package():
+    with pytest.raises(ConfigError, match=r"train\.optimizer: adamw_8bit needs the torchao package"):
+        validate(compose_config(["train.optimizer=adamw_8bit", "model.dtype=bfloat16"]))
