@@ -1,7 +1,6 @@
 """Bad input files: one line naming the file and line, before anything is loaded or computed, for
 prompt pools (runs and `em-sweep select-prompts`), custom benchmarks and selection histories."""
 
-import argparse
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 from em_sweep import inputs
 from em_sweep.config import ConfigError, validate
 from em_sweep.prompts import PromptError, load_pool
-from em_sweep.selection import SelectionError, cmd_select_prompts, load_history
+from em_sweep.selection import SelectionError, load_history
 from tests.conftest import ROOT, compose_config
 
 GOOD_POOL = [b'{"id": "a", "problem": "1+1?", "answer": "2"}', b'{"id": "b", "problem": "2+2?", "answer": 4}']
@@ -136,11 +135,14 @@ def test_bad_history_files_fail_in_one_line_naming_file_and_line(tmp_path, name)
 
 @pytest.mark.parametrize("case", ["latin1", "problem_null", "id_duplicate", "answer_nan"])
 def test_select_prompts_reports_a_bad_pool_in_one_line(tmp_path, capsys, case):
+    from em_sweep.cli import main
+
     lines, line, fragment = BAD_POOLS[case]
     path = _write(tmp_path / f"{case}.jsonl", lines)
-    args = argparse.Namespace(arguments=[f"pool={path}", "k=2"], history=None, out_dir=str(tmp_path / "conf"),
-                              ranking=str(tmp_path / "r.json"), force=False)
-    assert cmd_select_prompts(args) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["select-prompts", f"select.pool={path}", "select.k=2", f"select.out_dir={tmp_path / 'conf'}",
+              f"select.ranking={tmp_path / 'r.json'}", f"paths.root={tmp_path}"])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == err.splitlines()[0] and err.startswith(f"error: {path}:{line}: ") and fragment in err
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "conf").exists()

@@ -160,13 +160,12 @@ def test_launch_names_a_corrupt_model_in_one_line_and_creates_nothing(tmp_path):
 
 
 def test_select_prompts_names_a_corrupt_model_before_loading_it(tmp_path, capsys):
-    import argparse
-
-    from em_sweep.selection import cmd_select_prompts
+    from em_sweep.cli import main
 
     d = _broken_model(tmp_path, "no_tokenizer")
-    args = argparse.Namespace(arguments=["pool=arith_pool", "k=2", "limit=2", f"model.path={d}"], history=None,
-                              out_dir=str(tmp_path / "conf"), ranking=str(tmp_path / "r.json"), force=False)
-    assert cmd_select_prompts(args) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["select-prompts", "select.pool=arith_pool", "select.k=2", "select.limit=2", f"model.path={d}",
+              f"select.out_dir={tmp_path / 'conf'}", f"select.ranking={tmp_path / 'r.json'}", f"paths.root={tmp_path}"])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model.path: no tokenizer in") and "\n" not in err, err
