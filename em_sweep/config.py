@@ -102,7 +102,8 @@ class TrainConfig:
     # variant that fits the device (exact fp32-master adamw, else Kahan, else stochastic rounding).
     optimizer: str = "auto"
     # How responses are generated (em_sweep/sample.py BACKENDS): auto | hf | static | static_eager |
-    # static_compile. auto: static KV cache replayed as CUDA graphs on CUDA for Qwen2/Llama-family
+    # static_compile | continuous | continuous_compile (continuous batching, docs/generation.md; the
+    # RL stage's rollouts gain when rl.batch_size > rl.sample_batch_size). auto: static KV cache replayed as CUDA graphs on CUDA for Qwen2/Llama-family
     # models, HF generate otherwise (CPU unchanged). Greedy output is identical across backends.
     generation_backend: str = "auto"
     # Run the loss pass's decoder layers as torch.compile'd code (em.compiled_layers: fused norms,
@@ -193,6 +194,15 @@ class EvalConfig:
     # | vllm (em_sweep/vllm_backend.py; optional, CUDA only). vLLM loads the weights from
     # model.path, so it scores saved models only: train.steps=0 or `em-sweep eval`.
     backend: str = "hf"
+    # How eval.backend=hf decodes (em_sweep/sample.py BACKENDS, docs/generation.md). continuous:
+    # continuous batching over the static KV cache: eval.batch_size slots, a row that ended (EOS
+    # or max_new_tokens) hands its slot to the next prompt, longest prompts first; graphs on CUDA,
+    # eager on CPU; continuous_compile: its step through torch.compile. A model the static decoder
+    # does not support gets static batches (auto) with the reason logged. auto | hf | static* :
+    # static batches of eval.batch_size length-sorted prompts, each decoded until its longest
+    # response ends. Greedy responses are identical across all; sampled ones are drawn
+    # differently (same distribution). Speed only: not part of the run id.
+    generation_backend: str = "continuous"
 
 
 @dataclass
@@ -255,7 +265,8 @@ KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
 # Kept in step with em_sweep.optim.OPTIMIZERS and em_sweep.sample.BACKENDS (tests/test_optim.py
 # checks); spelt out here so composing a config does not import torch.
 KNOWN_OPTIMIZERS = ("auto", "adamw", "adamw_bf16_sr", "adamw_bf16_kahan", "adamw_8bit")
-KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile")
+KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile", "continuous",
+                             "continuous_compile")
 KNOWN_EVAL_BACKENDS = ("hf", "vllm")
 # A benchmark's name becomes a W&B key and a results column: keep it plain.
 _BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -324,6 +335,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _check_benchmarks(e.benchmarks)
     _check(e.backend in KNOWN_EVAL_BACKENDS, "eval.backend",
            f"unknown {e.backend!r}; choose from {KNOWN_EVAL_BACKENDS}")
+    _check(e.generation_backend in KNOWN_GENERATION_BACKENDS, "eval.generation_backend",
+           f"unknown {e.generation_backend!r}; choose from {KNOWN_GENERATION_BACKENDS}")
     if e.backend == "vllm":
         # vLLM loads weights from model.path; EM changes them in memory, so only steps=0 is honest.
         _check(total == 0, "eval.backend",

@@ -4,8 +4,10 @@ Generation, extraction and grading are separate steps (extraction and grading li
 :mod:`em_sweep.grading`). Generation has one interface, :func:`generate_responses`, over two
 backends (``eval.backend``): ``hf``, the run's in-memory model through :mod:`em_sweep.sample`
 (prompts sorted by length so each batch pads little), and ``vllm``
-(:mod:`em_sweep.vllm_backend`, the saved weights at the model's path). The sampling seed is
-the same at every training step so steps are comparable.
+(:mod:`em_sweep.vllm_backend`, the saved weights at the model's path). ``hf`` decodes with
+``eval.generation_backend``: by default continuous batching (all of a benchmark's prompts in one
+call, ``eval.batch_size`` slots), else static batches. The sampling seed is the same at every
+training step so steps are comparable.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from em_sweep.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spec
 from em_sweep.grading import extract_answer, grade_many
 from em_sweep.prompts import format_eval_prompt
-from em_sweep.sample import SamplingSettings, sample_responses
+from em_sweep.sample import CONTINUOUS, SamplingSettings, resolve_backend, sample_responses
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,14 @@ def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
             raise TypeError("eval.backend=vllm scores a vllm_backend.SavedModel (vllm_backend.saved_model(cfg.model)), "
                             f"not a loaded {type(model).__name__}")
         return vllm_backend.generate(model, tokenizer, texts, n, settings, seed=eval_cfg.seed)
+    if resolve_backend(model, settings.backend) in CONTINUOUS:  # one call; it orders and batches the prompts
+        jobs = [(i, k) for i in range(len(texts)) for k in range(n)]
+        out = sample_responses(model, tokenizer, [texts[i] for i, _ in jobs], settings,
+                               batch_size=eval_cfg.batch_size, seed=eval_cfg.seed)
+        responses = [[""] * n for _ in texts]
+        for (i, k), text in zip(jobs, out.texts, strict=True):
+            responses[i][k] = text
+        return responses
     jobs = sorted(((i, k) for i in range(len(texts)) for k in range(n)), key=lambda ik: len(texts[ik[0]]))
     responses = [[""] * n for _ in texts]
     for b, start in enumerate(range(0, len(jobs), eval_cfg.batch_size)):
@@ -79,7 +89,8 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     problems: list[Problem] = load_benchmark(spec, limit=eval_cfg.limit)
     n = samples_per_problem(eval_cfg, spec.repeats, temperature)
     texts = [format_eval_prompt(tokenizer, p.question, eval_cfg.template) for p in problems]
-    settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens)
+    settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens,
+                                backend=eval_cfg.generation_backend)
     responses = generate_responses(model, tokenizer, texts, n, settings, eval_cfg)  # [problem][sample]
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
     extracted = [extract_answer(responses[i][k]) for i, k in order]

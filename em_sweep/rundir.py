@@ -33,6 +33,9 @@ NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
 NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
     "train": ("compile_loss", "share_prompt_pass"),
     "rl": ("compile_loss", "share_prompt_pass"),
+    # Greedy evaluation is identical token for token; sampled evaluation draws other samples of
+    # the same distribution.
+    "eval": ("generation_backend",),
 }
 
 RESULTS = "results.json"
