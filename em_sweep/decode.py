@@ -606,7 +606,7 @@ class ContinuousDecoder(StaticDecoder):
         self.row_columns = True
         self.columns = torch.zeros(batch, dtype=torch.long, device=self.device)  # next column written
         self.count = torch.zeros(batch, dtype=torch.long, device=self.device)  # tokens generated
-        self.limit = torch.zeros(1, dtype=torch.long, device=self.device)  # max_new_tokens
+        self.limit = torch.zeros(batch, dtype=torch.long, device=self.device)  # each row's token budget
         self.keys = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.vocab_hash = _mix32(torch.arange(self.head.weight.shape[0], device=self.device))
         self._step_fn = self._continuous_step
@@ -643,7 +643,7 @@ class ContinuousDecoder(StaticDecoder):
         self.current.fill_(self.settings.pad_id)
         self.limit.fill_(max_new_tokens)
 
-    def _start(self, slots: list[int], prompts: list[torch.Tensor], keys: list[int]) -> None:
+    def _start(self, slots: list[int], prompts: list[torch.Tensor], keys: list[int], budgets: list[int]) -> None:
         """Prefill ``prompts`` (1-D token ids) into cache rows ``slots`` and choose their first tokens."""
         b, width = len(prompts), max(len(p) for p in prompts)
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
@@ -673,6 +673,7 @@ class ContinuousDecoder(StaticDecoder):
             h = self._layers(self.decoder.embed_tokens(ids[rows]), cos, sin, bias, idx[rows], slice(0, width), width)
             last.append(h[:, -1])
         self.keys[idx] = torch.tensor(keys, dtype=torch.long, device=self.device)
+        self.limit[idx] = torch.tensor(budgets, dtype=torch.long, device=self.device)
         self.count[idx] = 0
         noise = None if self.settings.greedy else row_noise(self.vocab_hash, self.keys[idx], self.count[idx])
         token = choose_tokens(self.head(torch.cat(last)).float(), self.seen[idx] if self.penalize else None,
@@ -680,7 +681,7 @@ class ContinuousDecoder(StaticDecoder):
         self.out[idx] = self.settings.pad_id
         self.out[idx, 0] = token
         self.count[idx] = 1
-        self.finished[idx] = (token[:, None] == self.eos).any(dim=-1) | (self.limit <= 1)
+        self.finished[idx] = (token[:, None] == self.eos).any(dim=-1) | (self.limit[idx] <= 1)
         if self.penalize:
             self.seen[idx, token] = True
         self.current[idx] = token
@@ -688,14 +689,19 @@ class ContinuousDecoder(StaticDecoder):
         self.columns[idx] = width
 
     @torch.no_grad()
-    def run(self, prompts: list[torch.Tensor], keys: list[int], max_new_tokens: int) -> list[torch.Tensor]:
-        """Generated tokens of each prompt (1-D, through its first EOS or ``max_new_tokens``), in
-        the order given; prompts are started in that order as slots free up."""
+    def run(self, prompts: list[torch.Tensor], keys: list[int], max_new_tokens: int,
+            budgets: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Generated tokens of each prompt (1-D, through its first EOS or its budget: ``budgets[i]``,
+        default ``max_new_tokens``), in the order given; prompts are started in that order as
+        slots free up."""
         if max(len(p) for p in prompts) + max_new_tokens > self.cache_len:
             raise ValueError(f"prompt + {max_new_tokens} new tokens exceed the cache ({self.cache_len})")
+        budgets = [max_new_tokens] * len(prompts) if budgets is None else [min(int(b), max_new_tokens)
+                                                                          for b in budgets]
         self._reset(max_new_tokens)
         if self.use_graphs and not self.graphs:
-            self._capture_continuous()
+            self._capture()  # from the all-slots-empty state, which warm-up steps keep
+            self._reset(max_new_tokens)
         clock = _Clock(self.device)
         queue = list(range(len(prompts)))[::-1]  # pop() takes the next
         job = [-1] * self.batch  # the request each slot decodes; -1 = free
@@ -716,7 +722,7 @@ class ContinuousDecoder(StaticDecoder):
             if free and queue:
                 take = [queue.pop() for _ in range(min(len(free), len(queue)))]
                 slots = free[:len(take)]
-                self._start(slots, [prompts[j] for j in take], [keys[j] for j in take])
+                self._start(slots, [prompts[j] for j in take], [keys[j] for j in take], [budgets[j] for j in take])
                 width = max(len(prompts[j]) for j in take)
                 for s, j in zip(slots, take, strict=True):
                     job[s], upper[s] = j, width
@@ -744,18 +750,15 @@ class ContinuousDecoder(StaticDecoder):
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def _capture_continuous(self) -> None:
-        """Capture one step graph per bucket from the all-slots-empty state (which steps keep)."""
-        self._capture()
-        self._reset(int(self.limit))
-
 
 def generate_continuous(model: torch.nn.Module, prompts: list[torch.Tensor], keys: list[int],
                         settings: DecodeSettings, max_new_tokens: int, batch: int, use_graphs: bool = True,
-                        compile_step: bool = False) -> list[torch.Tensor]:
+                        compile_step: bool = False, budgets: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Generated tokens of each prompt (1-D ids without padding), with continuous batching over
     ``min(batch, len(prompts))`` slots; returned in the order given, which is also the order in
-    which prompts enter the batch. ``keys`` (:func:`row_keys`) seed each request's sampling noise.
+    which prompts enter the batch. ``keys`` (:func:`row_keys`) seed each request's sampling noise;
+    ``budgets`` (benchmarks: lengths forced on models that never emit EOS) cap each request's
+    new tokens below ``max_new_tokens``.
 
     Keeps one decoder per model, like :func:`generate_static` (same reuse rules).
     """
@@ -775,4 +778,4 @@ def generate_continuous(model: torch.nn.Module, prompts: list[torch.Tensor], key
         dec.key = key
         _DECODERS[model] = dec
     assert isinstance(dec, ContinuousDecoder)
-    return dec.run(prompts, keys, max_new_tokens)
+    return dec.run(prompts, keys, max_new_tokens, budgets)

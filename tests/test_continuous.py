@@ -151,3 +151,17 @@ def test_an_unknown_eval_generation_backend_is_one_clear_line():
 
     with pytest.raises(ConfigError, match="eval.generation_backend"):
         validate(compose_config(["eval.generation_backend=fast"]))
+
+
+def test_per_request_budgets_end_rows_like_an_eos_would():
+    """The benchmarks force response lengths with budgets: each row stops at its own, its tokens
+    a prefix of the unbounded run's."""
+    model, tok = random_qwen2(seed=4), word_tokenizer()
+    rows = [tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"][0] for t in prompts(6, seed=8)]
+    settings = decode.decode_settings(True, 1, 1, 0, 1.0, [], PAD)
+    keys = decode.row_keys(0, range(6))
+    full = decode.generate_continuous(model, rows, keys, settings, 20, batch=2)
+    budgets = [3, 20, 1, 7, 12, 5]
+    cut = decode.generate_continuous(model, rows, keys, settings, 20, batch=2, budgets=budgets)
+    assert [len(t) for t in full] == [20] * 6 and [len(t) for t in cut] == budgets
+    assert all(torch.equal(c, f[:len(c)]) for c, f in zip(cut, full, strict=True))
