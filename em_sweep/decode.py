@@ -573,17 +573,22 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+def _chain(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hash of (a, b), not symmetric in them (a hash of a xor'd with one of b would be, and with
+    seed 0 request r's step t would draw request t's step r noise)."""
+    return _mix32(((_mix32(a) ^ 0x5851F42D) + b) & M32)
+
+
 def row_keys(seed: int, jobs: Sequence[int]) -> list[int]:
     """Each request's noise key: a hash of (seed, the request's index in the caller's list)."""
-    seed_hash = _mix32(torch.tensor([seed & M32]))
-    return _mix32((seed_hash ^ torch.tensor(list(jobs), dtype=torch.long)) & M32).tolist()
+    return _chain(torch.tensor([seed & M32]), torch.tensor(list(jobs), dtype=torch.long)).tolist()
 
 
 def row_noise(vocab_hash: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise [B, V] for the exponential race, a pure function of (request key, token index,
     vocabulary id): a request draws the same noise whichever slot, batch or step it runs in.
     ``vocab_hash`` is _mix32(arange(V)); 24-bit uniforms, as float32 draws have."""
-    base = _mix32(keys ^ _mix32(counts & M32))
+    base = _chain(keys, counts)
     bits = _mix32(vocab_hash[None] ^ base[:, None])
     uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
     return -torch.log(uniform)
@@ -746,7 +751,9 @@ class ContinuousDecoder(StaticDecoder):
         tokens = sum(len(r) for r in results if r is not None)
         self.last_timing = {"seconds": seconds, "decode_steps": steps, "prefills": prefills, "batch": self.batch,
                             "requests": len(prompts), "generated_tokens": tokens,
-                            "slot_use": tokens / max(steps * self.batch, 1), "graphs": bool(self.graphs)}
+                            # decoding steps' share of slot-steps that produced a request's token
+                            "slot_use": (tokens - len(prompts)) / max(steps * self.batch, 1),
+                            "graphs": bool(self.graphs)}
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 

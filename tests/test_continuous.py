@@ -101,6 +101,13 @@ def test_row_noise_depends_on_request_and_token_index_only():
     assert torch.equal(noise, swapped.flip(0))
     assert not torch.equal(noise[1], noise[2])
     assert (noise > 0).all() and abs(float(noise.mean()) - 1.0) < 0.2  # Exp(1)
+    # Every (request, token index) has its own noise, seed 0 included (a symmetric hash of the two
+    # gave request r at step t request t's noise at step r), and races pick tokens uniformly.
+    keys0 = torch.tensor(decode.row_keys(0, range(32)))
+    draws = torch.stack([decode.row_noise(vocab_hash, keys0, torch.full((32,), t)) for t in range(32)])
+    assert draws.reshape(-1, 50).unique(dim=0).shape[0] == 32 * 32
+    counts = torch.bincount(draws.reshape(-1, 50).argmin(-1), minlength=50).float()
+    assert float(counts.std() / counts.mean()) < 0.35  # ~0.22 for 1,024 uniform draws over 50 tokens
 
 
 def test_an_unsupported_model_falls_back_to_static_batches_with_the_reason_logged(caplog):
