@@ -73,6 +73,26 @@ def summarize(folder: Path) -> str:
                     continue
                 lines.append(f"| {r['run']} | {name} | {p['batch']} | {p['tokens_per_s']} | {p['tokens_per_s_long']} | "
                              f"{p['four_benchmarks']['seconds']} |")
+    cb = [{**json.loads(f.read_text()), "run": f.stem} for f in files
+          if json.loads(f.read_text()).get("benchmark") == "continuous_batching"]
+    if cb:
+        lines += ["", "| run | problems | mean / cap response tokens | static tok/s (backend, slot use) | "
+                      "continuous tok/s (backend, slot use) | continuous / static |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in cb:
+            w, st, co = r["workload"], r.get("static", {}), r.get("continuous", {})
+            lines.append(f"| {r['run']} | {sum(w['problems'].values())} | {w['mean_response']} / {w['cap']} | "
+                         f"{st.get('tokens_per_s', '-')} ({st.get('backend', '-')}, {st.get('slot_use', '-')}) | "
+                         f"{co.get('tokens_per_s', '-')} ({co.get('backend', '-')}, {co.get('slot_use', '-')}) | "
+                         f"{r.get('ratio_continuous_over_static', '-')}x |")
+    for f in files:
+        r = json.loads(f.read_text())
+        if r.get("benchmark") == "parallel_runs":
+            runs = [v for k, v in r.items() if k.startswith("n") and isinstance(v, dict)]
+            lines.append(f"\nparallel_runs ({f.stem}, {r['shape']}): " + "; ".join(
+                f"{v['processes']} process(es): median step s {v['median_step_s']}, {v.get('steps_per_s')} steps/s"
+                + (f" ({v['throughput_ratio']}x one)" if "throughput_ratio" in v else "")
+                + (" ERRORS" if "errors" in v else "") for v in runs))
     return "\n".join(lines)
 
 

@@ -105,7 +105,8 @@ class TrainConfig:
     # variant that fits the device (exact fp32-master adamw, else Kahan, else stochastic rounding).
     optimizer: str = "auto"
     # How responses are generated (em_sweep/sample.py BACKENDS): auto | hf | static | static_eager |
-    # static_compile. auto: static KV cache replayed as CUDA graphs on CUDA for Qwen2/Llama-family
+    # static_compile | continuous | continuous_compile (continuous batching, docs/generation.md; the
+    # RL stage's rollouts gain when rl.batch_size > rl.sample_batch_size). auto: static KV cache replayed as CUDA graphs on CUDA for Qwen2/Llama-family
     # models, HF generate otherwise (CPU unchanged). Greedy output is identical across backends.
     generation_backend: str = "auto"
     # Run the loss pass's decoder layers as torch.compile'd code (loss_pass.compiled_layers: fused norms,
@@ -298,6 +299,15 @@ class EvalConfig:
     code_workers: int = 2
     # Decode with EM-INF (entropy-minimised logits at each position) instead of plain sampling.
     em_inf: EMInfConfig = field(default_factory=EMInfConfig)
+    # How eval.backend=hf decodes (em_sweep/sample.py BACKENDS, docs/generation.md). continuous:
+    # continuous batching over the static KV cache: eval.batch_size slots, a row that ended (EOS
+    # or max_new_tokens) hands its slot to the next prompt, longest prompts first; graphs on CUDA,
+    # eager on CPU; continuous_compile: its step through torch.compile. A model the static decoder
+    # does not support gets static batches (auto) with the reason logged. auto | hf | static* :
+    # static batches of eval.batch_size length-sorted prompts, each decoded until its longest
+    # response ends. Greedy responses are identical across all; sampled ones are drawn
+    # differently (same distribution). Speed only: not part of the run id.
+    generation_backend: str = "continuous"
 
 
 @dataclass
@@ -362,7 +372,8 @@ KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
 # Kept in step with em_sweep.optim.OPTIMIZERS and em_sweep.sample.BACKENDS (tests/test_optim.py
 # checks); spelt out here so composing a config does not import torch.
 KNOWN_OPTIMIZERS = ("auto", "adamw", "adamw_bf16_sr", "adamw_bf16_kahan", "adamw_8bit")
-KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile")
+KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile", "continuous",
+                             "continuous_compile")
 KNOWN_EVAL_BACKENDS = ("hf", "vllm")
 KNOWN_STEP_UNITS = ("update", "micro_step")
 KNOWN_RANK_SAMPLING = ("independent", "identical")
@@ -492,6 +503,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _check(e.code_workers >= 1, "eval.code_workers", f"must be >= 1, got {e.code_workers}")
     _check(e.backend in KNOWN_EVAL_BACKENDS, "eval.backend",
            f"unknown {e.backend!r}; choose from {KNOWN_EVAL_BACKENDS}")
+    _check(e.generation_backend in KNOWN_GENERATION_BACKENDS, "eval.generation_backend",
+           f"unknown {e.generation_backend!r}; choose from {KNOWN_GENERATION_BACKENDS}")
     if e.backend == "vllm":
         # vLLM loads weights from model.path; EM changes them in memory, so only steps=0 is honest.
         _check(total == 0, "eval.backend",

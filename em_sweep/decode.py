@@ -145,7 +145,8 @@ def race_candidates(top_p: float, vocab: int) -> int:
     return c if c <= MAX_RACE_CANDIDATES else 0
 
 
-def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, s: DecodeSettings) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, s: DecodeSettings,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens [B] from fp32 logits [B, V]: argmax when greedy, else a draw from the
     processed distribution.
 
@@ -158,13 +159,16 @@ def choose_tokens(logits: torch.Tensor, seen: torch.Tensor | None, s: DecodeSett
     nucleus, i.e. an exact sample of HF's renormalised top-p distribution (tie order among
     equal probabilities aside). If none of the C leaders is kept (probability below
     NUCLEUS_MISS by the choice of C), the most likely token is taken.
+
+    ``noise``: the Exp(1) draws [B, V] to race with (:func:`row_noise`); None draws them from
+    torch's generator.
     """
     c = race_candidates(s.top_p, logits.shape[-1]) if not s.greedy else 1
     scores = processed_scores(logits, seen, s, top_p=c == 0)
     if s.greedy:
         return scores.argmax(dim=-1)
     probs = scores.softmax(dim=-1)
-    race = probs / torch.empty_like(probs).exponential_()
+    race = probs / (torch.empty_like(probs).exponential_() if noise is None else noise)
     if s.top_p >= 1.0 or c == 0:
         return race.argmax(dim=-1)
     leaders = race.topk(c, dim=-1).indices  # [B, C], race order
@@ -218,9 +222,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _decode_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, col: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, w: dict[str, torch.Tensor | None], eps: float,
-                  scaling: float, n_heads: int, n_kv: int, head_dim: int, kv_len: int) -> torch.Tensor:
+                  scaling: float, n_heads: int, n_kv: int, head_dim: int, kv_len: int,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """One decoder layer for one new token, as a pure function of tensors: compiled once, it
-    serves every layer (their weights are arguments), so compilation costs one layer, not 28."""
+    serves every layer (their weights are arguments), so compilation costs one layer, not 28.
+    ``col``: the cache column written, one for all rows ([1]) or, with ``rows`` (arange(B)), one
+    per row ([B], continuous batching)."""
     b = h.shape[0]
     x = F.rms_norm(h, (h.shape[-1],), w["ln1"], eps)
     q = F.linear(x, w["q"], w["q_b"]).view(b, 1, n_heads, head_dim)
@@ -231,8 +238,12 @@ def _decode_layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: t
     q = _rotate(q.transpose(1, 2), cos, sin)
     k = _rotate(k.transpose(1, 2), cos, sin)
     v = F.linear(x, w["v"], w["v_b"]).view(b, 1, n_kv, head_dim).transpose(1, 2)
-    k_cache.index_copy_(2, col, k)
-    v_cache.index_copy_(2, col, v)
+    if rows is None:
+        k_cache.index_copy_(2, col, k)
+        v_cache.index_copy_(2, col, v)
+    else:
+        k_cache[rows, :, col] = k[:, :, 0]
+        v_cache[rows, :, col] = v[:, :, 0]
     qg = q.reshape(b, n_kv, n_heads // n_kv, head_dim)
     o = F.scaled_dot_product_attention(qg, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=bias,
                                        scale=scaling)
@@ -316,6 +327,8 @@ class StaticDecoder:
         self._step_fn = self._decode_step
         self._layer_fn = None
         self._choose_fn = choose_tokens
+        self.row_columns = False  # ContinuousDecoder: each row writes its own cache column
+        self.row_index = torch.arange(batch, device=self.device)
         self.layer_weights = [_layer_weights(layer) for layer in self.decoder.layers]
         if compile_step:
             # One compiled layer serves all layers; the sampling tail is compiled apart. Default
@@ -329,19 +342,21 @@ class StaticDecoder:
 
     # -- the model, through the static cache -------------------------------------------
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                rows: slice, write: slice | torch.Tensor, kv_len: int) -> torch.Tensor:
+                rows: slice | torch.Tensor, write: slice | torch.Tensor, kv_len: int) -> torch.Tensor:
         """Final hidden states of ``h`` [b, q, H] (cache rows ``rows``), writing K/V at ``write``
-        (a slice of columns: prefill; a 1-element column tensor: one decoding step)."""
+        (a slice of columns: prefill; a decoding step: a 1-element column tensor, or one column
+        per row when ``self.row_columns`` is set)."""
         b, q_len, _ = h.shape
         rep = self.n_heads // self.n_kv
         decoding = not isinstance(write, slice)
+        per_row = self.row_index if decoding and self.row_columns else None
         if decoding and self._layer_fn is not None:
             for i, entry in enumerate(self.layer_weights):
                 assert entry is not None
                 weights, eps = entry
                 h = self._layer_fn(h, cos, sin, bias, write, self.k[i], self.v[i], weights, eps,
                                    self.decoder.layers[i].self_attn.scaling, self.n_heads, self.n_kv,
-                                   self.head_dim, kv_len)
+                                   self.head_dim, kv_len, per_row)
             return _norm(self.decoder.norm, h)
         for i, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
@@ -354,8 +369,12 @@ class StaticDecoder:
             k = _rotate(k.transpose(1, 2), cos, sin)
             v = attn.v_proj(x).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
             if decoding:
-                self.k[i].index_copy_(2, write, k)
-                self.v[i].index_copy_(2, write, v)
+                if per_row is not None:
+                    self.k[i][per_row, :, write] = k[:, :, 0]
+                    self.v[i][per_row, :, write] = v[:, :, 0]
+                else:
+                    self.k[i].index_copy_(2, write, k)
+                    self.v[i].index_copy_(2, write, v)
                 # Grouped-query attention without copying K/V per query head: the query heads
                 # sharing a KV head become extra query rows of it (one mask row fits all).
                 qg = q.reshape(b, self.n_kv, rep * q_len, self.head_dim)
@@ -538,3 +557,232 @@ def decode_settings(greedy: bool, temperature: float, top_p: float, top_k: int, 
     return DecodeSettings(greedy=greedy, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                           repetition_penalty=float(repetition_penalty), eos_ids=tuple(int(e) for e in eos_ids),
                           pad_id=int(pad_id))
+
+
+# -- continuous batching ------------------------------------------------------------------
+M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (x in [0, 2^32) as int64; both multipliers < 2^31, so no product
+    leaves int64)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
+
+
+def _chain(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hash of (a, b), not symmetric in them (a hash of a xor'd with one of b would be, and with
+    seed 0 request r's step t would draw request t's step r noise)."""
+    return _mix32(((_mix32(a) ^ 0x5851F42D) + b) & M32)
+
+
+def row_keys(seed: int, jobs: Sequence[int]) -> list[int]:
+    """Each request's noise key: a hash of (seed, the request's index in the caller's list)."""
+    return _chain(torch.tensor([seed & M32]), torch.tensor(list(jobs), dtype=torch.long)).tolist()
+
+
+def row_noise(vocab_hash: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise [B, V] for the exponential race, a pure function of (request key, token index,
+    vocabulary id): a request draws the same noise whichever slot, batch or step it runs in.
+    ``vocab_hash`` is _mix32(arange(V)); 24-bit uniforms, as float32 draws have."""
+    base = _chain(keys, counts)
+    bits = _mix32(vocab_hash[None] ^ base[:, None])
+    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(uniform)
+
+
+class ContinuousDecoder(StaticDecoder):
+    """Continuous batching over the static cache: ``batch`` slots, each decoding its own request
+    from its own cache column; when a row ends (EOS or its token budget), its slot takes the
+    next queued prompt (prefilled into that row of the cache) while the other rows go on.
+
+    A row computes what it would compute in a static batch (same prompt tokens, positions,
+    attention over its own keys, penalty over its own tokens), so greedy output is the static
+    decoder's and HF generate's. Sampling races the row's own counter-based noise
+    (:func:`row_noise`), so a request's draws do not depend on its slot or neighbours.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, settings: DecodeSettings,
+                 use_graphs: bool, compile_step: bool = False) -> None:
+        super().__init__(model, batch, cache_len, settings, use_graphs, compile_step)
+        self.row_columns = True
+        self.columns = torch.zeros(batch, dtype=torch.long, device=self.device)  # next column written
+        self.count = torch.zeros(batch, dtype=torch.long, device=self.device)  # tokens generated
+        self.limit = torch.zeros(batch, dtype=torch.long, device=self.device)  # each row's token budget
+        self.keys = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.vocab_hash = _mix32(torch.arange(self.head.weight.shape[0], device=self.device))
+        self._step_fn = self._continuous_step
+
+    def _continuous_step(self, kv_len: int) -> None:
+        rows = self.row_index
+        self.key_bias[rows, 0, 0, self.columns] = 0.0  # each fed token's own column becomes visible
+        h = self.decoder.embed_tokens(self.current[:, None])
+        cos = self.cos[self.position][:, None, None]
+        sin = self.sin[self.position][:, None, None]
+        h = self._layers(h, cos, sin, self.key_bias[..., :kv_len], slice(None), self.columns, kv_len)
+        noise = None if self.settings.greedy else row_noise(self.vocab_hash, self.keys, self.count)
+        token = self._choose_fn(self.head(h[:, -1]).float(), self.seen if self.penalize else None, self.settings,
+                                noise)
+        active = ~self.finished
+        token = torch.where(active, token, torch.full_like(token, self.settings.pad_id))
+        self.out[rows, self.count] = token
+        step = active.long()
+        self.count.add_(step)
+        self.finished |= (token[:, None] == self.eos).any(dim=-1) | (self.count >= self.limit)
+        if self.penalize:
+            self.seen.scatter_(1, token[:, None], True)  # an ended row's pad mark is reset by its next prompt
+        self.current.copy_(token)
+        self.position.add_(step)  # an ended row stays where it is (its writes stay inside the cache)
+        self.columns.add_(step)
+
+    def _reset(self, max_new_tokens: int) -> None:
+        """Every slot empty (ended): steps leave them in bounds and change nothing that counts."""
+        self.out.fill_(self.settings.pad_id)
+        self.key_bias.fill_(float("-inf"))
+        self.finished.fill_(True)
+        for t in (self.count, self.columns, self.position, self.keys, self.seen):
+            t.zero_()
+        self.current.fill_(self.settings.pad_id)
+        self.limit.fill_(max_new_tokens)
+
+    def _start(self, slots: list[int], prompts: list[torch.Tensor], keys: list[int], budgets: list[int]) -> None:
+        """Prefill ``prompts`` (1-D token ids) into cache rows ``slots`` and choose their first tokens."""
+        b, width = len(prompts), max(len(p) for p in prompts)
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        ids = torch.full((b, width), self.settings.pad_id, dtype=torch.long, device=self.device)
+        valid = torch.zeros(b, width, dtype=torch.bool, device=self.device)
+        for r, p in enumerate(prompts):  # left padding, as in a static batch
+            ids[r, width - len(p):] = p
+            valid[r, width - len(p):] = True
+        self.key_bias[idx] = float("-inf")
+        self.key_bias[idx, 0, 0, :width] = torch.zeros(b, width, dtype=self.dtype, device=self.device).masked_fill(
+            ~valid, float("-inf"))
+        if self.penalize:  # prompt tokens count, left padding does not
+            counts = torch.zeros(b, self.seen.shape[1], dtype=torch.int32, device=self.device)
+            self.seen[idx] = counts.scatter_add_(1, ids, valid.int()) > 0
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        eye = torch.eye(width, dtype=torch.bool, device=self.device)
+        last = []
+        chunk = max(1, PREFILL_TOKENS // width)
+        for r0 in range(0, b, chunk):
+            rows = slice(r0, r0 + chunk)
+            allowed = (causal[None] & valid[rows, None, :]) | eye
+            bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            bias = bias.masked_fill_(~allowed, float("-inf"))[:, None]
+            cos = self.cos[positions[rows]][:, None]
+            sin = self.sin[positions[rows]][:, None]
+            h = self._layers(self.decoder.embed_tokens(ids[rows]), cos, sin, bias, idx[rows], slice(0, width), width)
+            last.append(h[:, -1])
+        self.keys[idx] = torch.tensor(keys, dtype=torch.long, device=self.device)
+        self.limit[idx] = torch.tensor(budgets, dtype=torch.long, device=self.device)
+        self.count[idx] = 0
+        noise = None if self.settings.greedy else row_noise(self.vocab_hash, self.keys[idx], self.count[idx])
+        token = choose_tokens(self.head(torch.cat(last)).float(), self.seen[idx] if self.penalize else None,
+                              self.settings, noise)
+        self.out[idx] = self.settings.pad_id
+        self.out[idx, 0] = token
+        self.count[idx] = 1
+        self.finished[idx] = (token[:, None] == self.eos).any(dim=-1) | (self.limit[idx] <= 1)
+        if self.penalize:
+            self.seen[idx, token] = True
+        self.current[idx] = token
+        self.position[idx] = valid.sum(-1)
+        self.columns[idx] = width
+
+    @torch.no_grad()
+    def run(self, prompts: list[torch.Tensor], keys: list[int], max_new_tokens: int,
+            budgets: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Generated tokens of each prompt (1-D, through its first EOS or its budget: ``budgets[i]``,
+        default ``max_new_tokens``), in the order given; prompts are started in that order as
+        slots free up."""
+        if max(len(p) for p in prompts) + max_new_tokens > self.cache_len:
+            raise ValueError(f"prompt + {max_new_tokens} new tokens exceed the cache ({self.cache_len})")
+        budgets = [max_new_tokens] * len(prompts) if budgets is None else [min(int(b), max_new_tokens)
+                                                                          for b in budgets]
+        self._reset(max_new_tokens)
+        if self.use_graphs and not self.graphs:
+            self._capture()  # from the all-slots-empty state, which warm-up steps keep
+            self._reset(max_new_tokens)
+        clock = _Clock(self.device)
+        queue = list(range(len(prompts)))[::-1]  # pop() takes the next
+        job = [-1] * self.batch  # the request each slot decodes; -1 = free
+        upper = [0] * self.batch  # host-side bound of each slot's next cache column (no sync needed)
+        results: list[torch.Tensor | None] = [None] * len(prompts)
+        # On CUDA a check synchronises (ends the queue of replays): every CHECK_EVERY steps, so a
+        # finished row idles at most CHECK_EVERY - 1 steps. On CPU a check is free.
+        check = CHECK_EVERY if self.device.type == "cuda" else 1
+        steps = prefills = 0
+        while True:
+            if any(j >= 0 for j in job):
+                ended, counts = self.finished.tolist(), self.count.tolist()
+                for s, j in enumerate(job):
+                    if j >= 0 and ended[s]:
+                        results[j] = self.out[s, :counts[s]].clone()
+                        job[s] = -1
+            free = [s for s, j in enumerate(job) if j < 0]
+            if free and queue:
+                take = [queue.pop() for _ in range(min(len(free), len(queue)))]
+                slots = free[:len(take)]
+                self._start(slots, [prompts[j] for j in take], [keys[j] for j in take], [budgets[j] for j in take])
+                width = max(len(prompts[j]) for j in take)
+                for s, j in zip(slots, take, strict=True):
+                    job[s], upper[s] = j, width
+                prefills += 1
+                continue  # rows that ended at their first token are harvested before any step
+            busy = [s for s, j in enumerate(job) if j >= 0]
+            if not busy:
+                break
+            for _ in range(check):
+                needed = min(max(upper[s] for s in busy) + 1, self.cache_len)
+                kv_len = next(b for b in self.buckets if b >= needed)
+                if self.graphs:
+                    self.graphs[kv_len].replay()
+                else:
+                    self._step_fn(kv_len)
+                for s in busy:
+                    upper[s] += 1
+                steps += 1
+        clock.mark()
+        (seconds,) = clock.seconds()
+        tokens = sum(len(r) for r in results if r is not None)
+        self.last_timing = {"seconds": seconds, "decode_steps": steps, "prefills": prefills, "batch": self.batch,
+                            "requests": len(prompts), "generated_tokens": tokens,
+                            # decoding steps' share of slot-steps that produced a request's token
+                            "slot_use": (tokens - len(prompts)) / max(steps * self.batch, 1),
+                            "graphs": bool(self.graphs)}
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+
+def generate_continuous(model: torch.nn.Module, prompts: list[torch.Tensor], keys: list[int],
+                        settings: DecodeSettings, max_new_tokens: int, batch: int, use_graphs: bool = True,
+                        compile_step: bool = False, budgets: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Generated tokens of each prompt (1-D ids without padding), with continuous batching over
+    ``min(batch, len(prompts))`` slots; returned in the order given, which is also the order in
+    which prompts enter the batch. ``keys`` (:func:`row_keys`) seed each request's sampling noise;
+    ``budgets`` (benchmarks: lengths forced on models that never emit EOS) cap each request's
+    new tokens below ``max_new_tokens``.
+
+    Keeps one decoder per model, like :func:`generate_static` (same reuse rules).
+    """
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"static decoding unavailable: {reason}")
+    if not prompts:
+        return []
+    b = min(batch, len(prompts))
+    cache_len = _round_up(max(len(p) for p in prompts) + max_new_tokens, ALIGN)
+    p = next(model.parameters())
+    key = ("continuous", b, cache_len, settings, p.dtype, p.device, use_graphs, compile_step)
+    dec = _DECODERS.get(model)
+    if dec is None or dec.key != key:
+        _DECODERS.pop(model, None)
+        dec = ContinuousDecoder(model, b, cache_len, settings, use_graphs, compile_step)
+        dec.key = key
+        _DECODERS[model] = dec
+    assert isinstance(dec, ContinuousDecoder)
+    return dec.run(prompts, keys, max_new_tokens, budgets)

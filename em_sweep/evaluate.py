@@ -4,8 +4,10 @@ Generation, extraction and grading are separate steps (extraction and grading li
 :mod:`em_sweep.grading`). Generation has one interface, :func:`generate_responses`, over two
 backends (``eval.backend``): ``hf``, the run's in-memory model through :mod:`em_sweep.sample`
 (prompts sorted by length so each batch pads little), and ``vllm``
-(:mod:`em_sweep.vllm_backend`, the saved weights at the model's path). The sampling seed is
-the same at every training step so steps are comparable.
+(:mod:`em_sweep.vllm_backend`, the saved weights at the model's path). ``hf`` decodes with
+``eval.generation_backend``: by default continuous batching (all of a benchmark's prompts in one
+call, ``eval.batch_size`` slots), else static batches. The sampling seed is the same at every
+training step so steps are comparable.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from em_sweep.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spe
 from em_sweep.calibration import calibration_summary, mean_token_logprobs
 from em_sweep.grading import EXTRACTION_RULES, cut_at_stop, extract, grade_many, grader_versions
 from em_sweep.objectives import em_inf_processor
-from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
+from em_sweep.sample import CONTINUOUS, SampleBatch, SamplingSettings, resolve_backend, sample_responses
 
 
 @dataclass(frozen=True)
@@ -120,11 +122,18 @@ def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
             raise TypeError("eval.backend=vllm scores a vllm_backend.SavedModel (vllm_backend.saved_model(cfg.model)), "
                             f"not a loaded {type(model).__name__}")
         return vllm_backend.generate(model, tokenizer, texts, n, settings, seed=eval_cfg.seed)
-    jobs = sorted(((i, k) for i in range(len(texts)) for k in range(n)), key=lambda ik: len(texts[ik[0]]))
-    responses = [[""] * n for _ in texts]
     stop_ids = stop_token_ids(tokenizer, list(eval_cfg.stop_strings))
-    em_inf = em_inf_processor(eval_cfg)
+    em_inf = em_inf_processor(eval_cfg)  # EM-INF adjusts logits inside HF generate
     processors = LogitsProcessorList([em_inf]) if em_inf is not None else None
+    responses = [[""] * n for _ in texts]
+    if processors is None and resolve_backend(model, settings.backend) in CONTINUOUS:
+        jobs = [(i, k) for i in range(len(texts)) for k in range(n)]  # one call: it orders and batches them
+        out = sample_responses(model, tokenizer, [texts[i] for i, _ in jobs], settings,
+                               batch_size=eval_cfg.batch_size, seed=eval_cfg.seed)
+        for (i, k), text in zip(jobs, response_texts(out, tokenizer, stop_ids), strict=True):
+            responses[i][k] = text
+        return responses
+    jobs = sorted(((i, k) for i in range(len(texts)) for k in range(n)), key=lambda ik: len(texts[ik[0]]))
     for b, start in enumerate(range(0, len(jobs), eval_cfg.batch_size)):
         chunk = jobs[start:start + eval_cfg.batch_size]
         out = sample_responses(model, tokenizer, [texts[i] for i, _ in chunk], settings,
@@ -152,7 +161,8 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     problems: list[Problem] = load_benchmark(spec, limit=eval_cfg.limit)
     n = samples_per_problem(eval_cfg, spec.repeats, temperature)
     texts = [families.prompt_text(tokenizer, spec.family, p, eval_cfg.template) for p in problems]
-    settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens)
+    settings = SamplingSettings(temperature=temperature, top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens,
+                                backend=eval_cfg.generation_backend)
     responses = generate_responses(model, tokenizer, texts, n, settings, eval_cfg)  # [problem][sample]
     # The toolkit's rules: cut at the stop strings, then extract (boxed, "####", "the answer is",
     # the last number); docs/evaluation.md.

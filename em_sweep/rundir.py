@@ -33,8 +33,10 @@ NON_SCIENCE_KEYS = ("paths", "logger", "name", "hydra")
 NOT_IN_RUN_ID: dict[str, tuple[str, ...]] = {
     "train": ("compile_loss", "share_prompt_pass"),
     "rl": ("compile_loss", "share_prompt_pass"),
-    # Which pass@k are reported and how many programs run at once change no result.
-    "eval": ("pass_k", "code_workers"),
+    # Which pass@k are reported and how many programs run at once change no result; greedy
+    # evaluation is identical token for token across generation backends (sampled evaluation draws
+    # other samples of the same distribution).
+    "eval": ("pass_k", "code_workers", "generation_backend"),
     "model": ("shape",),  # a label for cost estimates, not a setting
 }
 # The sandbox's limits change results of code benchmarks only: part of the id when one is evaluated.

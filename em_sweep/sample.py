@@ -5,7 +5,9 @@ batched, each sequence stopping at its own EOS. Two backends compute it (``Sampl
 HF ``generate`` (with a guard that fails fast if it ever runs without its KV cache, as HF
 does silently in train mode under gradient checkpointing), and :mod:`em_sweep.decode`'s
 static-cache decoder replayed as CUDA graphs (``auto`` picks it on CUDA for the
-architectures it supports; CPU stays on HF generate). The result is laid out as
+architectures it supports; CPU stays on HF generate), in static batches of ``batch_size``
+prompts, or (``continuous``) with continuous batching: ``batch_size`` slots, a slot whose row
+ended taking the next prompt, longest prompts first (eager on CPU; graphs on CUDA). The result is laid out as
 ``[left-padded prompt | response | right padding]`` with
 
 - ``attention_mask``: 1 on real tokens (prompt and generated, through the first EOS);
@@ -32,7 +34,11 @@ log = logging.getLogger(__name__)
 # auto: "static" on CUDA where em_sweep.decode supports the model, else "hf".
 # static: static KV cache, each decoding step a replayed CUDA graph (eager off CUDA).
 # static_eager: the same decoder without graphs; static_compile: its step through torch.compile.
-BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile")
+# continuous: the static decoder with continuous batching (graphs on CUDA, eager elsewhere);
+# continuous_compile: the same with static_compile's step. Where the static decoder does not
+# support the model they fall back to auto (static batches), with the reason logged.
+BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile", "continuous", "continuous_compile")
+CONTINUOUS = ("continuous", "continuous_compile")
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # 1.0 = off
     max_new_tokens: int = 512
     # How, not what: one of BACKENDS. The backends draw different samples for a seed (same
-    # distribution); greedy output is the same.
+    # distribution); greedy output is the same (and laid out the same).
     backend: str = "auto"
     # Stop on the tokenizer's EOS as well as the model's generation_config EOS ids (False: the
     # model's only, as HF generate does by default).
@@ -99,9 +105,20 @@ def response_masks(responses: torch.Tensor, eos_ids: list[int], prompt_mask: tor
 
 
 def resolve_backend(model: PreTrainedModel, backend: str) -> str:
-    """The concrete backend ``backend`` means for this model (see BACKENDS)."""
+    """The concrete backend ``backend`` means for this model (see BACKENDS). A continuous backend
+    the model cannot use resolves to auto's choice, with the reason logged once per model."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; choose from {BACKENDS}")
+    if backend in CONTINUOUS:
+        reason = decode.unsupported_reason(model)
+        if reason is None and model in _STATIC_FAILED:
+            reason = "the static decoder failed on this model before"
+        if reason is None:
+            return backend
+        if model not in _CONTINUOUS_WARNED:
+            _CONTINUOUS_WARNED.add(model)
+            log.warning("continuous batching unavailable (%s): static batches instead", reason)
+        backend = "auto"
     if backend != "auto":
         return backend
     if model.device.type != "cuda" or model in _STATIC_FAILED or decode.unsupported_reason(model) is not None:
@@ -111,6 +128,8 @@ def resolve_backend(model: PreTrainedModel, backend: str) -> str:
 
 # Models on which the static decoder raised under backend=auto: they stay on HF generate.
 _STATIC_FAILED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+# Models whose continuous-batching fallback was logged already.
+_CONTINUOUS_WARNED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 class GenerationWithoutCache(RuntimeError):
@@ -141,6 +160,23 @@ def kv_cache_guard(model: PreTrainedModel) -> Iterator[None]:
         handle.remove()
 
 
+def _continuous(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                settings: decode.DecodeSettings, max_new_tokens: int, batch_size: int, seed: int, pad_id: int,
+                compile_step: bool) -> torch.Tensor:
+    """Responses [N, T] (pad after each row's first EOS; T = the longest) in the prompts' order,
+    decoded with continuous batching, longest prompts first (their refill groups pad little)."""
+    rows = [prompt_ids[i][prompt_mask[i].bool()] for i in range(prompt_ids.shape[0])]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # stable: ties keep the caller's order
+    keys = decode.row_keys(seed, range(len(rows)))
+    out = decode.generate_continuous(model, [rows[i] for i in order], [keys[i] for i in order], settings,
+                                     max_new_tokens, batch_size, compile_step=compile_step)
+    width = max(len(t) for t in out)
+    responses = torch.full((len(rows), width), pad_id, dtype=torch.long, device=prompt_ids.device)
+    for i, tokens in zip(order, out, strict=True):
+        responses[i, :len(tokens)] = tokens
+    return responses
+
+
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str],
                      settings: SamplingSettings, batch_size: int, seed: int | None = None,
@@ -149,10 +185,14 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
     Deterministic for a given ``seed`` on CPU. Runs in eval mode with the KV cache on and
     restores the model's previous train/eval mode. ``logits_processor`` (e.g. EM-INF's) runs on
-    each step's logits before temperature / top-p, on HF generate.
+    each step's logits before temperature / top-p, on HF generate. Continuous backends:
+    ``batch_size`` is the number of slots; greedy responses are those of the static batches; a
+    sampled response is a function of (seed, its index in ``prompt_texts``, prompt, model) alone,
+    whatever slot or neighbours it had (up to floating-point differences of the batched matmuls on GPUs).
     """
     backend = "hf" if logits_processor is not None else resolve_backend(model, settings.backend)
-    fallback = settings.backend == "auto"  # auto may fall back to HF generate; an explicit choice may not
+    # auto and continuous may fall back to HF generate; an explicit static choice may not
+    fallback = settings.backend in ("auto", *CONTINUOUS)
     was_training = model.training
     model.eval()
     device = model.device
@@ -174,12 +214,26 @@ def sample_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     )
     static = decode.decode_settings(greedy, settings.temperature, settings.top_p, settings.top_k,
                                     settings.repetition_penalty, eos_ids, pad_id)
+    if backend in CONTINUOUS:
+        # No global RNG: per-request noise from a seed (a given one, else one drawn from torch's
+        # generator, so torch.manual_seed still governs it).
+        row_seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
     if seed is not None:
         torch.manual_seed(seed)
     chunks = []
     try:
         assert not model.training  # HF would silently drop the KV cache under gradient checkpointing
-        for start in range(0, len(prompt_texts), batch_size):
+        if backend in CONTINUOUS:
+            try:
+                chunks.append(_continuous(model, prompt_ids, prompt_mask, static, settings.max_new_tokens,
+                                          batch_size, row_seed, pad_id, compile_step=backend == "continuous_compile"))
+            except RuntimeError as e:
+                log.warning("continuous batching failed (%s: %s); this model uses HF generate from now on",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                _STATIC_FAILED.add(model)
+                decode.release(model)
+                backend = "hf"
+        for start in range(0, len(prompt_texts), batch_size) if backend not in CONTINUOUS else ():
             ids, mask = prompt_ids[start:start + batch_size], prompt_mask[start:start + batch_size]
             if backend == "hf":
                 with kv_cache_guard(model):
