@@ -33,14 +33,23 @@ def resolve_model_path(path: str) -> str:
             shipped = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()) if ASSETS.is_dir() else []
             raise ModelLoadError(f"model.path: no shipped model {path!r} (shipped: {shipped})")
         return str(local)
-    expanded = os.path.expanduser(path)
-    looks_local = path.startswith(("/", ".", "~")) or os.path.exists(expanded) or path.count("/") > 1
-    if looks_local:
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
+    local = local_model_dir(path)
+    if local is not None:
+        if not os.path.isfile(os.path.join(local, "config.json")):
             raise ModelLoadError(f"model.path: {path!r} is not a model directory (no config.json there)")
-        return expanded
+        return local
     _check_hub_id(path)
     return path
+
+
+def local_model_dir(path: str) -> str | None:
+    """The local directory ``model.path`` names (``pkg://`` assets, paths, existing folders), or
+    None for a hub id. Checks nothing."""
+    if path.startswith(PKG_PREFIX):
+        return str(ASSETS / path[len(PKG_PREFIX):])
+    expanded = os.path.expanduser(path)
+    looks_local = path.startswith(("/", ".", "~")) or os.path.exists(expanded) or path.count("/") > 1
+    return expanded if looks_local else None
 
 
 def _check_hub_id(repo_id: str) -> None:

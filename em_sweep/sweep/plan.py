@@ -361,6 +361,7 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
     runs: list[PlannedRun] = []
     seen: set[str] = set()
     check_inputs = _InputChecks(check_model_paths)
+    digests = rundir.InputDigests()
 
     def fail(job: Sequence[str], message: str) -> None:
         count, example = errors.get(message, (0, job))
@@ -388,11 +389,10 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
             config = combo.container if slow else combo.apply(varying)
             validate(_AttrDict(config))
             check_inputs(config)
+            run_dir = rundir.run_dir_for(config, digests)  # reads the inputs' digests, each input once
         except Exception as e:
             fail(job, _first_line(e))
             continue
-        view = _AttrDict(config)
-        run_dir = rundir.run_dir_for(view)  # type: ignore[arg-type]
         if str(run_dir) in seen:
             continue
         seen.add(str(run_dir))
@@ -407,7 +407,7 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
         more = [f"  ... and {len(errors) - MAX_REPORTED_ERRORS} other problems"] if len(errors) > MAX_REPORTED_ERRORS else []
         raise SweepError(f"{n_invalid} of {len(jobs)} runs have an invalid config; nothing was submitted:\n"
                          + "\n".join(listed + more))
-    complete = frozenset(r.run_id for r in runs if rundir.is_complete(Path(r.run_dir)))
+    complete = frozenset(r.run_id for r in runs if rundir.is_complete(Path(r.run_dir)))  # corrupt: not complete
     plan = SweepPlan(runs=runs, complete=complete, n_jobs=len(jobs), n_group_combinations=n_combinations,
                      seconds=time.perf_counter() - started)
     log.debug("planned %d runs from %d jobs (%d compositions) in %.2fs", len(runs), len(jobs),
