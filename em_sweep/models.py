@@ -5,16 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-log = logging.getLogger(__name__)
+from em_sweep.rundir import ASSETS, PKG_PREFIX, local_model_dir
 
-ASSETS = Path(__file__).parent / "assets"
-PKG_PREFIX = "pkg://"
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -40,16 +38,6 @@ def resolve_model_path(path: str) -> str:
         return local
     _check_hub_id(path)
     return path
-
-
-def local_model_dir(path: str) -> str | None:
-    """The local directory ``model.path`` names (``pkg://`` assets, paths, existing folders), or
-    None for a hub id. Checks nothing."""
-    if path.startswith(PKG_PREFIX):
-        return str(ASSETS / path[len(PKG_PREFIX):])
-    expanded = os.path.expanduser(path)
-    looks_local = path.startswith(("/", ".", "~")) or os.path.exists(expanded) or path.count("/") > 1
-    return expanded if looks_local else None
 
 
 def _check_hub_id(repo_id: str) -> None:

@@ -93,12 +93,14 @@ def run(cfg: DictConfig, cache: ModelCache | None = None) -> dict[str, Any]:
     with rundir.claimed(path) as ours:
         if not ours:
             raise RunFailed(f"run {path.name} is being run by another process ({path})")
-        done, corrupt = rundir.completion(path)
-        if done:  # finished while we waited for the claim
+        state, why = rundir.completion(path)
+        if state == rundir.COMPLETE:  # finished while we waited for the claim
             return {**(rundir.read_results(path) or {}), "skipped": True}
-        if corrupt:
-            aside = rundir.set_aside(path, corrupt)
-            log.warning("run %s: %s; its files were moved to %s and it runs again", path.name, corrupt, aside)
+        if state == rundir.UNREADABLE:  # a run cannot be written where its results cannot be read
+            raise RunFailed(f"run {path.name}: {why}; fix the permissions or move it away ({path})")
+        if state == rundir.CORRUPT:  # kept for inspection, never deleted
+            aside = rundir.set_aside(path, f"{why}")
+            log.warning("run %s: %s; its files were moved to %s and it runs again", path.name, why, aside)
         return _run_claimed(cfg, path, prompts, cache or ModelCache(), rundir.identity(cfg, digests))
 
 

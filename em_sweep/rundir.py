@@ -175,11 +175,12 @@ def model_digest(path: str) -> dict[str, Any]:
     """What identifies ``model.path``: for a local directory (``pkg://`` included) the digest of
     its model files (:data:`MODEL_FILE_SUFFIXES`); for a hub id the commit its local HF cache
     resolves ``main`` to, or ``revision: None`` with a note when the model is not cached."""
-    from em_sweep.models import local_model_dir, resolve_model_path
-
-    if local_model_dir(path) is None:
+    local = local_model_dir(path)
+    if local is None:
         return {"hub_id": path, **_hub_revision(path)}
-    directory = Path(resolve_model_path(path))  # a local directory with a config.json, or ModelLoadError
+    directory = Path(local)
+    if not (directory / "config.json").is_file():
+        return {"files": None}  # not a model directory: the run's own check says so, before any compute
     files = sorted(p for p in directory.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.suffix in MODEL_FILE_SUFFIXES)
     per_file = {p.name: file_digest(p, persist=True) for p in files}
@@ -196,6 +197,21 @@ def _hub_revision(repo_id: str) -> dict[str, Any]:
     if isinstance(cached, str):
         return {"revision": Path(cached).parent.name}  # .../snapshots/<commit>/config.json
     return {"revision": None}  # not in the local HF cache: the id names the hub id only
+
+
+# The shipped models (``model.path=pkg://<name>``).
+ASSETS = Path(__file__).parent / "assets"
+PKG_PREFIX = "pkg://"
+
+
+def local_model_dir(path: str) -> str | None:
+    """The local directory ``model.path`` names (``pkg://`` assets, paths, existing folders), or
+    None for a hub id. Checks nothing (em_sweep.models.resolve_model_path does)."""
+    if path.startswith(PKG_PREFIX):
+        return str(ASSETS / path[len(PKG_PREFIX):])
+    expanded = os.path.expanduser(path)
+    looks_local = path.startswith(("/", ".", "~")) or os.path.exists(expanded) or path.count("/") > 1
+    return expanded if looks_local else None
 
 
 def prompt_digest(prompt: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,10 +247,9 @@ class InputDigests:
     keeps one for all its runs; a single run makes a fresh one)."""
 
     def __init__(self) -> None:
-        self._memo: dict[str, Any] = {}
+        self._memo: dict[tuple[Any, ...], Any] = {}
 
-    def _once(self, kind: str, value: Any, compute: Any) -> Any:
-        key = kind + json.dumps(value, sort_keys=True, default=str)
+    def _once(self, key: tuple[Any, ...], compute: Any) -> Any:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
@@ -242,13 +257,15 @@ class InputDigests:
     def of(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """{prompts, benchmarks, model} digests of a resolved config (plain data)."""
         prompt = config["prompt"]
-        benchmarks = dict(self._once("benchmark", entry, lambda entry=entry: benchmark_digest(entry))
-                          for entry in config["eval"]["benchmarks"])
+        benchmarks = dict(
+            self._once(("benchmark", entry if isinstance(entry, str) else json.dumps(entry, sort_keys=True, default=str)),
+                       lambda entry=entry: benchmark_digest(entry))
+            for entry in config["eval"]["benchmarks"])
         path = str(config["model"]["path"])
-        return {"prompts": self._once("prompt", {k: prompt.get(k) for k in ("pool", "ids")},
+        return {"prompts": self._once(("prompt", str(prompt["pool"]), tuple(prompt["ids"])),
                                       lambda: prompt_digest(prompt)),
                 "benchmarks": benchmarks,
-                "model": self._once("model", path, lambda: model_digest(path))}
+                "model": self._once(("model", path), lambda: model_digest(path))}
 
 
 def identity(cfg: DictConfig | Mapping[str, Any], digests: InputDigests | None = None) -> dict[str, Any]:
@@ -362,30 +379,36 @@ def read_json_file(path: Path) -> tuple[Any, str | None]:
 
 # ---------------------------------------------------------------- completion, status, claims
 
-def completion(path: Path) -> tuple[bool, str | None]:
-    """(True, None) when the run is complete: ``results.json`` parses as an object whose
-    ``run_id`` is this directory's name (the only definition of done). (False, None) when it has
-    no results; (False, reason) when its results.json is corrupt (torn, not JSON, another run's)."""
+COMPLETE, ABSENT, CORRUPT, UNREADABLE = "complete", "absent", "corrupt", "unreadable"
+
+
+def completion(path: Path) -> tuple[str, str | None]:
+    """Whether a run is done, verified: (``complete``, None) when ``results.json`` parses as an
+    object whose ``run_id`` is this directory's name (the only definition of done);
+    (``absent``, None) when there is none; (``corrupt``, why) when there is one but it is torn,
+    not JSON or another run's (the run is re-run, its files set aside); (``unreadable``, why)
+    when the file or the directory cannot be read (permissions, I/O)."""
     path = Path(path)
-    results, error = read_json_file(path / RESULTS)
-    if error is not None:
-        return False, error
-    if results is None:
-        try:
-            exists = (path / RESULTS).exists()
-        except OSError as e:  # e.g. a directory that cannot be searched
-            return False, f"{path.name}: cannot be read ({type(e).__name__}: {e.strerror or e})"
-        return False, (f"{RESULTS}: exists but cannot be read" if exists else None)
+    try:
+        data = (path / RESULTS).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return ABSENT, None
+    except OSError as e:
+        return UNREADABLE, f"{RESULTS}: cannot be read ({type(e).__name__}: {e.strerror or e})"
+    try:
+        results = json.loads(data)
+    except ValueError as e:
+        return CORRUPT, f"{RESULTS}: not valid JSON ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     if not isinstance(results, dict):
-        return False, f"{RESULTS}: a JSON {type(results).__name__}, not a results record"
+        return CORRUPT, f"{RESULTS}: a JSON {type(results).__name__}, not a results record"
     if results.get("run_id") != path.name:
-        return False, f"{RESULTS}: records run {results.get('run_id')!r}, not {path.name!r}"
-    return True, None
+        return CORRUPT, f"{RESULTS}: records run {results.get('run_id')!r}, not {path.name!r}"
+    return COMPLETE, None
 
 
 def is_complete(path: Path) -> bool:
     """True when the run's results were written and verify (:func:`completion`)."""
-    return completion(path)[0]
+    return completion(path)[0] == COMPLETE
 
 
 def read_status(path: Path) -> dict[str, Any] | None:
