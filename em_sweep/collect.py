@@ -354,7 +354,10 @@ def assemble_tables(parts: Sequence[TableParts]) -> tuple[pd.DataFrame, pd.DataF
         configs = configs[[c for c in configs.columns if c in recorded or c in KEY_CONFIG_COLUMNS]]
     compared = [c for c in configs.columns if not c.startswith(NOT_COMPARED_PREFIXES) and c not in SPEED_ONLY_COLUMNS]
     varying = [c for c in compared if configs[c].nunique(dropna=False) > 1]
-    keep = [c for c in KEY_CONFIG_COLUMNS if c in configs.columns]
+    for c in KEY_CONFIG_COLUMNS:  # always there (empty where no run recorded it), for the report's groupings
+        if c not in configs.columns:
+            configs[c] = pd.Series([None] * len(configs), index=configs.index, dtype=object)
+    keep = list(KEY_CONFIG_COLUMNS)
     keep += sorted(c for c in varying if c not in keep)
     runs = pd.concat([p.runs for p in parts], ignore_index=True)
     runs = pd.concat([runs, _clean_types(configs[keep]) if keep else configs.iloc[:, :0]], axis=1)

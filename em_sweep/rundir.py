@@ -340,6 +340,11 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
 def read_jsonl(path: Path, skipped: list[str] | None = None) -> list[dict[str, Any]]:
     """The JSON objects of ``path``, one a line; a line that is not one (a torn last line from a
     crash, binary garbage) is left out, and ``skipped`` gets ``"line N: why"`` for each."""
+    return [record for _, record in numbered_jsonl(path, skipped)]
+
+
+def numbered_jsonl(path: Path, skipped: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each line of ``path`` that is a JSON object (see :func:`read_jsonl`)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -349,7 +354,7 @@ def read_jsonl(path: Path, skipped: list[str] | None = None) -> list[dict[str, A
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             if skipped is not None:
                 skipped.append(f"line {number}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
@@ -358,7 +363,7 @@ def read_jsonl(path: Path, skipped: list[str] | None = None) -> list[dict[str, A
             if skipped is not None:
                 skipped.append(f"line {number}: a JSON {type(record).__name__}, not an object")
             continue
-        records.append(record)
+        records.append((number, record))
     return records
 
 

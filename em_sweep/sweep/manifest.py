@@ -136,11 +136,11 @@ def read_manifest(sweep_dir: Path, problems: list[str] | None = None) -> dict[st
     skipped: list[str] = []
     path = Path(sweep_dir) / MANIFEST
     try:
-        records = rundir.read_jsonl(path, skipped)
+        records = rundir.numbered_jsonl(path, skipped)
     except OSError as e:
         records = []
         skipped.append(f"cannot be read ({type(e).__name__}: {e.strerror or e})")
-    for record in records:
+    for number, record in records:
         try:
             run = PlannedRun(run_id=str(record["run_id"]), run_dir=str(record["run_dir"]),
                              overrides=tuple(str(o) for o in record["overrides"]),
@@ -150,7 +150,7 @@ def read_manifest(sweep_dir: Path, problems: list[str] | None = None) -> dict[st
                                   launcher_host=record.get("launcher_host"),
                                   launcher_pid=pid if isinstance(pid, int) else None)
         except (KeyError, TypeError, ValueError) as e:
-            skipped.append(f"a record without a valid {e} ({json.dumps(record)[:80]})")
+            skipped.append(f"line {number}: a record without a valid {e} ({json.dumps(record)[:80]})")
             continue
         entries[run.run_dir] = entry
     if problems is not None:
