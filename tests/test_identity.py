@@ -220,3 +220,16 @@ def test_a_corrupt_runs_files_are_set_aside_not_deleted(tmp_path):
     assert sorted(p.name for p in aside.iterdir()) == ["WHY", rundir.METRICS, rundir.RESULTS]
     assert (aside / rundir.RESULTS).read_text() == '{"run_id": "RU'
     assert sorted(p.name for p in run.iterdir()) == [rundir.ATTEMPTS, aside.name]
+
+
+def test_em_sweep_eval_says_when_it_serves_a_finished_run(tmp_path, capsys):
+    from em_sweep.cli import main
+
+    args = ["eval", f"paths.root={tmp_path}", "logger.mode=disabled", "eval.limit=4", "eval.max_new_tokens=8"]
+    for _ in range(2):
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        assert done.value.code == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    out = capsys.readouterr().out
+    assert out.count("skipped: already complete") == 1 and f"skipped: already complete (run {run.name})" in out
