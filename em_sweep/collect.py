@@ -201,9 +201,8 @@ def read_run(ref: RunRef) -> RunRecord:
 
 def _read_run(ref: RunRef) -> RunRecord:
     path = ref.path
-    state, why = rundir.completion(path)
-    if state == rundir.COMPLETE:
-        results = rundir.read_results(path) or {}
+    state, why, results = rundir.verified_results(path)
+    if state == rundir.COMPLETE and results is not None:
         problem = _results_problem(results)
         if problem is None:
             return RunRecord(run_id=path.name, run_dir=str(path), status="done",

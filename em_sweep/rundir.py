@@ -297,6 +297,12 @@ _umask_lock = threading.Lock()
 
 
 def _umask() -> int:
+    try:  # Linux: read without setting it (no window in which another thread's files get a wrong mode)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     with _umask_lock:  # os.umask can only be read by setting it: no other thread may create files meanwhile
         mask = os.umask(0o022)
         os.umask(mask)
@@ -377,7 +383,7 @@ def read_json_file(path: Path) -> tuple[Any, str | None]:
     except OSError as e:
         return None, f"{Path(path).name}: cannot be read ({type(e).__name__}: {e.strerror or e})"
     try:
-        return json.loads(data), None
+        return json.loads(data.decode("utf-8")), None
     except ValueError as e:
         return None, f"{Path(path).name}: not valid JSON ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
 
@@ -393,22 +399,28 @@ def completion(path: Path) -> tuple[str, str | None]:
     (``absent``, None) when there is none; (``corrupt``, why) when there is one but it is torn,
     not JSON or another run's (the run is re-run, its files set aside); (``unreadable``, why)
     when the file or the directory cannot be read (permissions, I/O)."""
+    state, why, _ = verified_results(path)
+    return state, why
+
+
+def verified_results(path: Path) -> tuple[str, str | None, dict[str, Any] | None]:
+    """:func:`completion` and, for a complete run, its results (one read of the file)."""
     path = Path(path)
     try:
         data = (path / RESULTS).read_bytes()
     except (FileNotFoundError, NotADirectoryError):
-        return ABSENT, None
+        return ABSENT, None, None
     except OSError as e:
-        return UNREADABLE, f"{RESULTS}: cannot be read ({type(e).__name__}: {e.strerror or e})"
+        return UNREADABLE, f"{RESULTS}: cannot be read ({type(e).__name__}: {e.strerror or e})", None
     try:
-        results = json.loads(data)
+        results = json.loads(data.decode("utf-8"))
     except ValueError as e:
-        return CORRUPT, f"{RESULTS}: not valid JSON ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return CORRUPT, f"{RESULTS}: not valid JSON ({type(e).__name__}: {str(e).splitlines()[0][:120]})", None
     if not isinstance(results, dict):
-        return CORRUPT, f"{RESULTS}: a JSON {type(results).__name__}, not a results record"
+        return CORRUPT, f"{RESULTS}: a JSON {type(results).__name__}, not a results record", None
     if results.get("run_id") != path.name:
-        return CORRUPT, f"{RESULTS}: records run {results.get('run_id')!r}, not {path.name!r}"
-    return COMPLETE, None
+        return CORRUPT, f"{RESULTS}: records run {results.get('run_id')!r}, not {path.name!r}", None
+    return COMPLETE, None, results
 
 
 def is_complete(path: Path) -> bool:

@@ -154,8 +154,13 @@ def read_manifest(sweep_dir: Path, problems: list[str] | None = None) -> dict[st
             continue
         entries[run.run_dir] = entry
     if problems is not None:
-        problems.extend(f"{MANIFEST} {p}" for p in skipped)
+        problems.extend(f"{MANIFEST} {p}" for p in sorted(skipped, key=_line_number))
     return entries
+
+
+def _line_number(problem: str) -> int:
+    words = problem.split(":", 1)[0].split()
+    return int(words[1]) if len(words) == 2 and words[0] == "line" and words[1].isdigit() else 0
 
 
 def write_launcher_settings(sweep_dir: Path, settings: dict[str, Any]) -> None:
