@@ -111,8 +111,10 @@ def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: Mo
     rundir.write_text_atomic(path / rundir.CONFIG, OmegaConf.to_yaml(config))
     rundir.write_status(path, "running", attempt=attempt)
     tags = [cfg.model.name, cfg.prompt.name, "stages=" + ",".join(cfg.stages)]
+    texts = [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in prompts]
     mirror = WandbMirror(cfg.logger, path, path.name, cfg.name,
-                         {**config, "identity": identity_record(identity)}, tags=tags, attempt=attempt)
+                         {**config, "identity": identity_record(identity), "prompt_texts": texts},
+                         tags=tags, attempt=attempt)
     recorder = RunRecorder(path, mirror)
     t_start = time.perf_counter()
     try:
