@@ -218,8 +218,10 @@ def run_status(entry: ManifestEntry, live: set[str] | None) -> RunStatus:
         return RunStatus(entry, FAILED, None if reason is None else str(reason))
     if recorded in ("running", "done"):  # "done" without results.json: died while finishing
         process = rundir.process_alive(status or {})  # None: another host, which only the queue knows
-        if process is not None:
-            alive = process
+        if entry.job_id == "local":
+            alive = process is not False
+        elif process is False:  # its task may still be queued or running, but this run's process is gone
+            alive = False
         return RunStatus(entry, RUNNING if alive else INTERRUPTED)
     if launcher_gone:
         return RunStatus(entry, PENDING, f"its launcher (pid {entry.launcher_pid}) is gone: re-launch the sweep")
