@@ -9,7 +9,8 @@ It writes two tables to ``<dir>/collected/`` (or ``--out``):
 
 ``scores.parquet``: one row per run x step x benchmark x evaluation temperature. Columns:
 - run: ``run_id``, ``run_dir``, ``status`` (done | running | failed | interrupted | pending |
-  missing), ``reason`` (why it is not done; empty for done runs), ``seconds`` (run wall time);
+  missing | corrupt | unreadable), ``reason`` (why it is not done; empty for done runs; for corrupt
+  and unreadable runs the file and what is wrong with it), ``seconds`` (run wall time);
 - config, flattened to dotted keys: always ``name``, ``model.name``, ``seed``, ``temperature``
   (the training temperature), ``train.lr``, ``prompt.name``, ``prompt.ids``, ``prompt.n_ids``
   (len(prompt.ids): 1 = one-shot), ``train.steps``, ``stages``; plus every other key whose value
@@ -47,10 +48,10 @@ from em_sweep.aggregate import CALIBRATION_COLUMNS, KEY_CONFIG_COLUMNS, SCORE_CO
 SCORES_FILE = "scores.parquet"
 TRAIN_FILE = "train.parquet"
 COLLECTED_DIR = "collected"
-# Config subtrees that never make runs differ scientifically; not listed as varying columns.
-NOT_COMPARED_PREFIXES = tuple(f"{k}." for k in rundir.NON_SCIENCE_KEYS if k != "name")
-# Settings outside the run id (speed only): runs differing in them are the same experiment.
-SPEED_ONLY_COLUMNS = frozenset(f"{section}.{key}" for section, keys in rundir.NOT_IN_RUN_ID.items() for key in keys)
+# Config keys outside the run id (where a run is recorded, documentation, speed only): runs that
+# differ in them are the same experiment, so they are never listed as varying columns.
+NOT_COMPARED_PREFIXES = tuple(f"{k}." for k in rundir.NOT_IN_RUN_ID)
+SPEED_ONLY_COLUMNS = frozenset(rundir.NOT_IN_RUN_ID)
 # One row per training step; ``stage`` says whose (em: loss = mean token entropy; rl: loss = the
 # GRPO loss, with the step's mean reward).
 TRAIN_FIELDS = ("step", "stage", "loss", "entropy", "reward", "response_length", "grad_norm")
@@ -112,66 +113,126 @@ def find_runs(source: Path) -> tuple[str, list[RunRef]]:
     if (source / "runs").is_dir():
         return "root", _listed_runs(source / "runs")
     refs = _listed_runs(source)
-    if any((r.path / rundir.CONFIG).exists() or (r.path / rundir.STATUS).exists()
-           or (r.path / rundir.RESULTS).exists() for r in refs[:50]):
+    if any(_has_run_files(r.path) for r in refs[:50]):
         return "runs", refs
     raise CollectError(f"{source}: no manifest.jsonl, no runs/ and no run directories "
                        "(pass a sweep dir, a paths.root or its runs/ dir)")
 
 
+def _has_run_files(path: Path) -> bool:
+    try:
+        return any((path / name).exists() for name in (rundir.CONFIG, rundir.STATUS, rundir.RESULTS))
+    except OSError:
+        return False
+
+
 def _listed_runs(runs_dir: Path) -> list[RunRef]:
-    with os.scandir(runs_dir) as it:
-        names = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    try:
+        with os.scandir(runs_dir) as it:
+            names = sorted(e.name for e in it if _is_dir(e) and not e.name.startswith("."))
+    except OSError as e:
+        raise CollectError(f"{runs_dir}: cannot be listed ({type(e).__name__}: {e.strerror or e})") from None
     return [RunRef(runs_dir / n) for n in names]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _manifest_runs(sweep_dir: Path) -> list[RunRef]:
     from em_sweep.sweep import manifest
 
-    statuses = manifest.sweep_status(sweep_dir)
+    problems: list[str] = []
+    statuses = manifest.sweep_status(sweep_dir, problems=problems)
+    for problem in problems:
+        print(f"warning: {sweep_dir}: skipped {problem}", file=sys.stderr)
     return [RunRef(Path(s.entry.run.run_dir), s.state, s.reason or manifest.STATE_MEANINGS.get(s.state),
                    tuple(s.entry.run.overrides)) for s in statuses]
 
 
 # ---------------------------------------------------------------- reading one run (I/O)
 
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None
-
-
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path) -> tuple[Any, str | None]:
+    """(value, None), (None, None) when absent, or (None, why) when it cannot be read or parsed."""
     import yaml
 
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return None, None
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{path.name}: cannot be read ({type(e).__name__})"
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(text, Loader=loader)
+    try:
+        return yaml.load(text, Loader=loader), None
+    except yaml.YAMLError as e:
+        return None, f"{path.name}: not valid YAML ({str(e).splitlines()[0][:120]})"
+
+
+def _list_of_dicts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, dict) for x in value)
+
+
+def _results_problem(results: dict[str, Any]) -> str | None:
+    """Why a parsed results.json cannot be tabled (wrong types), or None."""
+    for key in ("scores", "loss_curve", "rl_curve"):
+        if results.get(key) is not None and not _list_of_dicts(results[key]):
+            return f"{rundir.RESULTS}: {key} is not a list of records"
+    if results.get("config") is not None and not isinstance(results["config"], dict):
+        return f"{rundir.RESULTS}: config is not a mapping"
+    seconds = results.get("seconds")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)):
+        return f"{rundir.RESULTS}: seconds {seconds!r} is not a number"
+    return None
 
 
 def read_run(ref: RunRef) -> RunRecord:
-    """Read one run directory: results.json when done (the only definition of done), else status + config."""
+    """Read one run directory: results.json when done (verified: it parses and names this run),
+    else status + config. Never raises for what the directory holds: a file that cannot be read
+    makes the run ``corrupt`` (its results.json) or ``unreadable`` (anything else), with the reason."""
+    try:
+        return _read_run(ref)
+    except Exception as e:  # noqa: BLE001 - one bad run directory must not stop a collect
+        return RunRecord(run_id=ref.path.name, run_dir=str(ref.path), status="unreadable",
+                         reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                         override_values=values_from_overrides(ref.overrides))
+
+
+def _read_run(ref: RunRef) -> RunRecord:
     path = ref.path
-    results = _read_json(path / rundir.RESULTS)
-    if isinstance(results, dict):
-        return RunRecord(run_id=str(results.get("run_id", path.name)), run_dir=str(path), status="done",
-                         seconds=float(results.get("seconds", math.nan)), config=results.get("config") or {},
-                         scores=results.get("scores") or [], loss_curve=results.get("loss_curve") or [],
-                         rl_curve=results.get("rl_curve") or [])
-    status = _read_json(path / rundir.STATUS) or {}
+    state, why, results = rundir.verified_results(path)
+    if state == rundir.COMPLETE and results is not None:
+        problem = _results_problem(results)
+        if problem is None:
+            return RunRecord(run_id=path.name, run_dir=str(path), status="done",
+                             seconds=float(results.get("seconds", math.nan)), config=results.get("config") or {},
+                             scores=results.get("scores") or [], loss_curve=results.get("loss_curve") or [],
+                             rl_curve=results.get("rl_curve") or [])
+        state, why = rundir.UNREADABLE, problem
+    if state in (rundir.CORRUPT, rundir.UNREADABLE):
+        return RunRecord(run_id=path.name, run_dir=str(path), status=state, reason=str(why),
+                         override_values=values_from_overrides(ref.overrides))
+    status, status_problem = rundir.read_json_file(path / rundir.STATUS)
+    if status_problem is None and status is not None and not isinstance(status, dict):
+        status_problem = f"{rundir.STATUS}: a JSON {type(status).__name__}, not a status record"
+    config, config_problem = _read_yaml(path / rundir.CONFIG)
+    if config_problem is None and config is not None and not isinstance(config, dict):
+        config_problem = f"{rundir.CONFIG}: not a mapping"
+    problem = ref.reason if ref.state in ("corrupt", "unreadable") else (status_problem or config_problem)
+    if problem:
+        return RunRecord(run_id=path.name, run_dir=str(path), status="unreadable", reason=str(problem),
+                         override_values=values_from_overrides(ref.overrides))
+    status = status or {}
     state = ref.state or status.get("state") or ("pending" if path.exists() else "missing")
     if state == "done":  # status says done but results.json is absent: it died while finishing
         state = "interrupted"
     reason = ref.reason or status.get("reason") or (NO_REASON if state == "failed" else "")
-    config = _read_yaml(path / rundir.CONFIG)
     if isinstance(config, dict):
-        return RunRecord(run_id=path.name, run_dir=str(path), status=state, reason=str(reason), config=config)
-    return RunRecord(run_id=path.name, run_dir=str(path), status=state, reason=str(reason),
+        return RunRecord(run_id=path.name, run_dir=str(path), status=str(state), reason=str(reason), config=config)
+    return RunRecord(run_id=path.name, run_dir=str(path), status=str(state), reason=str(reason),
                      override_values=values_from_overrides(ref.overrides))
 
 
@@ -294,7 +355,10 @@ def assemble_tables(parts: Sequence[TableParts]) -> tuple[pd.DataFrame, pd.DataF
         configs = configs[[c for c in configs.columns if c in recorded or c in KEY_CONFIG_COLUMNS]]
     compared = [c for c in configs.columns if not c.startswith(NOT_COMPARED_PREFIXES) and c not in SPEED_ONLY_COLUMNS]
     varying = [c for c in compared if configs[c].nunique(dropna=False) > 1]
-    keep = [c for c in KEY_CONFIG_COLUMNS if c in configs.columns]
+    for c in KEY_CONFIG_COLUMNS:  # always there (empty where no run recorded it), for the report's groupings
+        if c not in configs.columns:
+            configs[c] = pd.Series([None] * len(configs), index=configs.index, dtype=object)
+    keep = list(KEY_CONFIG_COLUMNS)
     keep += sorted(c for c in varying if c not in keep)
     runs = pd.concat([p.runs for p in parts], ignore_index=True)
     runs = pd.concat([runs, _clean_types(configs[keep]) if keep else configs.iloc[:, :0]], axis=1)
@@ -464,6 +528,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else source / COLLECTED_DIR
-    scores_path, train_path = write_tables(collected, out)
+    try:
+        scores_path, train_path = write_tables(collected, out)
+    except OSError as e:
+        print(f"error: cannot write the tables to {out} ({type(e).__name__}: {e.strerror or e}); "
+              "choose another directory with --out", file=sys.stderr)
+        return 2
     print(f"{scores_path}\n{train_path}\n{summary_line(collected)}")
     return 0

@@ -43,6 +43,7 @@ class ModelConfig:
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     # Gradient checkpointing for the loss pass (sampling always runs in eval mode with a KV cache).
+    # Memory only (the same activations, recomputed): not part of the run id.
     gradient_checkpointing: bool = False
     # Architecture name whose measured speed prices this model in a sweep's cost estimate (a key of
     # benchmarks/results/measured.json "shapes", e.g. 7b); null = unknown. Not part of the run id.
@@ -54,7 +55,8 @@ class PromptConfig:
     """The unlabeled prompt(s) EM trains on."""
 
     name: str = MISSING
-    # JSONL pool (fields id, problem, answer); relative paths resolve against em_sweep/data/prompts.
+    # JSONL pool (fields id, problem, answer): a shipped pool's name (pi1: always the shipped file),
+    # or a path (with a `/`, or ending in .jsonl) relative to the working directory (prompts.resolve_pool_path).
     pool: str = MISSING
     # Ids from the pool; one id = one-shot EM, several = multi-shot (spread evenly over each batch;
     # more ids than train.batch_size: each step takes the next batch_size of them, cycling).
@@ -63,7 +65,8 @@ class PromptConfig:
     system: str | None = None
     # Apply the tokenizer's chat template (else: plain text + newline).
     chat_template: bool = True
-    # How the prompt was chosen; printed with the results so the story stays honest.
+    # How the prompt was chosen; printed with the results so the story stays honest. Documentation:
+    # not part of the run id (docs/run-identity.md).
     note: str = ""
 
 
@@ -75,7 +78,8 @@ class TrainConfig:
     steps: int = 10
     # Sampled responses per optimizer step.
     batch_size: int = 64
-    # Responses per forward/backward pass; batch_size must be a multiple of it.
+    # Responses per forward/backward pass; batch_size must be a multiple of it. Memory only: the
+    # accumulated gradient is the batch's up to rounding, so not part of the run id.
     micro_batch_size: int = 8
     lr: float = II("model.lr")
     weight_decay: float = 0.01
@@ -92,11 +96,13 @@ class TrainConfig:
     # 1.0 = off.
     repetition_penalty: float = 1.15
     max_new_tokens: int = 512
-    # Responses sampled per generate call (memory knob; does not change the samples' distribution).
+    # Responses sampled per generate call (memory knob; does not change the samples' distribution,
+    # but does change which samples a seed draws, so it is part of the run id).
     sample_batch_size: int = 64
     # Temperature tau inside the entropy: p = softmax(logits / tau).
     loss_temperature: float = II("temperature")
-    # Tokens per chunk in the entropy pass (bounds the fp32 softmax copy); 0 = all at once.
+    # Tokens per chunk in the entropy pass (bounds the fp32 softmax copy); 0 = all at once. Memory
+    # only (the same entropies up to rounding): not part of the run id.
     loss_chunk_tokens: int = 4096
     # Save HF checkpoints at these steps (none by default).
     save_at_steps: list[int] = field(default_factory=list)

@@ -19,10 +19,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-log = logging.getLogger(__name__)
+from em_sweep.rundir import ASSETS, PKG_PREFIX, local_model_dir
 
-ASSETS = Path(__file__).parent / "assets"
-PKG_PREFIX = "pkg://"
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -41,12 +40,11 @@ def resolve_model_path(path: str) -> str:
             shipped = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()) if ASSETS.is_dir() else []
             raise ModelLoadError(f"model.path: no shipped model {path!r} (shipped: {shipped})")
         return str(local)
-    expanded = os.path.expanduser(path)
-    looks_local = path.startswith(("/", ".", "~")) or os.path.exists(expanded) or path.count("/") > 1
-    if looks_local:
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
+    local = local_model_dir(path)
+    if local is not None:
+        if not os.path.isfile(os.path.join(local, "config.json")):
             raise ModelLoadError(f"model.path: {path!r} is not a model directory (no config.json there)")
-        return expanded
+        return local
     _check_hub_id(path)
     return path
 

@@ -43,15 +43,22 @@ class PoolItem:
 
 
 def resolve_pool_path(pool: str) -> Path:
-    """A pool name (``pi1``), file name (``pi1.jsonl``) or path; names resolve in em_sweep/data/prompts."""
-    path = Path(pool).expanduser()
-    if path.is_file():
-        return path
-    for candidate in (PROMPTS_DIR / pool, PROMPTS_DIR / f"{pool}.jsonl"):
-        if candidate.is_file():
-            return candidate
+    """The file ``prompt.pool`` names. A name (``pi1``: no ``/``, no ``.jsonl``) is always the
+    shipped pool em_sweep/data/prompts/pi1.jsonl, whatever the working directory holds. A path
+    (it has a ``/``, starts with ``~`` or ends in ``.jsonl``) is that file, relative to the
+    working directory; a relative one that is not there may name a shipped file (``pi1.jsonl``)."""
     known = sorted(p.stem for p in PROMPTS_DIR.glob("*.jsonl"))
-    raise PromptError(f"prompt.pool: no prompt file {pool!r} (shipped pools: {known})")
+    if "/" in pool or pool.startswith("~") or pool.endswith(".jsonl"):
+        path = Path(pool).expanduser()
+        if path.is_file():
+            return path
+        if not path.is_absolute() and (PROMPTS_DIR / pool).is_file():
+            return PROMPTS_DIR / pool
+        raise PromptError(f"prompt.pool: no prompt file {pool!r} (shipped pools: {known})")
+    if (PROMPTS_DIR / f"{pool}.jsonl").is_file():
+        return PROMPTS_DIR / f"{pool}.jsonl"
+    raise PromptError(f"prompt.pool: no shipped pool {pool!r} (shipped: {known}); a file of your own is "
+                      f"given by its path, e.g. ./{pool}.jsonl")
 
 
 @lru_cache(maxsize=32)
@@ -84,7 +91,7 @@ def load_pool(pool: str) -> dict[str, PoolItem]:
     size limit, not UTF-8 or binary, a row that is not JSON, a null/empty/non-scalar or repeated
     id, an empty problem, or a gold answer that is not a string or finite number."""
     path = resolve_pool_path(pool)
-    stat = path.stat()
+    stat = path.stat()  # an edit in place changes mtime or size: the pool is read again
     return {item.id: item for item in _load_pool_cached(str(path), stat.st_mtime_ns, stat.st_size)}
 
 

@@ -873,7 +873,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                 base = base.parent
         else:
             collected = collect(source, name=args.name, progress=not args.quiet)
-            write_tables(collected, source / COLLECTED_DIR)
+            try:
+                write_tables(collected, source / COLLECTED_DIR)
+            except OSError as e:  # a read-only sweep: the report needs no copy of the tables
+                print(f"warning: tables not saved to {source / COLLECTED_DIR} ({type(e).__name__}: "
+                      f"{e.strerror or e})", file=sys.stderr)
             table, train = collected.scores, collected.train
             base = source
     except (CollectError, FileNotFoundError) as e:
@@ -886,6 +890,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     p = prepare(table, train, skew)
     out = Path(args.out) if args.out else base / REPORT_DIR
-    path = build_report(p, out, str(source))
+    try:
+        path = build_report(p, out, str(source))
+    except OSError as e:
+        print(f"error: cannot write the report to {out} ({type(e).__name__}: {e.strerror or e}); "
+              "choose another directory with --out", file=sys.stderr)
+        return 2
     print(f"{path}\n{len(p.runs)} runs ({p.n_done} done); figures in {out}")
     return 0

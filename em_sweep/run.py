@@ -56,13 +56,18 @@ def eval_steps(cfg: Any) -> list[int]:
     return sorted(set(cfg.eval.at_steps) | {last for _, _, last in stage_plan(cfg)})
 
 
-def preflight(cfg: DictConfig) -> list[PoolItem]:
-    """Check everything checkable without compute; returns the prompt set. Raises INPUT_ERRORS."""
+def check_config(cfg: DictConfig) -> None:
+    """Resolve and validate the config (no files read but custom benchmarks'). Raises ConfigError."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as e:  # omegaconf's MissingMandatoryValue / InterpolationResolutionError
         raise ConfigError(f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
     validate(cfg)
+
+
+def preflight(cfg: DictConfig) -> list[PoolItem]:
+    """Check everything checkable without compute; returns the prompt set. Raises INPUT_ERRORS."""
+    check_config(cfg)
     for name in cfg.eval.benchmarks:
         resolve_spec(name)
     resolve_model_path(cfg.model.path)
@@ -84,8 +89,12 @@ def run(cfg: DictConfig, cache: ModelCache | None = None) -> dict[str, Any]:
     Raises one of INPUT_ERRORS for bad input (nothing written), RunFailed if the run started and
     failed (status.json records the reason; no results.json).
     """
+    check_config(cfg)
+    digests = rundir.InputDigests()
+    # The id before preflight's model check, which may fetch a hub model's config into the HF
+    # cache: a sweep's planner computed it without fetching anything.
+    path = rundir.run_dir_for(cfg, digests)
     prompts = preflight(cfg)
-    path = rundir.run_dir_for(cfg)
     decided: Any = lambda go: None  # noqa: E731
     if cfg.train.parallel != "none":  # one run across the ranks torchrun/srun started (em_sweep.distributed)
         from em_sweep import distributed
@@ -98,22 +107,31 @@ def run(cfg: DictConfig, cache: ModelCache | None = None) -> dict[str, Any]:
         log.info("run %s is already complete: %s", path.name, path)
         return {**(rundir.read_results(path) or {}), "skipped": True}
     with rundir.claimed(path) as ours:
-        done = ours and rundir.is_complete(path)  # finished while we waited for the claim
-        decided(ours and not done)
+        state, why = rundir.completion(path) if ours else (None, "")
+        decided(ours and state != rundir.COMPLETE)
         if not ours:
             raise RunFailed(f"run {path.name} is being run by another process ({path})")
-        if done:
+        if state == rundir.COMPLETE:  # finished while we waited for the claim
             return {**(rundir.read_results(path) or {}), "skipped": True}
-        return _run_claimed(cfg, path, prompts, cache or ModelCache())
+        if state == rundir.UNREADABLE:  # a run cannot be written where its results cannot be read
+            raise RunFailed(f"run {path.name}: {why}; fix the permissions or move it away ({path})")
+        if state == rundir.CORRUPT:  # kept for inspection, never deleted
+            aside = rundir.set_aside(path, f"{why}")
+            log.warning("run %s: %s; its files were moved to %s and it runs again", path.name, why, aside)
+        return _run_claimed(cfg, path, prompts, cache or ModelCache(), rundir.identity(cfg, digests))
 
 
-def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelCache) -> dict[str, Any]:
+def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelCache,
+                 identity: dict[str, Any]) -> dict[str, Any]:
     config = to_container(cfg)
     attempt = rundir.reset_partial(path)
     rundir.write_text_atomic(path / rundir.CONFIG, OmegaConf.to_yaml(config))
     rundir.write_status(path, "running", attempt=attempt)
     tags = [cfg.model.name, cfg.prompt.name, "stages=" + ",".join(cfg.stages), "objective=" + objective_name(cfg)]
-    mirror = WandbMirror(cfg.logger, path, path.name, cfg.name, config, tags=tags, attempt=attempt)
+    texts = [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in prompts]
+    mirror = WandbMirror(cfg.logger, path, path.name, cfg.name,
+                         {**config, "identity": identity_record(identity), "prompt_texts": texts},
+                         tags=tags, attempt=attempt)
     recorder = RunRecorder(path, mirror)
     t_start = time.perf_counter()
     try:
@@ -126,9 +144,9 @@ def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: Mo
             raise
         raise RunFailed(f"run {path.name} failed: {reason}") from e
     results.update(run_id=path.name, run_dir=str(path), config=config, seconds=time.perf_counter() - t_start,
-                   versions={"python": platform.python_version(), "torch": torch.__version__,
-                             "transformers": transformers.__version__})
-    mirror.summary({f"final/{s['benchmark']}": s["accuracy"] for s in results["final_scores"]})
+                   identity=identity_record(identity), versions=results["resolved"]["versions"])
+    mirror.summary({**{f"final/{s['benchmark']}": s["accuracy"] for s in results["final_scores"]},
+                    **{f"resolved/{k}": v for k, v in results["resolved"].items()}})
     mirror.finish()
     rundir.write_json_atomic(path / rundir.RESULTS, results)  # last: its presence means "done"
     rundir.write_status(path, "done", attempt=attempt)
@@ -224,7 +242,9 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
     return {
         "objective": objective_name(cfg),
         "stop": {**choose_step(signals, cfg.stop, sorted(at)), "signals": signals} if signals else None,
-        "prompt": {"name": cfg.prompt.name, "ids": list(cfg.prompt.ids), "note": cfg.prompt.note},
+        "prompt": {"name": cfg.prompt.name, "ids": list(cfg.prompt.ids), "note": cfg.prompt.note,
+                   "texts": [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in prompts]},
+        "resolved": resolved_settings(cfg, model),
         "stages": [{"stage": n, "first_step": f, "last_step": la} for n, f, la in plan],
         # What the step axis counts: "update" (one optimizer update a step) or "micro_step" (the
         # reference's loop step; "updates" in scores and curves counts the optimizer updates).
@@ -250,6 +270,54 @@ def heldout_prompt_texts(cfg: DictConfig, tokenizer: Any, prompts: list[PoolItem
     trained = {p.id for p in prompts}
     pool = [p for p in load_pool(cfg.prompt.pool).values() if p.id not in trained][:k]
     return [format_prompt(tokenizer, p.problem, cfg.prompt.system, cfg.prompt.chat_template) for p in pool]
+
+
+def identity_record(identity: dict[str, Any]) -> dict[str, Any]:
+    """What results.json and W&B record of the run's identity: the version, the inputs' digests,
+    and the keys left out of the id (the config itself is recorded whole beside it)."""
+    record = {"id_version": identity["id_version"], "inputs": identity["inputs"],
+              "not_in_run_id": list(rundir.NOT_IN_RUN_ID)}
+    model = identity["inputs"]["model"]
+    if "hub_id" in model and model.get("revision") is None:
+        record["note"] = (f"model {model['hub_id']!r} was not in the local HF cache when the id was computed: "
+                          "the id names the hub id, not a revision")
+    return record
+
+
+def resolved_settings(cfg: DictConfig, model: Any) -> dict[str, Any]:
+    """What the run's ``auto`` settings resolved to here (the same resolution the run's code makes:
+    models.pick_device/pick_dtype, optim.resolve_optimizer_name, sample.resolve_backend), the
+    GPU's name (None on CPU) and the software versions."""
+    from em_sweep.models import pick_device, pick_dtype
+    from em_sweep.optim import resolve_optimizer_name
+    from em_sweep.sample import resolve_backend
+
+    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
+    device = params[0].device if params else pick_device(cfg.model.device)
+    dtype = params[0].dtype if params else pick_dtype(cfg.model.dtype, device)
+    trained = {name for name, first, last in stage_plan(cfg) if last >= first}
+    return {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "optimizer": resolve_optimizer_name(cfg.train.optimizer, params) if "em" in trained and params else None,
+        "rl_optimizer": resolve_optimizer_name(cfg.rl.optimizer, params) if "rl" in trained and params else None,
+        # After training: a static decoder that failed under auto has fallen back to hf by now.
+        "generation_backend": resolve_backend(model, cfg.train.generation_backend) if trained and params else None,
+        "eval_generation_backend": "vllm" if cfg.eval.backend == "vllm" else resolve_backend(model, "auto"),
+        "model_revision": getattr(getattr(model, "config", None), "_commit_hash", None),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "em_sweep": _em_sweep_version()},
+    }
+
+
+def _em_sweep_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("em-sweep")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def save_checkpoint(model: Any, tokenizer: Any, out: Path) -> None:
@@ -318,5 +386,8 @@ def main(cfg: DictConfig) -> None:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if "run_id" in results:  # a rank > 0 of a train.parallel run has no results of its own
-        print(format_summary(results))
+    if "run_id" not in results:  # a rank > 0 of a train.parallel run has no results of its own
+        return
+    if results.get("skipped"):
+        print(f"skipped: already complete (run {results.get('run_id')})")
+    print(format_summary(results))

@@ -131,6 +131,7 @@ def test_a_packed_run_does_not_inherit_gradient_checkpointing_from_the_run_befor
     cache = ModelCache()
     for ckpt in ("true", "false"):
         seen.clear()
-        run_module.run(compose_config([f"paths.root={tmp_path}", *FAST, "train.steps=1", "eval.at_steps=[]",
+        # A runs dir each: gradient checkpointing is not part of the run id (the same run otherwise).
+        run_module.run(compose_config([f"paths.root={tmp_path}/{ckpt}", *FAST, "train.steps=1", "eval.at_steps=[]",
                                        f"model.gradient_checkpointing={ckpt}"]), cache)
         assert seen == [ckpt == "true"]

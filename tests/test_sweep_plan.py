@@ -79,7 +79,7 @@ def test_jobs_that_are_the_same_run_are_planned_once_and_complete_runs_are_known
     plan = plan_sweep(config_loader, master, jobs)
     assert plan.n_jobs == 3 and len(plan.runs) == 2
     done = Path(plan.runs[1].run_dir)
-    rundir.write_json_atomic(done / rundir.RESULTS, {})
+    rundir.write_json_atomic(done / rundir.RESULTS, {"run_id": done.name})  # done: verified results
     again = plan_sweep(config_loader, master, jobs)
     assert again.complete == {plan.runs[1].run_id}
     assert [r.run_id for r in again.pending] == [plan.runs[0].run_id]
@@ -189,7 +189,7 @@ def test_status_is_read_from_run_files_and_the_queue(tmp_path):
                [("done", "7_0"), ("running", "7_1"), ("killed", "7_2"), ("failed", "7_3"), ("queued", "7_4"),
                 ("gone", "7_5"), ("old_failure", "8_0")]}
     manifest.append_manifest(sweep, entries.values())
-    rundir.write_json_atomic(tmp_path / "done" / rundir.RESULTS, {})
+    rundir.write_json_atomic(tmp_path / "done" / rundir.RESULTS, {"run_id": "done"})
     for name in ("running", "killed"):
         rundir.write_status(tmp_path / name, "running")
     rundir.write_status(tmp_path / "failed", "failed", reason="RuntimeError: boom")

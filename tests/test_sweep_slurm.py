@@ -141,7 +141,7 @@ def test_run_killed_mid_way_is_not_counted_and_reruns_on_next_launch(tmp_path):
     assert states(tmp_path / "sweep") == {entry.run.run_id: "done"}
 
 
-def test_failing_run_in_a_packed_task_leaves_its_siblings_complete_and_resubmit_reruns_it(tmp_path):
+def test_failing_run_in_a_packed_task_leaves_its_siblings_complete_and_a_relaunch_runs_it_repaired(tmp_path):
     broken = tmp_path / "broken_model"
     broken.mkdir()
     (broken / "config.json").write_text("{}")  # looks like a model directory, cannot be loaded
@@ -161,13 +161,17 @@ def test_failing_run_in_a_packed_task_leaves_its_siblings_complete_and_resubmit_
     text = em_sweep_cli("status", str(tmp_path / "sweep")).stdout
     assert "done              2" in text and "failed            2" in text, text
 
-    # Repair the model, then resubmit: only the two failed runs go to SLURM again.
+    # Repair the model: its files change, so the two runs are new runs (the run id follows the
+    # model's content, docs/run-identity.md); the re-launch submits exactly those two.
     shutil.copytree(resolve_model_path("pkg://tiny-arith"), broken, dirs_exist_ok=True)
-    resubmit = em_sweep_cli("resubmit", str(tmp_path / "sweep"))
-    assert resubmit.returncode == 0 and "resubmitted 2 runs" in resubmit.stdout, resubmit.stdout + resubmit.stderr
+    again = launch(tmp_path, f"model.path=pkg://tiny-arith,{broken}", "seed=0,1",
+                   "hydra.launcher.runs_per_task=4", "hydra.launcher.wait=true")
+    assert "already complete: 2" in again.stdout and "to run:           2 runs" in again.stdout, again.stdout
     sweep_dir = tmp_path / "sweep"
-    wait_until(lambda: set(states(sweep_dir).values()) == {"done"}, 300, "the resubmitted runs to finish")
-    assert len(manifest.read_manifest(sweep_dir)) == 4
+    latest = {e.run.run_dir: s.state for e, s in ((s.entry, s) for s in manifest.sweep_status(sweep_dir))}
+    repaired = [d for d in latest if d not in {e.run.run_dir for e in entries}]
+    assert len(repaired) == 2 and all(latest[d] == "done" for d in repaired)
+    assert sorted(latest.values()) == ["done"] * 4 + ["failed"] * 2  # the broken model's runs did fail
 
 
 def test_usr2_requeues_the_task_with_only_its_unfinished_runs(tmp_path):

@@ -37,8 +37,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         sweep_dirs = _sweep_dirs(args.sweep_dir)
         live = manifest.live_slurm_tasks()  # one queue query for every sweep
         for sweep_dir in sweep_dirs:
-            statuses = manifest.sweep_status(sweep_dir, live=live, ask_slurm=False)
-            print(manifest.format_status(sweep_dir, statuses, max_reasons=args.reasons))
+            problems: list[str] = []
+            statuses = manifest.sweep_status(sweep_dir, live=live, ask_slurm=False, problems=problems)
+            print(manifest.format_status(sweep_dir, statuses, max_reasons=args.reasons, problems=problems))
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

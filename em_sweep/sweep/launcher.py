@@ -335,9 +335,11 @@ class SlurmSweepLauncher(SweepLauncher):
             wait_for_tasks(self.sweep_dir, settings["poll_s"])
             statuses = manifest.sweep_status(self.sweep_dir)
             print(manifest.format_status(self.sweep_dir, statuses), flush=True)
-            unfinished = [s for s in statuses if s.state != manifest.DONE]
+            # This launch's runs (earlier entries of the sweep may name runs whose inputs changed since).
+            planned = {r.run_dir for r in plan.runs}
+            unfinished = [s for s in statuses if s.state != manifest.DONE and s.entry.run.run_dir in planned]
             if unfinished:
-                raise SweepError(f"{len(unfinished)} of {len(statuses)} runs did not complete "
+                raise SweepError(f"{len(unfinished)} of {len(planned)} runs did not complete "
                                  f"(em-sweep status {self.sweep_dir})")
         return []
 

@@ -20,6 +20,7 @@ import getpass
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -37,17 +38,23 @@ LAUNCHER = "launcher.json"
 
 # Run states, in the order status reports them.
 DONE, RUNNING, FAILED, INTERRUPTED, PENDING, MISSING = "done", "running", "failed", "interrupted", "pending", "missing"
-STATES = (DONE, RUNNING, FAILED, INTERRUPTED, PENDING, MISSING)
+CORRUPT, UNREADABLE = "corrupt", "unreadable"
+STATES = (DONE, RUNNING, FAILED, INTERRUPTED, PENDING, MISSING, CORRUPT, UNREADABLE)
 STATE_MEANINGS = {
-    DONE: "results.json written",
-    RUNNING: "started, its task is still running",
+    DONE: "results.json written and verified (it parses and names this run)",
+    RUNNING: "started, its process or task is still running",
     FAILED: "status.json says failed",
-    INTERRUPTED: "started, but its task is gone (killed, node failure): rerun on resubmit",
-    PENDING: "not started yet, its task is queued",
+    INTERRUPTED: "started, but its process or task is gone (killed, node failure): rerun on resubmit",
+    PENDING: "not started yet: its task is queued or its local launcher will start it (or, with a "
+             "reason, its launcher is gone: re-launch)",
     MISSING: "never started and its task is gone: rerun on resubmit",
+    CORRUPT: "results.json torn, not JSON or another run's: rerun on re-launch or resubmit (old files set aside)",
+    UNREADABLE: "a file or the directory of the run cannot be read (the reason says which)",
 }
 # States that `resubmit` submits again.
-RESUBMITTABLE = (FAILED, INTERRUPTED, MISSING)
+RESUBMITTABLE = (FAILED, INTERRUPTED, MISSING, CORRUPT)
+# States listed with their reasons under their count.
+EXPLAINED = (FAILED, PENDING, CORRUPT, UNREADABLE)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,10 @@ class ManifestEntry:
     # submitit's job id: "<array job>_<index>", or a plain id for a one-task submission; "local" in process.
     job_id: str
     submitted_at: float
+    # For a "local" run: the process that will run it (the launching process), so status can
+    # tell when it is gone. None: not recorded.
+    launcher_host: str | None = None
+    launcher_pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,8 +97,11 @@ def find_sweeps(path: Path, max_depth: int = 5) -> list[Path]:
 
 def append_manifest(sweep_dir: Path, entries: Iterable[ManifestEntry]) -> None:
     """Append entries and fsync: a submission is recorded before the next chunk is submitted."""
+    # A local run is run by this process (em-sweep's local launcher, or Hydra's basic one).
+    here = {"launcher_host": socket.gethostname(), "launcher_pid": os.getpid()}
     lines = [json.dumps({"run_id": e.run.run_id, "run_dir": e.run.run_dir, "overrides": list(e.run.overrides),
-                         "model_path": e.run.model_path, "job_id": e.job_id, "submitted_at": e.submitted_at})
+                         "model_path": e.run.model_path, "job_id": e.job_id, "submitted_at": e.submitted_at,
+                         **(here if e.job_id == "local" else {})})
              for e in entries]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(sweep_dir / MANIFEST, "a") as f:
@@ -113,15 +127,40 @@ def append_already_complete(sweep_dir: Path, runs: Iterable[PlannedRun], complet
     return len(new)
 
 
-def read_manifest(sweep_dir: Path) -> dict[str, ManifestEntry]:
-    """Each run's latest submission, keyed by run dir (ids repeat across runs_dirs), in first-seen order."""
+def read_manifest(sweep_dir: Path, problems: list[str] | None = None) -> dict[str, ManifestEntry]:
+    """Each run's latest submission, keyed by run dir (ids repeat across runs_dirs), in first-seen order.
+
+    A line that is not a submission record (torn, garbage, missing fields) is skipped; ``problems``
+    gets ``"manifest.jsonl line N: why"`` for each."""
     entries: dict[str, ManifestEntry] = {}
-    for record in rundir.read_jsonl(Path(sweep_dir) / MANIFEST):
-        run = PlannedRun(run_id=record["run_id"], run_dir=record["run_dir"], overrides=tuple(record["overrides"]),
-                         model_path=record.get("model_path", ""))
-        entries[run.run_dir] = ManifestEntry(run=run, job_id=str(record["job_id"]),
-                                             submitted_at=float(record["submitted_at"]))
+    skipped: list[str] = []
+    path = Path(sweep_dir) / MANIFEST
+    try:
+        records = rundir.numbered_jsonl(path, skipped)
+    except OSError as e:
+        records = []
+        skipped.append(f"cannot be read ({type(e).__name__}: {e.strerror or e})")
+    for number, record in records:
+        try:
+            run = PlannedRun(run_id=str(record["run_id"]), run_dir=str(record["run_dir"]),
+                             overrides=tuple(str(o) for o in record["overrides"]),
+                             model_path=str(record.get("model_path", "")))
+            pid = record.get("launcher_pid")
+            entry = ManifestEntry(run=run, job_id=str(record["job_id"]), submitted_at=float(record["submitted_at"]),
+                                  launcher_host=record.get("launcher_host"),
+                                  launcher_pid=pid if isinstance(pid, int) else None)
+        except (KeyError, TypeError, ValueError) as e:
+            skipped.append(f"line {number}: a record without a valid {e} ({json.dumps(record)[:80]})")
+            continue
+        entries[run.run_dir] = entry
+    if problems is not None:
+        problems.extend(f"{MANIFEST} {p}" for p in sorted(skipped, key=_line_number))
     return entries
+
+
+def _line_number(problem: str) -> int:
+    words = problem.split(":", 1)[0].split()
+    return int(words[1]) if len(words) == 2 and words[0] == "line" and words[1].isdigit() else 0
 
 
 def write_launcher_settings(sweep_dir: Path, settings: dict[str, Any]) -> None:
@@ -129,7 +168,9 @@ def write_launcher_settings(sweep_dir: Path, settings: dict[str, Any]) -> None:
 
 
 def read_launcher_settings(sweep_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(sweep_dir) / LAUNCHER).read_text())
+    """The settings a sweep was submitted with ({} when its launcher.json is absent or unreadable)."""
+    settings, _ = rundir.read_json_file(Path(sweep_dir) / LAUNCHER)
+    return settings if isinstance(settings, dict) else {}
 
 
 def live_slurm_tasks() -> set[str] | None:
@@ -145,43 +186,79 @@ def live_slurm_tasks() -> set[str] | None:
 
 
 def run_status(entry: ManifestEntry, live: set[str] | None) -> RunStatus:
-    """Classify one run from its files; ``live`` (from :func:`live_slurm_tasks`) separates waiting from gone."""
+    """Classify one run from its files; ``live`` (from :func:`live_slurm_tasks`) separates waiting
+    from gone. Never raises for what a run directory holds: a file that cannot be read makes the
+    run ``unreadable`` (or ``corrupt``, for its results.json) with the reason."""
     path = Path(entry.run.run_dir)
-    if rundir.is_complete(path):
+    state, why = rundir.completion(path)
+    if state == rundir.COMPLETE:
         return RunStatus(entry, DONE)
-    alive = live is None or entry.job_id in live or entry.job_id == "local"
-    status = rundir.read_status(path)
-    if status is not None and float(status.get("time", 0)) < entry.submitted_at and alive:
+    if state in (rundir.CORRUPT, rundir.UNREADABLE):
+        return RunStatus(entry, CORRUPT if state == rundir.CORRUPT else UNREADABLE, why)
+    launcher_gone = False
+    if entry.job_id == "local":  # no queue to ask: is the launching process there?
+        launcher_gone = rundir.process_alive({"host": entry.launcher_host, "pid": entry.launcher_pid}) is False
+        alive = not launcher_gone
+    else:
+        alive = live is None or entry.job_id in live
+    status, error = rundir.read_json_file(path / rundir.STATUS)
+    if error is not None:
+        return RunStatus(entry, UNREADABLE, error)
+    if status is not None and not isinstance(status, dict):
+        return RunStatus(entry, UNREADABLE, f"{rundir.STATUS}: a JSON {type(status).__name__}, not a status record")
+    try:
+        started = float((status or {}).get("time", 0))
+    except (TypeError, ValueError):
+        return RunStatus(entry, UNREADABLE, f"{rundir.STATUS}: time {status.get('time')!r} is not a number")
+    if status is not None and started < entry.submitted_at and alive:
         status = None  # from an attempt before the latest submission, which has not started it yet
-    state = (status or {}).get("state")
-    if state == "failed":
-        return RunStatus(entry, FAILED, status.get("reason") if status else None)
-    if state in ("running", "done"):  # "done" without results.json: died while finishing
-        if entry.job_id == "local" and status is not None:  # no queue to ask: is its process there?
-            alive = rundir.process_alive(status) is not False
+    recorded = (status or {}).get("state")
+    if recorded == "failed":
+        reason = status.get("reason") if status else None
+        return RunStatus(entry, FAILED, None if reason is None else str(reason))
+    if recorded in ("running", "done"):  # "done" without results.json: died while finishing
+        process = rundir.process_alive(status or {})  # None: another host, which only the queue knows
+        if entry.job_id == "local":
+            alive = process is not False
+        elif process is False:  # its task may still be queued or running, but this run's process is gone
+            alive = False
         return RunStatus(entry, RUNNING if alive else INTERRUPTED)
+    if launcher_gone:
+        return RunStatus(entry, PENDING, f"its launcher (pid {entry.launcher_pid}) is gone: re-launch the sweep")
     return RunStatus(entry, PENDING if alive else MISSING)
 
 
-def sweep_status(sweep_dir: Path, live: set[str] | None = None, ask_slurm: bool = True) -> list[RunStatus]:
-    """The status of every run in the sweep's manifest (one squeue call unless ``live`` is given)."""
-    entries = read_manifest(sweep_dir)
+def sweep_status(sweep_dir: Path, live: set[str] | None = None, ask_slurm: bool = True,
+                 problems: list[str] | None = None) -> list[RunStatus]:
+    """The status of every run in the sweep's manifest (one squeue call unless ``live`` is given);
+    ``problems`` gets the manifest lines that could not be read."""
+    entries = read_manifest(sweep_dir, problems)
     if live is None and ask_slurm and any(e.job_id != "local" for e in entries.values()):
         live = live_slurm_tasks()
     return [run_status(e, live) for e in entries.values()]
 
 
-def format_status(sweep_dir: Path, statuses: Sequence[RunStatus], max_reasons: int = 10) -> str:
-    """Counts per state, and the failure reasons with how many runs share each."""
+def format_status(sweep_dir: Path, statuses: Sequence[RunStatus], max_reasons: int = 10,
+                  problems: Sequence[str] = ()) -> str:
+    """Counts per state, and the reasons (failures, corrupt or unreadable files, gone launchers)
+    with how many runs share each; then any manifest lines that could not be read."""
     counts = Counter(s.state for s in statuses)
     lines = [f"sweep {sweep_dir}: {len(statuses)} runs"]
     for state in STATES:
+        if state in (CORRUPT, UNREADABLE) and not counts.get(state):
+            continue  # rare states only when present
         lines.append(f"  {state:<12}{counts.get(state, 0):>7}   {STATE_MEANINGS[state]}")
-        if state == FAILED and counts.get(FAILED):
-            reasons = Counter(s.reason or "(no reason recorded)" for s in statuses if s.state == FAILED)
-            for reason, n in reasons.most_common(max_reasons):
-                example = next(s.entry.run for s in statuses if s.state == FAILED and (s.reason or "(no reason recorded)") == reason)
-                lines.append(f"      {n:>6} x {reason}  (e.g. {example.run_id}: {' '.join(example.overrides)})")
-            if len(reasons) > max_reasons:
-                lines.append(f"      ... and {len(reasons) - max_reasons} other reasons")
+        if state not in EXPLAINED or not counts.get(state):
+            continue
+        of_state = [s for s in statuses if s.state == state]
+        default = "(no reason recorded)" if state == FAILED else None
+        reasons = Counter(s.reason or default for s in of_state)
+        reasons.pop(None, None)
+        for reason, n in reasons.most_common(max_reasons):
+            example = next(s.entry.run for s in of_state if (s.reason or default) == reason)
+            lines.append(f"      {n:>6} x {reason}  (e.g. {example.run_id}: {' '.join(example.overrides)})")
+        if len(reasons) > max_reasons:
+            lines.append(f"      ... and {len(reasons) - max_reasons} other reasons")
+    for problem in problems:
+        lines.append(f"  skipped: {problem}")
     return "\n".join(lines)

@@ -375,6 +375,7 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
     sharded: set[str] = set()
     work_of_key: dict[str, RunWork] = {}
     count_problems = None
+    digests = rundir.InputDigests()
 
     def fail(job: Sequence[str], message: str) -> None:
         count, example = errors.get(message, (0, job))
@@ -400,13 +401,13 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
             continue
         try:
             config = combo.container if slow else combo.apply(varying)
-            validate(_AttrDict(config))
+            view = _AttrDict(config)
+            validate(view)
             check_inputs(config)
+            run_dir = rundir.run_dir_for(config, digests)  # reads the inputs' digests, each input once
         except Exception as e:
             fail(job, _first_line(e))
             continue
-        view = _AttrDict(config)
-        run_dir = rundir.run_dir_for(view)  # type: ignore[arg-type]
         if str(run_dir) in seen:
             continue
         seen.add(str(run_dir))
@@ -431,7 +432,7 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
         more = [f"  ... and {len(errors) - MAX_REPORTED_ERRORS} other problems"] if len(errors) > MAX_REPORTED_ERRORS else []
         raise SweepError(f"{n_invalid} of {len(jobs)} runs have an invalid config; nothing was submitted:\n"
                          + "\n".join(listed + more))
-    complete = frozenset(r.run_id for r in runs if rundir.is_complete(Path(r.run_dir)))
+    complete = frozenset(r.run_id for r in runs if rundir.is_complete(Path(r.run_dir)))  # corrupt: not complete
     plan = SweepPlan(runs=runs, complete=complete, n_jobs=len(jobs), n_group_combinations=n_combinations,
                      seconds=time.perf_counter() - started, works=works,
                      sharded=frozenset(sharded))

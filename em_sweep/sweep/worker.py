@@ -165,8 +165,9 @@ def _run_each(context: LaunchContext, runs: Sequence[PlannedRun],
             composed_dir = rundir.run_dir_for(cfg)
             if composed_dir != path:
                 raise RuntimeError(f"planned run dir {path}, but the config composed now gives {composed_dir}: "
-                                   "conf/ changed since the sweep was launched (re-launch it), or the planner "
-                                   "and Hydra disagree (please report)")
+                                   "conf/ or an input (prompt pool, benchmark file, model files, a hub model "
+                                   "downloaded since) changed since the sweep was launched (re-launch it), or "
+                                   "the planner and Hydra disagree (please report)")
             run(cfg, cache=cache)
             record(planned.run_id, "done")
         except BaseException as e:
