@@ -261,13 +261,13 @@ def test_each_objective_preset_composes_validates_and_is_named(objective, name):
             assert cfg.train.steps == 0 and list(cfg.eval.at_steps) == [0]
 
 
-def test_objectives_have_distinct_run_ids_and_neutral_defaults_keep_old_ones():
+def test_objectives_have_distinct_run_ids_and_the_em_objective_is_the_default_run():
     from em_sweep.rundir import run_id
     ids = {run_id(compose_config([f"+objective={o}"])) for o in OBJECTIVES}
     assert len(ids) == len(OBJECTIVES)
-    assert run_id(compose_config(["+objective=em"])) == run_id(compose_config()) == "6e283dd37045a0bc"
-    assert run_id(compose_config(["stages=[em]", "rl.reward=majority_vote"])) == "6e283dd37045a0bc"  # rl unused
-    assert run_id(compose_config(["stop.probe_samples=8"])) != "6e283dd37045a0bc"
+    assert run_id(compose_config(["+objective=em"])) == run_id(compose_config()) == "55d51e3af8f926d2"
+    assert run_id(compose_config(["stages=[em]", "rl.reward=majority_vote"])) == "55d51e3af8f926d2"  # rl unused
+    assert run_id(compose_config(["stop.probe_samples=8"])) != "55d51e3af8f926d2"
 
 
 @pytest.mark.parametrize("override, key", [
