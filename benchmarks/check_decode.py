@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,7 +19,9 @@ from _common import IdTokenizer, counting_shared_passes, environment, pick_devic
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from em_sweep import decode
-from em_sweep.em import accumulate_entropy_gradients, compiled_layers
+from em_sweep.config import TrainConfig
+from em_sweep.em import accumulate_entropy_gradients
+from em_sweep.loss_pass import compiled_layers
 from em_sweep.models import set_checkpointing
 from em_sweep.sample import SamplingSettings, sample_responses
 
@@ -50,7 +51,8 @@ def loss_pass_gradients(model: Qwen2ForCausalLM, batch: Any, share: bool, compil
     model.train()
     model.zero_grad(set_to_none=True)
     set_checkpointing(model, checkpointing)
-    train = SimpleNamespace(micro_batch_size=4, loss_temperature=0.5, loss_chunk_tokens=64, share_prompt_pass=share)
+    train = TrainConfig(micro_batch_size=4, lr=2e-5, sample_temperature=0.5, loss_temperature=0.5, loss_chunk_tokens=64,
+                        share_prompt_pass=share)
     shared: list[bool] = []
     try:
         with counting_shared_passes(shared), compiled_layers(model, compiled):

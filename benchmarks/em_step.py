@@ -1,7 +1,7 @@
 """One EM optimizer step: the reference code's way vs. em-sweep's, in one run (issue 7).
 
 A step = 64 sampled responses x 512 new tokens from a ~100-token prompt, the entropy loss over
-them, one AdamW update (MISSION.md s1, s6). Random weights in the Qwen2.5-Math-1.5B / -7B
+them, one AdamW update (docs/method.md). Random weights in the Qwen2.5-Math-1.5B / -7B
 architectures; generation runs to the full token budget (random weights never say EOS).
 
 - reference style (the public one-shot-em train.py): micro-batch 2, HF ``generate`` in train
@@ -27,7 +27,6 @@ import argparse
 import statistics
 import time
 import traceback
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -50,19 +49,19 @@ from _common import (
 from summarize import is_project
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from em_sweep.config import TrainConfig
 from em_sweep.em import em_step, make_optimizer
 from em_sweep.models import set_checkpointing
 
 
-def train_settings(args: argparse.Namespace) -> SimpleNamespace:
-    """The fields em_step reads, at the paper's reference values (MISSION.md s1)."""
-    return SimpleNamespace(
-        batch_size=args.batch, micro_batch_size=args.micro_batch, lr=2e-5, weight_decay=0.01,
-        adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, warmup_steps=0, grad_clip=1.0,
-        sample_temperature=0.5, top_p=0.95, top_k=0, repetition_penalty=1.15, max_new_tokens=args.new_tokens,
-        sample_batch_size=args.batch, loss_temperature=0.5, loss_chunk_tokens=args.loss_chunk_tokens,
-        optimizer=args.optimizer, generation_backend=args.backend, compile_loss=bool(args.compile_loss),
-        share_prompt_pass=bool(args.share_prompt))
+def train_settings(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig: the schema defaults (the paper's reference values, docs/method.md)
+    with this benchmark's batch, token budget and speed settings."""
+    return TrainConfig(
+        batch_size=args.batch, micro_batch_size=args.micro_batch, lr=2e-5, sample_temperature=0.5,
+        loss_temperature=0.5, max_new_tokens=args.new_tokens, sample_batch_size=args.batch,
+        loss_chunk_tokens=args.loss_chunk_tokens, optimizer=args.optimizer, generation_backend=args.backend,
+        compile_loss=bool(args.compile_loss), share_prompt_pass=bool(args.share_prompt))
 
 
 def part_args(part: str, args: argparse.Namespace) -> argparse.Namespace:

@@ -11,11 +11,11 @@
 # then benchmarks/write_measured.py collects the figures per shape into a machine-readable file,
 # benchmarks/results/measured.json (and $OUT/measured.json, which the device call brings back):
 #
-#   {"schema": 1, "shapes": {"qwen2.5-math-1.5b": {"em_step_s": <s, fastest setting>,
+#   {"schema": 1, "shapes": {"1.5b": {"em_step_s": <s, fastest setting>,
 #     "em_step_setting": "project+share_prompt", "em_step_s_by_setting": {...},
 #     "eval_tokens_per_s": <continuous batching, greedy pass>, "eval_tokens_per_s_static": ..,
 #     "eval_mean_response_tokens": .., "parallel_runs_throughput": {"2": ..},
-#     "card": "NVIDIA H100 80GB HBM3", "date": "2026-12-05 08:00 UTC", "source": ..}, "qwen2.5-math-7b": {...}}}
+#     "card": "NVIDIA H100 80GB HBM3", "date": "2026-12-05 08:00 UTC", "source": ..}, "7b": {...}}}
 #
 # (write_measured.py's docstring and docs/generation.md describe each key; the dry-run cost
 # estimate reads this file.)

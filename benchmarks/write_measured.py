@@ -7,7 +7,7 @@ Schema (version 1), every number MEASURED in the session named by ``card`` and `
 
     {"schema": 1,
      "shapes": {
-       "qwen2.5-math-1.5b": {
+       "1.5b": {
          "em_step_s": 2.9,                 # seconds of one EM step (64 responses x 512 new tokens from
                                            #   a ~100-token prompt, entropy loss, AdamW), median, with
                                            #   the fastest setting measured (em_step_setting)
@@ -21,10 +21,14 @@ Schema (version 1), every number MEASURED in the session named by ``card`` and `
          "parallel_runs_throughput": {"2": 1.5},   # EM steps/s of N runs sharing the GPU / of one
          "card": "NVIDIA H100 80GB HBM3", "date": "2026-12-05 08:00 UTC",
          "source": "benchmarks/gpu_session.sh"},
-       "qwen2.5-math-7b": {...}}}
+       "7b": {...}},
+     "assumed": {"eval_mean_response_tokens": 825, "source": "..."}}
 
-A shape's entry has only the keys its session measured. ``--smoke``: the figures come from the
-CPU rehearsal (tiny models standing in for each shape): the entries say so (``"smoke": true``).
+Shape names are the model presets' ``model.shape`` (em_sweep/sweep/cost.py reads ``em_step_s``,
+``eval_tokens_per_s`` and the top-level ``assumed.eval_mean_response_tokens``). A session updates
+the keys it measured and keeps the others. ``--smoke``: the figures come from the CPU rehearsal
+(tiny models standing in for each shape): the entries say so (``"smoke": true``), and only the
+``--to`` files are written (never the shipped file).
 
     python benchmarks/write_measured.py outputs/benchmarks
 """
@@ -39,7 +43,7 @@ from typing import Any
 from _common import ROOT
 from summarize import is_project
 
-NAMES = {"1.5b": "qwen2.5-math-1.5b", "7b": "qwen2.5-math-7b"}
+NAMES = {"1.5b": "1.5b", "7b": "7b"}  # benchmarks/_common.py shape -> model.shape
 DEFAULT = ROOT / "benchmarks" / "results" / "measured.json"
 
 
@@ -81,7 +85,8 @@ def figures(folder: Path, smoke: bool) -> dict[str, dict[str, Any]]:
 def merge(target: Path, shapes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(target.read_text()) if target.exists() else {}
     data["schema"] = 1
-    data.setdefault("shapes", {}).update(shapes)
+    for name, entry in shapes.items():
+        data.setdefault("shapes", {}).setdefault(name, {}).update(entry)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return data
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU rehearsal figures: marked as such")
     args = ap.parse_args(argv)
     shapes = figures(args.folder, args.smoke)
-    for target in args.to or [DEFAULT]:
+    targets = args.to or ([] if args.smoke else [DEFAULT])
+    for target in targets:
         merge(target, shapes)
         print(f"wrote {target}: {', '.join(sorted(shapes)) or 'no figures'}")
     print(json.dumps(shapes, indent=1))
