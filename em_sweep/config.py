@@ -33,7 +33,7 @@ class ModelConfig:
     # HF hub id or local directory, passed to AutoModelForCausalLM.from_pretrained.
     # "pkg://<asset>" points into em_sweep/assets (the shipped default model).
     path: str = MISSING
-    # Learning rate for this model: small models degrade at the 7B rate (MISSION.md s7).
+    # Learning rate for this model: small models degrade at the 7B rate (docs/method.md, section 2).
     lr: float = 2e-5
     # float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU).
     dtype: str = "auto"
@@ -72,7 +72,7 @@ class PromptConfig:
 
 @dataclass
 class TrainConfig:
-    """One-shot EM training: sampling, loss and optimizer settings (MISSION.md s1)."""
+    """One-shot EM training: sampling, loss and optimizer settings (docs/method.md, section 2)."""
 
     # Number of optimizer updates (one step = one update, whatever the micro-batching).
     steps: int = 10
@@ -323,7 +323,7 @@ class LoggerConfig:
     # offline | online | disabled
     mode: str = "offline"
     project: str = "em-sweep"
-    # W&B projects get slow past ~10k runs (MISSION.md s7): with N > 1, a run goes to project
+    # W&B projects get slow past ~10k runs: with N > 1, a run goes to project
     # `<project>-<k>`, k = its run id mod N (the same project again when the run resumes).
     project_shards: int = 1
     entity: str | None = None

@@ -1,10 +1,10 @@
-"""The sweep report: figures and one Markdown file answering MISSION.md section 4, finding by finding.
+"""The sweep report: figures and one Markdown file answering the paper's findings (docs/method.md, section 4) one by one.
 
 ``em-sweep report <dir>`` collects ``<dir>`` (see :mod:`em_sweep.collect`; or reads a collected
 ``scores.parquet`` / its directory), then writes ``<dir>/report/report.md`` with PNG figures.
 
 What is promised:
-- Each finding of MISSION.md s4 gets a section. It says what was measured, with numbers, when the
+- Each finding (FINDINGS, named by content: finding_step_curve, ...) gets a section. It says what was measured, with numbers, when the
   sweep has the data, and what data is missing when it has not. Wording follows the numbers: a
   difference is called clear only when it exceeds two standard errors (between runs), otherwise
   it is reported as within noise.
@@ -416,7 +416,7 @@ def plot_skewness(entries: Sequence[dict[str, Any]]):
 
 @dataclass
 class Finding:
-    number: int
+    key: str  # the finding's name, e.g. step_curve (its function is finding_<key>)
     title: str
     has_data: bool
     lines: list[str]
@@ -435,11 +435,11 @@ def _varies_besides(p: Prepared, column: str) -> str:
     return f" Averaged over: {', '.join(others)}." if others else ""
 
 
-def finding_1(p: Prepared) -> Finding:
+def finding_one_shot_gain(p: Prepared) -> Finding:
     title = "One prompt and ~10 steps lift a base model's math scores"
     table = agg.before_after(p.main, ["model.name"]) if not p.main.empty else pd.DataFrame()
     if table.empty:
-        return Finding(1, title, False, ["No run has both a before score (step 0, or a `train.steps=0` baseline "
+        return Finding("one_shot_gain", title, False, ["No run has both a before score (step 0, or a `train.steps=0` baseline "
                                          "of the same model) and a trained last step."])
     lines = []
     for _, r in table.iterrows():
@@ -458,14 +458,14 @@ def finding_1(p: Prepared) -> Finding:
     else:
         lines.append("- The paper's anchor (AMC23 70.3 for Qwen2.5-Math-7B) needs `amc23` scores of "
                      "`qwen25_math_7b`; this sweep has none.")
-    return Finding(1, title, True, lines, "before_after.png")
+    return Finding("one_shot_gain", title, True, lines, "before_after.png")
 
 
-def finding_2(p: Prepared) -> Finding:
+def finding_step_curve(p: Prepared) -> Finding:
     title = "Step curve: loss keeps falling, score peaks (near step 10 in the paper), then declines"
     steps = sorted(p.main["step"].dropna().unique()) if not p.main.empty else []
     if len(steps) < 3:
-        return Finding(2, title, False, [f"Needs evaluation at three or more steps per run "
+        return Finding("step_curve", title, False, [f"Needs evaluation at three or more steps per run "
                                          f"(`eval.at_steps`); evaluated steps: {[int(s) for s in steps]}."])
     lines = [f"Evaluated steps: {', '.join(str(int(s)) for s in steps)}; curves split by "
              f"{p.group or 'nothing (one curve)'}; eval temperature {_fmt_value(p.eval_t)}."
@@ -505,14 +505,14 @@ def finding_2(p: Prepared) -> Finding:
                          f"{len(per_run)} runs; the mean curve rises at {rises} of {len(curve) - 1} steps.")
     else:
         lines.append("- No loss curves collected (train table missing).")
-    return Finding(2, title, True, lines, "step_curve.png")
+    return Finding("step_curve", title, True, lines, "step_curve.png")
 
 
-def finding_3(p: Prepared) -> Finding:
+def finding_eval_temperature(p: Prepared) -> Finding:
     title = "Eval temperature: EM-trained models get worse as eval temperature rises"
     temps = sorted(p.scores["eval_temperature"].dropna().unique()) if not p.scores.empty else []
     if len(temps) < 2:
-        return Finding(3, title, False, [f"Needs two or more evaluation temperatures (`eval.temperatures`); "
+        return Finding("eval_temperature", title, False, [f"Needs two or more evaluation temperatures (`eval.temperatures`); "
                                          f"has {[float(t) for t in temps]}."])
     lo, hi = float(temps[0]), float(temps[-1])
     last = agg.final_step(p.scores)
@@ -542,7 +542,7 @@ def finding_3(p: Prepared) -> Finding:
         lines.append(_gain_shift(p, lo, hi))
     lines.append("- The paper's contrast (RL-trained models improve with temperature) needs RL-trained runs "
                  "(`stages` with rl); see finding 9.")
-    return Finding(3, title, True, lines, "eval_temperature.png")
+    return Finding("eval_temperature", title, True, lines, "eval_temperature.png")
 
 
 def _gain_shift(p: Prepared, lo: float, hi: float) -> str:
@@ -567,13 +567,13 @@ def _gain_shift(p: Prepared, lo: float, hi: float) -> str:
             f"over {n} runs ({verdict}); negative means EM helps less (or hurts more) at high eval temperature.")
 
 
-def finding_4(p: Prepared) -> Finding:
+def finding_train_temperature(p: Prepared) -> Finding:
     title = ("Training temperature: mean score trends up with it; the best run rises then falls past ~0.5; "
              "0.5 gives most variance")
     last = _trained_last(p)
     temps = sorted(last["temperature"].dropna().unique()) if not last.empty and "temperature" in last else []
     if len(temps) < 2:
-        return Finding(4, title, False, [f"Needs trained runs at two or more training temperatures "
+        return Finding("train_temperature", title, False, [f"Needs trained runs at two or more training temperatures "
                                          f"(`temperature`); has {[float(t) for t in temps]}."])
     stats = agg.summarize(last, ["temperature"])
     best = agg.best_runs(last, ["temperature"])
@@ -602,16 +602,16 @@ def finding_4(p: Prepared) -> Finding:
                      f"(std {100 * stats['std'].iloc[i_var]:.1f} pp).")
     elif stats["std"].notna().any():
         lines.append("- No spread between runs at any training temperature: runs of one temperature scored the same.")
-    return Finding(4, title, True, lines, "train_temperature.png")
+    return Finding("train_temperature", title, True, lines, "train_temperature.png")
 
 
-def finding_5(p: Prepared) -> Finding:
+def finding_seeds(p: Prepared) -> Finding:
     title = "Seeds: identical settings, average score differs up to 2x across seeds"
     last = _trained_last(p)
     spread = agg.seed_spread(last, p.settings) if not last.empty else pd.DataFrame()
     multi = spread[spread["n_seeds"] >= 2] if not spread.empty else spread
     if multi.empty:
-        return Finding(5, title, False, ["Needs two or more seeds of an identical setting (same config except "
+        return Finding("seeds", title, False, ["Needs two or more seeds of an identical setting (same config except "
                                          "`seed`), trained and complete."])
     finite = multi["ratio"].replace(np.inf, np.nan)
     worst = multi.iloc[int(multi["spread"].to_numpy().argmax())]
@@ -642,7 +642,7 @@ def finding_5(p: Prepared) -> Finding:
         se = agg.binomial_se(float(last["score"].mean()), p.n_problems)
         lines.append(f"- For scale: one score is graded on ~{p.n_problems} samples, so its sampling standard "
                      f"error alone is ~{100 * se:.1f} pp at the mean score.")
-    return Finding(5, title, True, lines, "seed_spread.png")
+    return Finding("seeds", title, True, lines, "seed_spread.png")
 
 
 def family_before_after(p: Prepared) -> dict[str, dict[str, str]]:
@@ -657,11 +657,11 @@ def family_before_after(p: Prepared) -> dict[str, dict[str, str]]:
     return out
 
 
-def finding_6(p: Prepared) -> Finding:
+def finding_base_models(p: Prepared) -> Finding:
     title = "Base models: EM helps base models and hurts RL-tuned ones (SimpleRL-Zoo)"
     table = agg.before_after(p.main, ["model.name"]) if not p.main.empty else pd.DataFrame()
     if table.empty:
-        return Finding(6, title, False, ["No model has both before (step 0) and after scores."])
+        return Finding("base_models", title, False, ["No model has both before (step 0) and after scores."])
     families = family_before_after(p)
     lines = ["| model | runs | before | after | change | per-run change range | |"
              + "".join(f" {f}: before -> after |" for f in families),
@@ -681,15 +681,15 @@ def finding_6(p: Prepared) -> Finding:
                      "needs an RL-tuned model (e.g. `model=qwen25_math_7b_simplerl_zoo`) in the sweep.")
     else:
         lines.append("- Which models are RL-tuned is not recorded in the config; read the names above.")
-    return Finding(6, title, True, lines, "before_after.png")
+    return Finding("base_models", title, True, lines, "before_after.png")
 
 
-def finding_7(p: Prepared) -> Finding:
+def finding_one_vs_multi_shot(p: Prepared) -> Finding:
     title = "One-shot beats multi-shot EM (same steps, N distinct prompts)"
     last = _trained_last(p)
     counts = sorted(last["prompt.n_ids"].dropna().unique()) if "prompt.n_ids" in last and not last.empty else []
     if len(counts) < 2 or counts[0] != 1:
-        return Finding(7, title, False, [f"Needs one-shot (1 prompt id) and multi-shot (several prompt ids) runs; "
+        return Finding("one_vs_multi_shot", title, False, [f"Needs one-shot (1 prompt id) and multi-shot (several prompt ids) runs; "
                                          f"numbers of prompt ids here: {[int(c) for c in counts]}."])
     one = last.loc[last["prompt.n_ids"] == 1, "score"]
     lines = [f"- one-shot: {pct(one.mean())} over {len(one)} runs."]
@@ -700,14 +700,14 @@ def finding_7(p: Prepared) -> Finding:
                      f"{pp(d['mean'])} ({judged(d['mean'], d['se'], many.mean(), one.mean(), p.n_problems)}).")
     if "train.steps" in p.settings:
         lines.append("- `train.steps` varies in this sweep: compare within equal steps.")
-    return Finding(7, title, True, lines + [_varies_besides(p, "prompt.n_ids").strip()], "shots.png")
+    return Finding("one_vs_multi_shot", title, True, lines + [_varies_besides(p, "prompt.n_ids").strip()], "shots.png")
 
 
-def finding_8(p: Prepared) -> Finding:
+def finding_logits_skewness(p: Prepared) -> Finding:
     title = "Logits skewness: EM raises it, RL lowers it, EM then RL falls back toward RL's"
     entries = [e for e in p.skewness if "skewness" in e]
     if not entries:
-        return Finding(8, title, False, ["No logits analysis results (run `em-sweep logits logits.models=[...]` and put "
+        return Finding("logits_skewness", title, False, ["No logits analysis results (run `em-sweep logits logits.models=[...]` and put "
                                          "its skewness.json in the sweep dir, or pass `--skewness`)."])
     first = float(entries[0]["skewness"])
     lines = ["| model | skewness | vs first | values | responses | sampling T | method |",
@@ -720,15 +720,15 @@ def finding_8(p: Prepared) -> Finding:
     lines.append("")
     lines.append(f"- Method: {SKEWNESS_METHODS.get(skewness_method(entries), skewness_method(entries))}")
     lines.append(f"- Differences are relative to the first model listed (`{entries[0].get('label') or entries[0].get('model')}`).")
-    return Finding(8, title, True, lines, "skewness.png")
+    return Finding("logits_skewness", title, True, lines, "skewness.png")
 
 
-def finding_9(p: Prepared) -> Finding:
+def finding_stage_order(p: Prepared) -> Finding:
     title = "EM before RL helps RL; EM after RL hurts"
     last = _trained_last(p)
     stages = sorted(str(s) for s in last["stages"].dropna().unique()) if "stages" in last and not last.empty else []
     if len(stages) < 2 or not any("rl" in s.split(",") for s in stages):
-        return Finding(9, title, False, [f"Needs runs with different stage orders including RL "
+        return Finding("stage_order", title, False, [f"Needs runs with different stage orders including RL "
                                          f"(`stages=[em,rl]`, `[rl,em]`, `[rl]`); stages here: {stages}."])
     stats = agg.summarize(last, ["stages"])
     steps = {str(k): sorted(int(x) for x in g["step"].dropna().unique()) for k, g in last.groupby("stages")}
@@ -738,10 +738,12 @@ def finding_9(p: Prepared) -> Finding:
     if len({tuple(v) for v in steps.values()}) > 1:
         lines.append("- The orders ran different numbers of steps in all (one stage vs two): compare a two-stage "
                      "order with its first stage alone as well as with the other orders.")
-    return Finding(9, title, True, lines, "stages.png")
+    return Finding("stage_order", title, True, lines, "stages.png")
 
 
-FINDINGS = (finding_1, finding_2, finding_3, finding_4, finding_5, finding_6, finding_7, finding_8, finding_9)
+FINDINGS = (finding_one_shot_gain, finding_step_curve, finding_eval_temperature, finding_train_temperature,
+            finding_seeds, finding_base_models, finding_one_vs_multi_shot, finding_logits_skewness,
+            finding_stage_order)
 
 
 def figure_for(name: str, p: Prepared):
@@ -814,7 +816,7 @@ def build_report(p: Prepared, out_dir: Path, source: str = "") -> Path:
             plt.close(fig)
             made.add(f.figure)
     lines = [f"# em-sweep report{f': {source}' if source else ''}", ""]
-    lines += ["Findings of MISSION.md section 4, answered from this sweep's data only.", ""]
+    lines += ["The paper's findings (docs/method.md, section 4), answered from this sweep's data only.", ""]
     lines += runs_section(p) + [""]
     if p.n_done:
         lines += setup_section(p) + [""]
@@ -822,13 +824,13 @@ def build_report(p: Prepared, out_dir: Path, source: str = "") -> Path:
     without = [f for f in findings if not f.has_data]
     lines += ["## Findings with data", ""]
     for f in with_data:
-        lines += [f"### {f.number}. {f.title}", ""]
+        lines += [f"### {f.title} (`{f.key}`)", ""]
         if f.figure:
             lines += [f"![{f.title}]({f.figure})", ""]
         lines += [line for line in f.lines if line is not None] + [""]
     lines += ["## Findings without data in this sweep", ""]
     for f in without:
-        lines.append(f"- **{f.number}. {f.title}**: {' '.join(f.lines)}")
+        lines.append(f"- **{f.title}** (`{f.key}`): {' '.join(f.lines)}")
     family = objectives_report.sections(p, out_dir)  # objectives, label-free stopping, calibration
     if family:
         lines += [""] + family

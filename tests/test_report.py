@@ -32,8 +32,8 @@ def prepared() -> rep.Prepared:
     return rep.prepare(c.scores, c.train, rep.load_skewness([FIXTURE / "skewness.json"]))
 
 
-def section(text: str, number: int) -> str:
-    start = text.index(f"### {number}. ")
+def section(text: str, key: str) -> str:
+    start = text.index(f"(`{key}`)\n")
     end = text.find("\n### ", start + 1)
     return text[start:end if end > 0 else text.index("## Findings without data")]
 
@@ -60,33 +60,33 @@ def test_findings_state_the_hand_computed_numbers(built):
     assert "`tiny_arith`: 40.0% before -> 52.0% after 10 steps; change +12.0 pp (per run -5.0 pp to +30.0 pp; 5 runs" in text
     # SE: between runs std(.1,.2,.3,-.05,.05)/sqrt(5) = 6.04 pp; evaluation sqrt((.4*.6 + .52*.48)/400) = 3.50 pp;
     # together 6.98 pp, so 2 SE = 14.0 pp > 12 pp: not called clear
-    assert "within noise, 2 SE = 14.0 pp" in section(text, 1)
+    assert "within noise, 2 SE = 14.0 pp" in section(text, "one_shot_gain")
     # 2: T=0.3 runs a1, a2, m1: step 5 (.6+.7+.5)/3 = 60.0%, step 10 (.5+.6+.45)/3 = 51.7%: a clear decline
-    s2 = section(text, 2)
+    s2 = section(text, "step_curve")
     assert "training T=0.3 (3 runs): step 0 40.0%, peak 60.0% at step 5, step 10 51.7%" in s2
     assert "then -8.3 pp by step 10 (clear" in s2
     assert "mean 0.95 at step 1 -> 0.5 at step 10; lower at the end in 3 of 3 runs" in s2
     # 3: last step T=1 (.35+.40+.45+.30+.33)/5 = 36.6%; paired change -15.4 pp
-    assert "T=0 52.0%, T=1 36.6%" in section(text, 3) and "-15.4 pp (clear" in section(text, 3)
+    assert "T=0 52.0%, T=1 36.6%" in section(text, "eval_temperature") and "-15.4 pp (clear" in section(text, "eval_temperature")
     # 4: T=0.3 mean 51.7%, std 7.6 pp, best a2 60%; T=0.7 mean 52.5%, std 24.7 pp; difference within noise
-    s4 = section(text, 4)
+    s4 = section(text, "train_temperature")
     assert "| 0.3 | 3 | 51.7% | 7.6 pp | 45.0% | 60.0% (`a200000000000000`) |" in s4
     assert "| 0.7 | 2 | 52.5% | 24.7 pp | 35.0% | 70.0% (`b100000000000000`) |" in s4
     assert "+0.8 pp (within noise" in s4
     # 5: seeds of T=0.7: .70 / .35 = 2.00x; T=0.3 helps: .60/.50 = 1.20x
-    s5 = section(text, 5)
+    s5 = section(text, "seeds")
     assert "largest 2.00x" in s5 and "1 of 2 reach the paper's 2x" in s5
     # 7: one-shot (.5+.6+.7+.35)/4 = 53.8% vs 2 prompts 45.0%
-    assert "one-shot: 53.8% over 4 runs" in section(text, 7)
-    assert "| `em/step-10` | +0.9000 | +0.4000 |" in section(text, 8)
+    assert "one-shot: 53.8% over 4 runs" in section(text, "one_vs_multi_shot")
+    assert "| `em/step-10` | +0.9000 | +0.4000 |" in section(text, "logits_skewness")
 
 
 def test_findings_without_data_say_what_is_missing(built):
     _, text = built
     missing = text[text.index("## Findings without data"):]
-    assert "**9. EM before RL helps RL; EM after RL hurts**" in missing
+    assert "**EM before RL helps RL; EM after RL hurts** (`stage_order`)" in missing
     assert "stages here: ['em']" in missing
-    assert "needs an RL-tuned model" in section(text, 6)
+    assert "needs an RL-tuned model" in section(text, "base_models")
 
 
 def test_no_done_runs_gives_a_report_of_missing_data(tmp_path):
@@ -136,13 +136,13 @@ def test_skewness_schema_errors_name_the_file(tmp_path):
 def test_skewness_finding_states_the_method_and_flags_mixed_methods(prepared):
     import dataclasses
 
-    text = "\n".join(rep.finding_8(prepared).lines)  # entries without a method field are raw
+    text = "\n".join(rep.finding_logits_skewness(prepared).lines)  # entries without a method field are raw
     assert "| raw |" in text and "- Method: raw:" in text
     reference = [{**e, "method": "reference"} for e in prepared.skewness]
-    text = "\n".join(rep.finding_8(dataclasses.replace(prepared, skewness=reference)).lines)
+    text = "\n".join(rep.finding_logits_skewness(dataclasses.replace(prepared, skewness=reference)).lines)
     assert "| reference |" in text and "- Method: reference:" in text and "logits_shift.py" in text
     mixed = [reference[0], *prepared.skewness[1:]]
-    assert "not comparable" in "\n".join(rep.finding_8(dataclasses.replace(prepared, skewness=mixed)).lines)
+    assert "not comparable" in "\n".join(rep.finding_logits_skewness(dataclasses.replace(prepared, skewness=mixed)).lines)
 
 
 def test_report_reads_a_collected_table(built, tmp_path):
@@ -203,7 +203,7 @@ def test_before_after_table_grows_a_column_per_benchmark_family(tmp_path):
     assert (p.label, p.n_problems) == (plain.label, plain.n_problems)  # arith alone, as before
     pd_testing = pytest.importorskip("pandas.testing")
     pd_testing.assert_frame_equal(p.main.reset_index(drop=True), plain.main.reset_index(drop=True))
-    lines = rep.finding_6(p).lines
+    lines = rep.finding_base_models(p).lines
     assert lines[0].endswith("| code: before -> after | logic: before -> after |")
     row = next(line for line in lines if line.startswith("| `"))
     assert row.endswith("| 12.5% -> 25.0% (+12.5 pp) | 50.0% -> 0.0% (-50.0 pp) |")

@@ -333,9 +333,9 @@ def test_stage_order_preset_runs_every_order_as_a_sweep(tmp_path):
                     for p in tmp_path.glob("runs/*/results.json"))
     assert orders == ["em", "em,rl", "rl", "rl,em"]
     from em_sweep.collect import collect
-    from em_sweep.report import finding_9, prepare
+    from em_sweep.report import finding_stage_order, prepare
     collected = collect(tmp_path / "sweeps" / "stage_order", progress=False)
-    f9 = finding_9(prepare(collected.scores, collected.train))
+    f9 = finding_stage_order(prepare(collected.scores, collected.train))
     text = "\n".join(f9.lines)
     assert f9.has_data and "`em,rl`" in text and "after 2 steps" in text and "after 1 steps" in text
     assert "different numbers of steps" in text
