@@ -20,7 +20,7 @@ import pandas as pd
 # Columns that describe the run itself rather than its config.
 RUN_COLUMNS = ("run_id", "run_dir", "status", "reason", "seconds")
 # Columns that describe one score of a run.
-SCORE_COLUMNS = ("step", "benchmark", "eval_temperature", "accuracy", "pass_at_n", "n", "n_problems",
+SCORE_COLUMNS = ("step", "updates", "benchmark", "eval_temperature", "accuracy", "pass_at_n", "n", "n_problems",
                  "boxed_rate", "grader_failures", "template", "max_new_tokens", "family")
 # Calibration of sampled evaluation (n > 1; em_sweep/calibration.py), empty otherwise.
 CALIBRATION_COLUMNS = ("majority_accuracy", "majority_confidence", "ece_majority", "brier_majority",
@@ -28,7 +28,7 @@ CALIBRATION_COLUMNS = ("majority_accuracy", "majority_confidence", "ece_majority
 SCORE_COLUMNS = SCORE_COLUMNS + CALIBRATION_COLUMNS
 # Config keys that are always columns (the axes of the paper's findings).
 KEY_CONFIG_COLUMNS = ("name", "model.name", "seed", "temperature", "train.lr", "prompt.name", "prompt.ids",
-                      "prompt.n_ids", "train.steps", "stages")
+                      "prompt.n_ids", "train.steps", "stages", "train.step_unit")
 # Config keys that never make two runs' settings different (identity, bookkeeping).
 NOT_SETTINGS = ("seed", "name")
 # The benchmark name evaluate.py gives the paper's average of four.
@@ -121,11 +121,12 @@ def scores(table: pd.DataFrame, benchmark: str | None = None) -> pd.DataFrame:
     done = table[(table["status"] == DONE) & table["step"].notna()]
     bench = benchmark if benchmark is not None else primary_benchmark(done)
     keys = [c for c in (*RUN_COLUMNS, *config_columns(done)) if c in done.columns]
+    steps = ["step", "updates"] if "updates" in done.columns else ["step"]  # updates: per run and step
     if bench is not None:
         out = done[done["benchmark"] == bench].rename(columns={"accuracy": "score"})
-        return out[[*keys, "step", "eval_temperature", "score"]].reset_index(drop=True)
+        return out[[*keys, *steps, "eval_temperature", "score"]].reset_index(drop=True)
     rows = math_rows(done[done["benchmark"] != AVERAGE_OF_FOUR])
-    out = (rows.groupby([*keys, "step", "eval_temperature"], dropna=False, sort=True)["accuracy"]
+    out = (rows.groupby([*keys, *steps, "eval_temperature"], dropna=False, sort=True)["accuracy"]
            .mean().rename("score").reset_index())
     return out
 

@@ -54,7 +54,7 @@ NOT_COMPARED_PREFIXES = tuple(f"{k}." for k in rundir.NOT_IN_RUN_ID)
 SPEED_ONLY_COLUMNS = frozenset(rundir.NOT_IN_RUN_ID)
 # One row per training step; ``stage`` says whose (em: loss = mean token entropy; rl: loss = the
 # GRPO loss, with the step's mean reward).
-TRAIN_FIELDS = ("step", "stage", "loss", "entropy", "reward", "response_length", "grad_norm")
+TRAIN_FIELDS = ("step", "updates", "stage", "loss", "entropy", "reward", "response_length", "grad_norm")
 INTEGER_COLUMNS = ("step", "n", "n_problems", "grader_failures", "max_new_tokens")
 NO_REASON = "(no reason recorded)"
 

@@ -50,6 +50,17 @@ MAX_CURVES = 8
 MAX_LISTED_FAILURES = 50
 PAPER_SEED_RATIO = 2.0
 STEP_AXIS = "training step (optimizer updates)"
+REFERENCE_STEP_AXIS = "reference step (train.py loop steps; the optimizer updates are the `updates` column)"
+
+
+def step_axis(frame: pd.DataFrame) -> str:
+    """What the step axis of ``frame``'s runs counts (``train.step_unit``, docs/reproducing.md)."""
+    units = set(frame["train.step_unit"].dropna()) if "train.step_unit" in frame else set()
+    if units == {"micro_step"}:
+        return REFERENCE_STEP_AXIS
+    if "micro_step" in units:
+        return "step (mixed: optimizer updates for train.step_unit=update runs, reference steps for micro_step runs)"
+    return STEP_AXIS
 EVAL_T_AXIS = "evaluation temperature (0 = greedy)"
 TRAIN_T_AXIS = "training temperature τ (sampling and loss)"
 LOSS_AXIS = "train loss: mean token entropy at τ (nats)"
@@ -221,7 +232,7 @@ def plot_step_curve(p: Prepared):
                         color=line.get_color())
         step, value = agg.peak_step(curve)
         ax.plot([step], [100 * value], marker="*", markersize=16, color=line.get_color(), markeredgecolor="black")
-    ax.set_xlabel(STEP_AXIS)
+    ax.set_xlabel(step_axis(p.main))
     _percent_axis(ax, p.label)
     _noise_bar(ax, p, float(p.main["score"].mean()) if not p.main.empty else math.nan)
     ax.set_title(f"Score by step (eval T={_fmt_value(p.eval_t)}); line = mean, band = min-max, "
@@ -238,7 +249,7 @@ def plot_step_curve(p: Prepared):
         ax_loss.legend(fontsize=8)
     else:
         ax_loss.text(0.5, 0.5, "no loss curves collected", ha="center", va="center", transform=ax_loss.transAxes)
-    ax_loss.set_xlabel(STEP_AXIS)
+    ax_loss.set_xlabel(step_axis(p.main))
     ax_loss.set_ylabel(LOSS_AXIS)
     ax_loss.grid(alpha=0.3)
     fig.tight_layout()
@@ -469,7 +480,11 @@ def finding_step_curve(p: Prepared) -> Finding:
                                          f"(`eval.at_steps`); evaluated steps: {[int(s) for s in steps]}."])
     lines = [f"Evaluated steps: {', '.join(str(int(s)) for s in steps)}; curves split by "
              f"{p.group or 'nothing (one curve)'}; eval temperature {_fmt_value(p.eval_t)}."
-             + _varies_besides(p, p.group or "")]
+             + _varies_besides(p, p.group or "") + f" Step axis: {step_axis(p.main)}."]
+    if "updates" in p.main and step_axis(p.main) != STEP_AXIS:
+        pairs = p.main[["step", "updates"]].dropna().drop_duplicates().sort_values("step")
+        lines.append("Optimizer updates at each step: " + ", ".join(
+            f"step {int(r.step)} = {int(r.updates)}" for r in pairs.itertuples()) + ".")
     for name, g in curve_groups(p, p.main):
         curve = agg.step_curve(g)
         peak, value = agg.peak_step(curve)

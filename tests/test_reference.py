@@ -187,3 +187,24 @@ def test_preset_reproduces_the_reference_settings():
         "micro_step", 8, 2, "identical", "rank_token_mean", "reference", 50, "generation_config", 10)
     assert accumulation_steps(t) == 4  # reference step 10 = 2 optimizer updates
     validate(cfg)
+
+
+def test_a_reference_run_records_updates_and_its_report_names_the_step_unit(tmp_path):
+    """Through the real run and report: 2 emulated ranks x 2 responses, batch 16 -> an update every
+    4 reference steps; scores, loss curve and results say so, and the step-curve finding's axis
+    names reference steps with the updates behind each."""
+    from em_sweep import report as rep
+    from em_sweep.collect import collect
+    from em_sweep.run import run
+
+    cfg = compose_config(["+experiment=one_shot_em_reference", f"paths.root={tmp_path}", "logger.mode=disabled",
+                          "train.data_parallel_ranks=2", "train.batch_size=16", "train.micro_batch_size=4", "train.steps=8",
+                          "train.max_new_tokens=8", "eval.at_steps=[0,4,6]", "eval.limit=20"])
+    results = run(cfg)
+    assert results["step_unit"] == "micro_step" and results["updates"] == 2
+    assert [(s["step"], s["updates"]) for s in results["scores"]] == [(0, 0), (4, 1), (6, 1), (8, 2)]
+    assert [r["updates"] for r in results["loss_curve"]] == [0, 0, 0, 1, 1, 1, 1, 2]
+    c = collect(tmp_path, progress=False)
+    finding = rep.finding_step_curve(rep.prepare(c.scores, c.train))
+    text = "\n".join(finding.lines)
+    assert rep.REFERENCE_STEP_AXIS in text and "step 4 = 1, step 6 = 1, step 8 = 2" in text
