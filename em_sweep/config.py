@@ -504,7 +504,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _check_benchmarks(e.benchmarks)
     _check(len(e.pass_k) > 0 and all(k >= 1 for k in e.pass_k), "eval.pass_k",
            f"must be a non-empty list of integers >= 1, got {list(e.pass_k)}")
-    _check(e.code_timeout_s > 0, "eval.code_timeout_s", f"must be > 0, got {e.code_timeout_s}")
+    _check_range(e.code_timeout_s, "eval.code_timeout_s", 0, MAX_TIMEOUT_S, low_open=True)
     _check(e.code_memory_mb >= 64, "eval.code_memory_mb", f"must be >= 64 (MiB), got {e.code_memory_mb}")
     _check(e.code_workers >= 1, "eval.code_workers", f"must be >= 1, got {e.code_workers}")
     _check(e.backend in KNOWN_EVAL_BACKENDS, "eval.backend",
@@ -524,18 +524,19 @@ def validate(cfg: DictConfig | Config) -> None:
                "dependency), or use eval.backend=hf")
 
     m = e.em_inf
+    _check(m.steps >= 0, "eval.em_inf.steps", f"must be >= 0, got {m.steps}")
+    _check_range(m.lr, "eval.em_inf.lr", 0, low_open=True)
+    _check_range(m.kl_weight, "eval.em_inf.kl_weight", 0)
+    _check_range(m.threshold, "eval.em_inf.threshold", 0)
     if m.enabled:
-        _check(m.steps >= 0, "eval.em_inf.steps", f"must be >= 0, got {m.steps}")
-        _check(m.lr > 0, "eval.em_inf.lr", f"must be > 0, got {m.lr}")
-        _check(m.kl_weight >= 0, "eval.em_inf.kl_weight", f"must be >= 0, got {m.kl_weight}")
         _check(e.backend == "hf", "eval.em_inf.enabled", "EM-INF decodes with eval.backend=hf only")
     st = c.stop
     _check(st.probe_samples >= 0, "stop.probe_samples", f"must be >= 0 (0 = no probe), got {st.probe_samples}")
     _check(st.heldout_prompts >= 0, "stop.heldout_prompts", f"must be >= 0, got {st.heldout_prompts}")
     _check(st.rule in KNOWN_STOP_RULES, "stop.rule", f"unknown {st.rule!r}; choose from {KNOWN_STOP_RULES}")
-    _check(0 < st.agreement <= 1, "stop.agreement", f"must be in (0, 1], got {st.agreement}")
-    _check(0 < st.heldout_ratio <= 1, "stop.heldout_ratio", f"must be in (0, 1], got {st.heldout_ratio}")
-    _check(0 < st.entropy_ratio <= 1, "stop.entropy_ratio", f"must be in (0, 1], got {st.entropy_ratio}")
+    _check_range(st.agreement, "stop.agreement", 0, 1, low_open=True)
+    _check_range(st.heldout_ratio, "stop.heldout_ratio", 0, 1, low_open=True)
+    _check_range(st.entropy_ratio, "stop.entropy_ratio", 0, 1, low_open=True)
     _check(c.model.dtype in KNOWN_DTYPES, "model.dtype", f"unknown {c.model.dtype!r}; choose from {KNOWN_DTYPES}")
     _check(c.logger.project_shards >= 1, "logger.project_shards", f"must be >= 1, got {c.logger.project_shards}")
     _check(c.logger.mode in KNOWN_LOGGER_MODES, "logger.mode",
@@ -633,7 +634,7 @@ def _validate_rl(r: Any) -> None:
            f"must be > 0: greedy rollouts make every group agree (zero advantages), got {r.temperature}")
     _check(r.weight_decay >= 0, "rl.weight_decay", f"must be >= 0, got {r.weight_decay}")
     _check(r.updates_per_batch >= 1, "rl.updates_per_batch", f"must be >= 1, got {r.updates_per_batch}")
-    _check(r.entropy_coef >= 0, "rl.entropy_coef", f"must be >= 0 (0 = no entropy bonus), got {r.entropy_coef}")
+    _check_range(r.entropy_coef, "rl.entropy_coef", 0, hint=" (0 = no entropy bonus)")
     _check(r.reward in KNOWN_REWARDS, "rl.reward", f"unknown {r.reward!r}; choose from {KNOWN_REWARDS}")
     _check(r.advantage in KNOWN_ADVANTAGES, "rl.advantage", f"unknown {r.advantage!r}; choose from {KNOWN_ADVANTAGES}")
 

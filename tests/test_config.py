@@ -206,6 +206,22 @@ BAD_NUMBERS = {
     "eval.seed": ["-1", str(2**32)],
     "logger.project_shards": ["0"],
     "logger.init_timeout_s": ["0", "-1", "1e12", *NAN_INF],
+    "train.data_parallel_ranks": ["0", "-2"],
+    "train.rank_batch_size": ["0"],
+    "eval.pass_k": ["[0]", "[]"],
+    "eval.code_timeout_s": ["0", "1e12", *NAN_INF],
+    "eval.code_memory_mb": ["32"],
+    "eval.code_workers": ["0"],
+    "eval.em_inf.steps": ["-1"],
+    "eval.em_inf.lr": ["0", *NAN_INF],
+    "eval.em_inf.kl_weight": ["-0.1", *NAN_INF],
+    "eval.em_inf.threshold": ["-1", *NAN_INF],
+    "rl.entropy_coef": ["-0.001", *NAN_INF],
+    "stop.probe_samples": ["-1"],
+    "stop.heldout_prompts": ["-1"],
+    "stop.agreement": ["0", "1.5", *NAN_INF],
+    "stop.heldout_ratio": ["0", "1.5", *NAN_INF],
+    "stop.entropy_ratio": ["0", "1.5", *NAN_INF],
 }
 NUMBER_CASES = [(key, value) for key, values in BAD_NUMBERS.items() for value in values]
 
@@ -222,7 +238,7 @@ def _numeric_keys():
         for f in dataclasses.fields(cls):
             t = hints[f.name]
             if dataclasses.is_dataclass(t):
-                yield from walk(t, f"{f.name}.")
+                yield from walk(t, f"{prefix}{f.name}.")
             elif {int, float} & ({t} | set(typing.get_args(t)) | {a for x in typing.get_args(t) for a in typing.get_args(x)}):
                 yield prefix + f.name
 
