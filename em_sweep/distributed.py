@@ -327,7 +327,7 @@ def em_step_distributed(objective: EntropyObjective, tokenizer: PreTrainedTokeni
     """em_sweep.em.em_step across ranks: this rank samples its share of ``prompt_texts`` (all
     ranks pass the same full list), one optimizer update of the sharded weights. ``entropy`` is
     reported at the loss temperature (em_step re-scores at the sampling temperature when they differ)."""
-    if getattr(train, "compile_loss", False):
+    if train.compile_loss:
         raise ValueError("train.compile_loss is for single-process runs; FSDP's layers are not compiled here")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = objective.model

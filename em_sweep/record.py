@@ -152,7 +152,7 @@ class WandbMirror:
         # wandb's own usage telemetry: sent to the server besides our metrics, and its exit hook
         # waits up to ~30 s for an unreachable server. Only the config and metrics are sent.
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
-        project = project_for(logger_cfg.project, run_id, int(getattr(logger_cfg, "project_shards", 1)))
+        project = project_for(logger_cfg.project, run_id, int(logger_cfg.project_shards))
 
         def init() -> Any:
             return wandb.init(project=project, entity=logger_cfg.entity, group=group,

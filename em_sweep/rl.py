@@ -211,14 +211,14 @@ def step_rewards(model: PreTrainedModel, batch: SampleBatch, golds: list[str], r
                  ) -> tuple[list[float], int, float | None]:
     """The rewards ``rl.reward`` gives the batch's responses (objectives.REWARDS), the number of
     grader failures, and the responses' mean token entropy where it was computed on the way."""
-    kind = getattr(rl, "reward", "gold")
+    kind = rl.reward
     if kind == "gold":
         rewards, failures = math_rewards(batch.texts, golds, timeout_s)
         return rewards, failures, None
     if kind == "majority_vote":
         answers = [extract_answer(t) for t in batch.texts]
         return objectives.majority_vote_rewards(answers, rl.group_size), 0, None
-    share = bool(getattr(rl, "share_prompt_pass", False))
+    share = bool(rl.share_prompt_pass)
     n_rows = batch.input_ids.shape[0]
     values, ent_sum, ent_n = [], 0.0, 0
     for s in range(0, n_rows, rl.micro_batch_size):
@@ -247,22 +247,22 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     agreement = sum(objectives.majority_share(answers[k:k + g]) for k in range(0, len(answers), g)) / (len(answers) // g)
     device = batch.input_ids.device
     rewards = torch.tensor(reward_list, dtype=torch.float32, device=device)
-    adv = objectives.advantages(rewards, g, getattr(rl, "advantage", "grpo"))
+    adv = objectives.advantages(rewards, g, rl.advantage)
     zero_groups = float((rewards.view(-1, g).std(dim=1) == 0).float().mean())
     t2 = time.perf_counter()
     first = batch.prompt_len - 1
     n_tokens = batch.response_mask[:, first:-1].sum().clamp(min=1).float()
-    entropy_coef = float(getattr(rl, "entropy_coef", 0.0))
+    entropy_coef = float(rl.entropy_coef)
     skipped = bool((adv == 0).all()) and not rl.kl_coef and not entropy_coef
     slices = [slice(s, s + rl.micro_batch_size) for s in range(0, batch.input_ids.shape[0], rl.micro_batch_size)]
-    mu = int(getattr(rl, "updates_per_batch", 1))
-    share = bool(getattr(rl, "share_prompt_pass", False))
+    mu = int(rl.updates_per_batch)
+    share = bool(rl.share_prompt_pass)
     loss_sum = kl_sum = clip_sum = ent_sum = 0.0
     grad_norm = 0.0
     seconds_loss = seconds_optim = 0.0
     if not skipped:
         model.train()
-        with compiled_layers(model, getattr(rl, "compile_loss", False)):
+        with compiled_layers(model, rl.compile_loss):
             old: list[torch.Tensor] | None = None
             if mu > 1:  # the sampling policy's log-probabilities, for the later updates' ratios
                 with torch.no_grad():

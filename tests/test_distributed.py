@@ -1,26 +1,27 @@
 """FSDP2 across 2 CPU processes (gloo) against one process: same loss, gradient and update."""
 
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from em_sweep.config import TrainConfig
 from em_sweep.em import accumulate_entropy_gradients
 from em_sweep.sample import SampleBatch, SamplingSettings
 from tests.tiny_models import PAD, prompts, random_qwen2, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-TRAIN = SimpleNamespace(micro_batch_size=2, loss_temperature=0.7, loss_chunk_tokens=5, grad_clip=1.0,
-                        sample_batch_size=4, sample_temperature=0.7, top_p=0.95, top_k=0, repetition_penalty=1.0,
-                        max_new_tokens=6, generation_backend="auto")
+TRAIN = TrainConfig(micro_batch_size=2, lr=1e-3, loss_temperature=0.7, loss_chunk_tokens=5, grad_clip=1.0,
+                    sample_batch_size=4, sample_temperature=0.7, top_p=0.95, top_k=0, repetition_penalty=1.0,
+                    max_new_tokens=6, generation_backend="auto")
 
 
 def fixed_batch(rows: int = 8, prompt: int = 5, new: int = 7) -> SampleBatch:
@@ -139,7 +140,7 @@ def test_fsdp2_on_two_processes_matches_one_process(tmp_path):
 def test_distributed_step_refuses_compile_loss_before_any_collective():
     from em_sweep.distributed import em_step_distributed
 
-    train = SimpleNamespace(**vars(TRAIN), compile_loss=True)
+    train = dataclasses.replace(TRAIN, compile_loss=True)
     with pytest.raises(ValueError, match="train.compile_loss is for single-process runs"):
         em_step_distributed(None, None, None, [], train, step=1, lr=1e-3, seed=0)  # type: ignore[arg-type]
 

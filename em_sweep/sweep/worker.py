@@ -287,7 +287,7 @@ class SweepTask:
 
             export_slurm_env()
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if getattr(self, "parallel_runs", 1) > 1 and len(runs) > 1:
+        if self.parallel_runs > 1 and len(runs) > 1:
             return run_parallel(self.context_path, runs, self.parallel_runs, int(cpus) if cpus else None)
         if cpus:
             import torch
@@ -310,7 +310,7 @@ class SweepTask:
         if not unfinished:
             return None
         _requeue_requested.set()
-        if getattr(self, "parallel_runs", 1) > 1:
+        if self.parallel_runs > 1:
             # The worker processes mark their runs pending as USR2 reaches them; one that cannot (it
             # was killed, or has not handled the signal yet) leaves its run running: mark it here too.
             for r in unfinished:
