@@ -206,8 +206,8 @@ class EMInfProcessor:
 
 def em_inf_processor(eval_cfg: Any) -> EMInfProcessor | None:
     """The processor ``eval.em_inf`` asks for, or None when it is off."""
-    e = getattr(eval_cfg, "em_inf", None)
-    if e is None or not e.enabled:
+    e = eval_cfg.em_inf
+    if not e.enabled:
         return None
     return EMInfProcessor(int(e.steps), float(e.lr), float(e.kl_weight), float(e.threshold))
 
