@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from em_sweep.grading import DEFAULT_TIMEOUT_S  # stdlib-only at import: the grader runs in a worker
+
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the key and how to fix it."""
@@ -282,7 +284,7 @@ class EvalConfig:
     # its system turn | chat: the model's own chat template, user turn only | plain. docs/evaluation.md.
     template: str = "qwen25-math-cot"
     # Seconds before a single grading call is abandoned (counted as wrong, logged).
-    grade_timeout_s: float = 5.0
+    grade_timeout_s: float = DEFAULT_TIMEOUT_S
     # Seed for sampled evaluation; the same at every step so steps are comparable.
     seed: int = 1234
     # How evaluation responses are generated: hf (in-process on the run's model, em_sweep/sample.py)
@@ -375,8 +377,8 @@ KNOWN_STAGES = ("em", "rl")
 KNOWN_TEMPLATES = ("qwen25-math-cot", "plain", "chat", "chat-cot")
 KNOWN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
-# Kept in step with em_sweep.optim.OPTIMIZERS and em_sweep.sample.BACKENDS (tests/test_optim.py
-# checks); spelt out here so composing a config does not import torch.
+# The registries of em_sweep.optim (OPTIMIZERS), em_sweep.sample (BACKENDS), em_sweep.objectives and
+# em_sweep.stopping are these tuples: they are defined here, where composing a config needs no torch.
 KNOWN_OPTIMIZERS = ("auto", "adamw", "adamw_bf16_sr", "adamw_bf16_kahan", "adamw_8bit")
 KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile", "continuous",
                              "continuous_compile")
@@ -387,7 +389,6 @@ KNOWN_LOSS_AVERAGING = ("batch_token_mean", "rank_token_mean")
 KNOWN_LOSS_POSITIONS = ("exact", "reference")
 KNOWN_STOP_TOKENS = ("model_and_tokenizer", "generation_config")
 KNOWN_PARALLEL = ("none", "fsdp")
-# Kept in step with em_sweep.objectives.REWARDS / ADVANTAGES and em_sweep.stopping.RULES (tests check).
 KNOWN_REWARDS = ("gold", "majority_vote", "self_certainty", "neg_entropy", "mean_logprob")
 KNOWN_ADVANTAGES = ("grpo", "rloo")
 KNOWN_STOP_RULES = ("agreement", "heldout_entropy", "entropy")

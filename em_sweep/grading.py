@@ -41,7 +41,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STATUSES = ("ok", "no_answer", "timeout", "error")
-DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_TIMEOUT_S = 5.0  # the one default of a grading call (eval.grade_timeout_s is this)
 # Grace period for a fresh worker to import sympy and math-verify; not counted
 # against any item's timeout.
 _STARTUP_TIMEOUT_S = 120.0

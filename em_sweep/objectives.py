@@ -39,12 +39,15 @@ from typing import Any
 
 import torch
 
+from em_sweep.config import KNOWN_ADVANTAGES, KNOWN_REWARDS
 from em_sweep.loss import EPS
 
-REWARDS = ("gold", "majority_vote", "self_certainty", "neg_entropy", "mean_logprob")
+REWARDS = KNOWN_REWARDS
 # Rewards computed from the policy's own distribution at the sampled tokens (no answers needed).
 MODEL_REWARDS = ("self_certainty", "neg_entropy", "mean_logprob")
-ADVANTAGES = ("grpo", "rloo")
+# GRPO's advantage is (reward - group mean) / (group std + ADV_EPS).
+ADV_EPS = 1e-6
+ADVANTAGES = KNOWN_ADVANTAGES
 
 
 # -- advantages ------------------------------------------------------------------------------
@@ -58,10 +61,19 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((r - r.mean(dim=1, keepdim=True)) * (group_size / (group_size - 1))).view(-1)
 
 
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
+    """GRPO advantages for rewards [N] laid out as consecutive groups of ``group_size``: each
+    reward minus its group's mean, over the group's (unbiased) standard deviation plus ``eps``.
+    A group whose rewards are all equal gets advantage 0 (never NaN)."""
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not form groups of {group_size} (group_size >= 2)")
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    return (centred / (r.std(dim=1, keepdim=True) + eps)).view(-1)
+
+
 def advantages(rewards: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
     """``kind`` (one of ADVANTAGES) advantages of grouped rewards."""
-    from em_sweep.rl import group_advantages  # rl imports this module
-
     if kind == "grpo":
         return group_advantages(rewards, group_size)
     if kind == "rloo":

@@ -49,7 +49,9 @@ from typing import Any
 
 import torch
 
-OPTIMIZERS = ("auto", "adamw", "adamw_bf16_sr", "adamw_bf16_kahan", "adamw_8bit")
+from em_sweep.config import KNOWN_OPTIMIZERS
+
+OPTIMIZERS = KNOWN_OPTIMIZERS
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Elements per piece of a tensor in the eager bf16 update (CPU, or where compilation fails):
 # bounds its fp32 and int64 temporaries (about ten, ~1 GB) whatever the embedding size. The

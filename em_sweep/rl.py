@@ -41,25 +41,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep import objectives
 from em_sweep.em import apply_update, compiled_layers, make_optimizer, response_outputs
-from em_sweep.grading import extract_answer, grade_many
+from em_sweep.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_many
 from em_sweep.loss import token_entropies_from_hidden, token_logprobs_from_hidden
+from em_sweep.objectives import ADV_EPS, group_advantages  # noqa: F401  (public here too)
 from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
 
-ADV_EPS = 1e-6
-
-
 # -- the loss, as pure functions --------------------------------------------------------------
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
-    """GRPO advantages for rewards [N] laid out as consecutive groups of ``group_size``: each
-    reward minus its group's mean, over the group's (unbiased) standard deviation plus ``eps``.
-    A group whose rewards are all equal gets advantage 0 (never NaN)."""
-    if group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not form groups of {group_size} (group_size >= 2)")
-    r = rewards.float().view(-1, group_size)
-    centred = r - r.mean(dim=1, keepdim=True)
-    return (centred / (r.std(dim=1, keepdim=True) + eps)).view(-1)
-
 
 def grpo_token_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_ratio: float,
                       kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None,
@@ -233,7 +220,7 @@ def step_rewards(model: PreTrainedModel, batch: SampleBatch, golds: list[str], r
 def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
             prompt_texts: list[str], golds: list[str], rl: Any, step: int, lr: float, seed: int,
             reference: PreTrainedModel | None = None, generation_backend: str = "auto",
-            grade_timeout_s: float = 5.0) -> RLStepMetrics:
+            grade_timeout_s: float = DEFAULT_TIMEOUT_S) -> RLStepMetrics:
     """One GRPO update from ``len(prompt_texts) * rl.group_size`` fresh samples."""
     g = rl.group_size
     texts = [t for t in prompt_texts for _ in range(g)]
@@ -325,7 +312,7 @@ def step_prompts(prompt_texts: Sequence[str], golds: Sequence[str], rl: Any, ste
 def train_rl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], golds: list[str],
              rl: Any, seed: int, on_step: Callable[[RLStepMetrics], None],
              on_eval: Callable[[int], None] | None = None, start_step: int = 0,
-             generation_backend: str = "auto", grade_timeout_s: float = 5.0) -> None:
+             generation_backend: str = "auto", grade_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """The RL stage: ``rl.steps`` GRPO updates numbered from ``start_step + 1``; ``on_eval``
     after each (it decides whether that step is evaluated)."""
     optimizer, lr_at = make_optimizer(model, rl)

@@ -28,6 +28,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep import decode
+from em_sweep.config import KNOWN_GENERATION_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 # continuous: the static decoder with continuous batching (graphs on CUDA, eager elsewhere);
 # continuous_compile: the same with static_compile's step. Where the static decoder does not
 # support the model they fall back to auto (static batches), with the reason logged.
-BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile", "continuous", "continuous_compile")
+BACKENDS = KNOWN_GENERATION_BACKENDS
 CONTINUOUS = ("continuous", "continuous_compile")
 
 

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
+from em_sweep.grading import DEFAULT_TIMEOUT_S
+
 if TYPE_CHECKING:  # the command line imports this module; torch/transformers load only when used
     from em_sweep.prompts import PoolItem
 
@@ -192,7 +194,7 @@ def map_history_ids(history: Mapping[str, list[float]], pool_ids: Sequence[str],
 
 def sample_correctness(model: Any, tokenizer: Any, items: Sequence[PoolItem], k: int, settings: Any,
                        batch_size: int, seed: int, system: str | None = None, chat_template: bool = True,
-                       grade_timeout_s: float = 5.0) -> tuple[dict[str, list[float]], dict[str, Any]]:
+                       grade_timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Sample ``k`` responses per item, grade each against the item's answer.
 
     Prompts are formatted exactly as EM training formats them. All ``len(items) * k`` samples

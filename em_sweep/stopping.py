@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
+from em_sweep.config import KNOWN_STOP_RULES
 from em_sweep.grading import extract_answer
 from em_sweep.objectives import majority_share
 
-RULES = ("agreement", "heldout_entropy", "entropy")
+RULES = KNOWN_STOP_RULES
 PROBE_SEED = 424_242
 
 

@@ -22,6 +22,7 @@ from em_sweep.models import resolve_model_path
 from em_sweep.sweep import manifest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slurm
 REQUIRE_SLURM = os.environ.get("EM_SWEEP_REQUIRE_SLURM") == "1"
 
 # Small but real runs: two EM steps of 16 samples, an evaluation on 16 problems, short generations, no W&B.

@@ -94,6 +94,7 @@ def test_token_prompts_tokenize_as_the_hf_path(tiny) -> None:
         tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_VLLM or not torch.cuda.is_available(), reason="needs vLLM and a CUDA GPU")
 def test_vllm_greedy_matches_hf_on_the_shipped_model() -> None:
     from em_sweep.models import ModelCache
