@@ -16,8 +16,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, DictConfig, OmegaConf
+try:
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import II, MISSING, DictConfig, OmegaConf
+except ImportError:  # The GPU benchmark machine has torch and transformers only: the dataclasses and
+    # their checks still import there (benchmarks/ builds real TrainConfigs); II and MISSING are
+    # omegaconf's plain strings.
+    ConfigStore = OmegaConf = None  # type: ignore[assignment,misc]
+    DictConfig = dict  # type: ignore[assignment,misc]
+    MISSING = "???"
+
+    def II(interpolation: str) -> Any:  # noqa: N802  (omegaconf's name)
+        return "${" + interpolation + "}"
 
 from em_sweep.grading import DEFAULT_TIMEOUT_S  # stdlib-only at import: the grader runs in a worker
 
@@ -367,8 +377,9 @@ SCHEMA_NAME = "em_sweep_schema"
 
 
 def register() -> None:
-    """Register the schema so ``conf/config.yaml`` can list it first in its defaults."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    """Register the schema so ``conf/config.yaml`` can list it first in its defaults (with Hydra)."""
+    if ConfigStore is not None:
+        ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
 
 
 register()
@@ -796,6 +807,8 @@ LOGITS_METHODS = {"raw": RawLogitsConfig, "reference": ReferenceLogitsConfig}
 
 def register_commands() -> None:
     """Register the tool commands' root schemas and the ``logits`` group (one option per method)."""
+    if ConfigStore is None:
+        return
     cs = ConfigStore.instance()
     for name, node in COMMAND_SCHEMAS.values():
         cs.store(name=name, node=node)

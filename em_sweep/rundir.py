@@ -23,9 +23,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 
 # Version of the identity rule, hashed with every run. Bump it when the payload changes meaning
 # for the same inputs: a key moves into or out of NOT_IN_RUN_ID, a digest is added or computed
@@ -116,6 +118,8 @@ def _has_code_benchmark(entries: Any) -> bool:
 
 
 def _container(cfg: DictConfig | Mapping[str, Any]) -> Mapping[str, Any]:
+    from omegaconf import DictConfig, OmegaConf  # here: models.py imports this module on machines without it
+
     if isinstance(cfg, DictConfig):
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         assert isinstance(data, dict)
