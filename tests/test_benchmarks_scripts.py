@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
 def test_gpu_session_rehearsal_measures_everything_and_survives_a_failing_part(tmp_path):
     """SMOKE run of the real script; the 7B EM part is made to fail: the others still report."""
@@ -63,6 +64,7 @@ def test_gpu_session_rehearsal_measures_everything_and_survives_a_failing_part(t
     assert "| cb_7b |" in r.stdout
 
 
+@pytest.mark.slow
 def test_profile_decode_times_every_sampling_tail_case(tmp_path):
     out = tmp_path / "tail.json"
     r = subprocess.run([sys.executable, "benchmarks/profile_decode.py", "--shape", "tiny", "--parts", "tail",

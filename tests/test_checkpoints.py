@@ -37,6 +37,7 @@ def trained(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_checkpoints_are_saved_at_the_requested_steps_only(trained):
     ckpts = trained / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-1", "step-2"]
@@ -78,6 +79,7 @@ def test_analysis_tools_accept_a_checkpoint_as_model(trained, tmp_path):
     assert record["model"]["path"] == str(ckpt) and record["ranking"][0]["id"] == "q1"
 
 
+@pytest.mark.slow
 def test_a_restarted_run_starts_clean_over_what_the_interrupted_attempt_left(tmp_path):
     """A run interrupted after saving a checkpoint (results.json never written) is restarted from
     scratch: the old checkpoints, a half-written one and the old W&B files go, the checkpoint is

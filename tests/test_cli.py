@@ -115,6 +115,7 @@ def console_script() -> Path:
     return script
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, names", [
     (["eval", "train.stpes=1"], "train.stpes"),
     (["eval", "train.steps=abc"], "train.steps=abc"),

@@ -249,6 +249,7 @@ def test_the_table_covers_every_numeric_key_of_the_schema():
     assert _numeric_keys() == set(BAD_NUMBERS), _numeric_keys() ^ set(BAD_NUMBERS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value", NUMBER_CASES, ids=[f"{k}={v}" for k, v in NUMBER_CASES])
 def test_every_numeric_key_rejects_non_finite_and_out_of_range_values_naming_the_key(key, value):
     overrides = ["train.steps=10", f"{key}={value}"]

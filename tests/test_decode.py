@@ -205,6 +205,7 @@ def test_other_supported_architectures_decode_like_hf(arch):
     assert torch.equal(ref, got)
 
 
+@pytest.mark.slow
 def test_compiled_layer_step_decodes_like_hf_and_is_seeded():
     """backend static_compile: one torch.compile'd layer function serves every layer."""
     model, tok = random_qwen2(), word_tokenizer()

@@ -120,6 +120,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_fsdp2_on_two_processes_matches_one_process(tmp_path):
     out = tmp_path / "rank0.pt"
@@ -165,6 +166,7 @@ def _only_run(root: Path) -> Path:
     return runs[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_launch_py_under_torchrun_with_fsdp_matches_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 launch.py ... train.parallel=fsdp` (gloo on CPU) against plain
@@ -203,6 +205,7 @@ def test_launch_py_under_torchrun_with_fsdp_matches_one_process(tmp_path):
     assert json.loads((b / "status.json").read_text())["state"] == "done"
 
 
+@pytest.mark.slow
 def test_fsdp_without_a_launcher_is_one_line_before_loading(tmp_path):
     result = _launch([sys.executable], tmp_path, "train.parallel=fsdp")
     assert result.returncode == 2

@@ -78,6 +78,7 @@ def test_reported_entropy_at_the_sampling_temperature_is_the_models_before_its_u
     assert abs(entropy_of(model) - entropy_of(before)) > 1e-3  # the update moved it: the test can tell
 
 
+@pytest.mark.slow
 def test_ten_em_steps_lower_the_entropy_of_sampled_responses(fresh):
     model, tok = fresh
     cfg = compose_config()  # the default run's settings (lr 2e-5, T 0.5), 16 samples per step
@@ -101,6 +102,7 @@ def test_nonfinite_loss_raises(fresh):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update applied
 
 
+@pytest.mark.slow
 def test_compiled_loss_pass_equals_the_eager_one_and_leaves_the_model_eager(fresh):
     """compiled_layers: the same entropy and the same gradient as eager (to float rounding), also
     for a second batch whose sequence length differs (the dynamic-shape graph); outside the context
@@ -202,6 +204,7 @@ def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case
         assert float((g_shared[name] - g).norm() / g.norm()) < 1e-4, name
 
 
+@pytest.mark.slow
 def test_compiled_loss_pass_compiles_per_variant_not_per_length(fresh):
     """Lengths change every step in a real run: they must not each cost a compile (Dynamo keeps 8
     entries per code object by default, then silently runs eager)."""

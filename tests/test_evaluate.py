@@ -82,6 +82,7 @@ def test_yaml_preset_with_a_custom_benchmark(monkeypatch: pytest.MonkeyPatch) ->
     assert cfg.eval.benchmarks[0] == "arith" and cfg.eval.benchmarks[1].name == "arith_custom"
 
 
+@pytest.mark.slow
 def test_launch_scores_a_custom_benchmark_from_the_command_line(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "launch.py"), f"paths.root={tmp_path}", "logger.mode=disabled",
            "train.steps=0", "eval.limit=4", f"eval.benchmarks=[arith,{CUSTOM_ENTRY}]"]

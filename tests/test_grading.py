@@ -444,6 +444,7 @@ def _as_evaluated(response: str) -> str | None:
     return extract(cut_at_stop(response, STOPS), last_number=True).answer
 
 
+@pytest.mark.slow
 def test_math500_reference_solutions_agree_with_gold() -> None:
     rows = _raw_rows("math500.jsonl")
     predictions = [_as_evaluated(r["solution"]) for r in rows]
@@ -454,6 +455,7 @@ def test_math500_reference_solutions_agree_with_gold() -> None:
     assert shuffled_rate <= 0.02
 
 
+@pytest.mark.slow
 def test_minerva_boxed_answers_agree_with_themselves() -> None:
     rows = _raw_rows("minerva_math.jsonl")
     predictions = [_as_evaluated(r["solution"]) for r in rows]
@@ -463,6 +465,7 @@ def test_minerva_boxed_answers_agree_with_themselves() -> None:
     assert shuffled_rate <= 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delimiters", ["with $", "without $"])
 def test_olympiadbench_final_answers_agree_with_themselves(delimiters: str) -> None:
     rows = _raw_rows("olympiadbench.jsonl")
@@ -506,6 +509,7 @@ def test_gsm8k_worked_solutions_agree_with_gold() -> None:
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+@pytest.mark.slow
 def test_gold_answers_parse_with_math_verify() -> None:
     """Report golds that math-verify turns into no sympy object (then only exact strings match)."""
     from math_verify import parse

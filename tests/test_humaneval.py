@@ -22,6 +22,7 @@ def _programs(problems, completions, instruct=False):
             for p, c in zip(problems, completions, strict=True)]
 
 
+@pytest.mark.slow
 def test_reference_solutions_pass_164_of_164(problems) -> None:
     assert len(problems) == 164
     results = run_programs(_programs(problems, [p.answers[0] for p in problems]), workers=2)
@@ -29,6 +30,7 @@ def test_reference_solutions_pass_164_of_164(problems) -> None:
     assert failed == []
 
 
+@pytest.mark.slow
 def test_empty_completions_pass_none(problems) -> None:
     results = run_programs(_programs(problems, [""] * len(problems)), workers=2)
     assert sum(r.passed for r in results) == 0

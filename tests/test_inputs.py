@@ -148,6 +148,7 @@ def test_select_prompts_reports_a_bad_pool_in_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "conf").exists()
 
 
+@pytest.mark.slow
 def test_launch_reports_a_bad_pool_and_a_bad_benchmark_in_one_line_before_compute(tmp_path):
     pool = _write(tmp_path / "pool.jsonl", [GOOD_POOL[0], b'{"id": "a", "problem": "again"}'])
     bench = _write(tmp_path / "bench.jsonl", [b'{"q": "x", "a": {"v": 1}}'])

@@ -22,6 +22,7 @@ def run_dirs(tmp_path: Path) -> list[Path]:
     return sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir()) if (tmp_path / "runs").exists() else []
 
 
+@pytest.mark.slow
 def test_single_run_writes_a_complete_run_directory(tmp_path):
     proc = launch(tmp_path, *FAST, "eval.at_steps=[0,1]")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,6 +53,7 @@ def test_single_run_writes_a_complete_run_directory(tmp_path):
     assert run_dirs(tmp_path) == [run]
 
 
+@pytest.mark.slow
 def test_multirun_2x2_gives_four_distinct_runs(tmp_path):
     proc = launch(tmp_path, *FAST, "train.steps=1", "seed=1,2", "temperature=0.4,0.8", "logger.mode=disabled",
                   multirun=True)
@@ -63,6 +65,7 @@ def test_multirun_2x2_gives_four_distinct_runs(tmp_path):
     assert configs == {(1, 0.4), (1, 0.8), (2, 0.4), (2, 0.8)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["model.path=/nonexistent/model"], "model.path"),
     (["model.path=nobody/no-such-model-xyz"], "model.path"),
@@ -82,6 +85,7 @@ def test_bad_input_fails_with_one_clear_line_and_no_results(tmp_path, overrides,
     assert not list(tmp_path.rglob("results.json"))
 
 
+@pytest.mark.slow
 def test_a_plain_multirun_validates_the_whole_grid_before_any_run(tmp_path):
     """`-m` without sweeper/launcher overrides: one bad value in the grid fails the sweep before the
     good runs compute anything."""

@@ -33,6 +33,7 @@ def test_there_are_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["01_collected_table.ipynb", "02_findings.ipynb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_on_the_fixture(path, collected, monkeypatch):
     monkeypatch.setenv("EM_SWEEP_TABLE", str(collected))

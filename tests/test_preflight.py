@@ -150,6 +150,7 @@ def test_the_memory_rule_passes_the_paper_setting_on_an_80gb_card_and_names_the_
         check_memory(big, facts, 160, eval_lengths, device_bytes=80 * 10**9)
 
 
+@pytest.mark.slow
 def test_launch_names_a_corrupt_model_in_one_line_and_creates_nothing(tmp_path):
     d = _broken_model(tmp_path, "weights_truncated")
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"paths.root={tmp_path / 'out'}",

@@ -128,6 +128,7 @@ def _run_script(tmp_path, mode, action, n_runs, env_extra, limit_s=60):
     return took, json.loads(stdout.strip().splitlines()[-1]), stderr, service
 
 
+@pytest.mark.slow
 def test_a_stopped_wandb_service_cannot_hold_the_run_or_its_exit(tmp_path):
     """The real wandb service, stopped (SIGSTOP) after init: logging, finish and the interpreter's
     exit teardown (which waits for the service) each end within logger.init_timeout_s."""
@@ -138,6 +139,7 @@ def test_a_stopped_wandb_service_cannot_hold_the_run_or_its_exit(tmp_path):
     assert took < 25, took
 
 
+@pytest.mark.slow
 def test_a_wandb_service_stopped_after_finish_cannot_hold_the_exit(tmp_path):
     """results.json is written; the service stops answering before the interpreter's exit
     teardown, which waits for it: the exit is bounded too."""
@@ -179,6 +181,7 @@ class FakeHungWandbService:
         self.server.close()
 
 
+@pytest.mark.slow
 def test_a_hung_wandb_service_costs_one_timeout_per_process_not_one_per_run(tmp_path):
     service = FakeHungWandbService(tmp_path / "wandb.sock")
     try:
@@ -192,6 +195,7 @@ def test_a_hung_wandb_service_costs_one_timeout_per_process_not_one_per_run(tmp_
     assert took < 30, took
 
 
+@pytest.mark.slow
 def test_an_unreachable_wandb_server_costs_one_timeout_and_no_wait_at_exit(tmp_path):
     """Online mode against a local socket that accepts and never answers (no network needed):
     wandb's own init timeout counts as a timeout; the exit does not wait for the server."""

@@ -134,6 +134,7 @@ def test_gradient_at_the_accumulation_boundary_is_the_reference_loops(tiny, monk
     assert any(float(g.abs().max()) > 0 for g in expected.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
 def test_reference_step_k_has_k_over_accumulation_updates(tiny, ranks):
     """batch 16, 2 responses per rank: accumulation 8, 4, 2, 1 micro-steps for 1, 2, 4, 8 ranks;

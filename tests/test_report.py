@@ -153,6 +153,7 @@ def test_report_reads_a_collected_table(built, tmp_path):
     assert "7 runs: done 5, failed 1, running 1." in (tmp_path / "r" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_example_sweep_preset_end_to_end_through_launch_and_report(tmp_path):
     """The example preset, shrunk (2 seeds x 1 temperature, 2 steps, 24 problems), through real Hydra
     (em-sweep's sweeper + local launcher), then `em-sweep report` on its sweep dir."""

@@ -231,6 +231,7 @@ def test_a_step_whose_groups_all_agree_has_no_gradient_and_leaves_the_weights(ti
     assert math.isfinite(m.loss) and m.grad_norm == 0.0
 
 
+@pytest.mark.slow
 def test_a_short_rl_stage_raises_the_reward_the_model_can_sometimes_earn(tiny):
     """One-shot RLVR on a prompt the toy solves about a third of the time at T 1.0."""
     model = copy.deepcopy(tiny[0])
@@ -317,6 +318,7 @@ def test_stages_in_one_run_continue_the_step_count_and_evaluate_between(tmp_path
     assert again["skipped"]
 
 
+@pytest.mark.slow
 def test_stage_order_preset_runs_every_order_as_a_sweep(tmp_path):
     """+experiment=stage_order: one multirun, one run per stage order (seed pinned, tiny budgets)."""
     import subprocess

@@ -308,6 +308,7 @@ def test_reference_prompts_and_defaults_are_the_reference_scripts():
         repr([{"role": "user", "content": "Q?" + s.instruction}])]
 
 
+@pytest.mark.slow
 def test_logits_command_end_to_end_with_both_methods(tmp_path):
     """The real console entry point on the shipped model: each record states its method; the
     reference method cuts every response of every model to the shortest one."""

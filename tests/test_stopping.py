@@ -70,6 +70,7 @@ def test_calibration_verdicts_follow_the_numbers():
         calibration_verdict(0.1, 0.001, 0.0, -0.1)
 
 
+@pytest.mark.slow
 def test_a_run_logs_the_signals_every_step_and_the_probe_changes_no_score(tmp_path):
     from em_sweep.run import run
     base = ["train.steps=3", "eval.at_steps=[0,2]", "eval.limit=16", "eval.temperatures=[0.0,1.0]",

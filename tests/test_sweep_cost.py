@@ -29,6 +29,7 @@ def dry_run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_small_grid_is_priced_from_the_figures_and_rl_runs_are_unknown(tmp_path):
     """8 runs of the tiny preset: EM steps 2 or 4; greedy only, or greedy + T 1.0 with 4 samples;
     EM only, or EM then RL (no measured RL step: unknown). Evaluated at step 0 and at the end
@@ -49,6 +50,7 @@ def test_a_small_grid_is_priced_from_the_figures_and_rl_runs_are_unknown(tmp_pat
     assert "dry run: nothing run" in out
 
 
+@pytest.mark.slow
 def test_a_shape_without_figures_is_reported_unknown_not_priced(tmp_path):
     figures = figures_file(tmp_path, {"7b": {"em_step_s": 9, "eval_tokens_per_s": 7000}})
     result = dry_run(tmp_path, f"hydra.launcher.cost_figures={figures}", "seed=1,2")
@@ -57,6 +59,7 @@ def test_a_shape_without_figures_is_reported_unknown_not_priced(tmp_path):
     assert "unknown: 2 runs (shape 'tiny-arith': no measured figures)" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("content", "message"), [
     ("{not json", "not readable JSON"),
     ('{"shapes": {"7b": {"em_step_s": 9}}, "assumed": {"eval_mean_response_tokens": 800}}',

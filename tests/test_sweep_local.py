@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from em_sweep import rundir
 from em_sweep.sweep import manifest
 
@@ -21,6 +23,7 @@ def launch(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_every_run_records_a_failure_and_relaunch_skips_done_runs(tmp_path):
     broken = tmp_path / "broken_model"
     broken.mkdir()
@@ -47,6 +50,7 @@ def test_local_sweep_runs_every_run_records_a_failure_and_relaunch_skips_done_ru
     assert "already complete: 1" in again.stdout and "to run:           0 runs" in again.stdout, again.stdout
 
 
+@pytest.mark.slow
 def test_a_sweep_lists_the_runs_another_sweep_already_finished(tmp_path):
     """Overlapping sweeps: the second one's manifest (so its status, collect and report) holds the
     shared run too, marked as already complete, not only the runs it ran itself."""
@@ -70,6 +74,7 @@ FAST = ["train.steps=1", "train.batch_size=8", "train.micro_batch_size=8", "trai
         "logger.mode=disabled"]
 
 
+@pytest.mark.slow
 def test_a_relaunch_reruns_exactly_the_runs_whose_inputs_changed(tmp_path):
     """A sweep of real tiny runs; then each input is changed the way a user might (a pool edited in
     place, a file shadowing a shipped pool name, a custom benchmark edited, a local model's weights

@@ -47,6 +47,7 @@ def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
                           timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_planned_run_ids_match_a_full_composition_for_every_run(loader, tmp_path):
     """The in-place plan must give exactly the run dir a full Hydra composition gives, run by run.
 
@@ -134,6 +135,7 @@ def test_no_slurm_is_one_clear_error(monkeypatch):
         slurm_max_array_size()
 
 
+@pytest.mark.slow
 def test_no_slurm_on_the_command_line_is_one_line_without_traceback(tmp_path):
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python only: no sbatch/scontrol
     result = launch("-m", "hydra/launcher=slurm", "seed=1,2", f"paths.root={tmp_path}",
@@ -148,6 +150,7 @@ def _queue() -> set[str] | None:
     return manifest.live_slurm_tasks()
 
 
+@pytest.mark.slow
 def test_paper_grid_dry_run_plans_13440_runs_and_submits_nothing(tmp_path):
     """The cost comes from a figures file (here one with round numbers). By hand: 7,680 runs of the
     7b shape (4 presets x 1,920), each 10 EM steps x 10 s + one greedy evaluation of the four
@@ -289,6 +292,7 @@ def test_fsdp_runs_submit_one_srun_process_per_gpu(tmp_path):
         sharded_ranks(runs, frozenset(r.run_id for r in runs), {**settings, "parallel_runs": 2})
 
 
+@pytest.mark.slow
 def test_fsdp_sweep_dry_run_says_each_run_spans_the_tasks_gpus(tmp_path):
     result = launch("-m", "hydra/launcher=slurm", "hydra.launcher.dry_run=true", "hydra.launcher.gpus_per_task=4",
                     "train.parallel=fsdp", "train.batch_size=64", "seed=1,2", f"paths.root={tmp_path}",

@@ -39,6 +39,7 @@ def test_saved_model_resolves_the_path_and_the_dtype_an_hf_load_would_use() -> N
     assert vllm_backend.saved_model(compose_config().model).dtype == "float32"  # auto on CPU, as load_model
 
 
+@pytest.mark.slow
 def test_a_vllm_run_never_loads_the_model_into_the_process(tmp_path, monkeypatch) -> None:
     """The run hands vLLM the saved model and loads only the tokenizer: an HF copy would hold GPU
     memory vLLM needs; a packed task's cached HF model is dropped first, and an hf run after it
