@@ -158,7 +158,8 @@ class TrainConfig:
     step_unit: str = "update"
     # Data-parallel ranks emulated on one device (the reference runs one per GPU).
     data_parallel_ranks: int = 1
-    # Responses per rank per micro-step (the reference's micro batch: 2).
+    # Responses per rank per micro-step (the reference's micro batch: 2). (train.warmup_steps counts
+    # optimizer updates in either unit.)
     rank_batch_size: int = 2
     # independent | identical (the reference seeds every rank with the same seed, so ranks given
     # the same prompt draw the same responses; an update then holds batch_size / ranks distinct ones).
@@ -485,9 +486,11 @@ def validate(cfg: DictConfig | Config) -> None:
         _check(not t.share_prompt_pass, "train.parallel",
                "fsdp runs the full loss pass; set train.share_prompt_pass=false")
         _check(c.eval.backend == "hf", "train.parallel", f"fsdp evaluates in-process: eval.backend=hf, got {c.eval.backend}")
-        _check(t.step_unit == "update" and t.data_parallel_ranks == 1, "train.parallel",
-               "fsdp runs em-sweep's own step (train.step_unit=update, train.data_parallel_ranks=1); "
-               "the reference's ranks are emulated in one process")
+        _check(t.step_unit == "update" and t.data_parallel_ranks == 1 and t.rank_sampling == "independent"
+               and t.loss_averaging == "batch_token_mean" and t.loss_positions == "exact", "train.parallel",
+               "fsdp runs em-sweep's own step (train.step_unit=update, data_parallel_ranks=1, rank_sampling="
+               "independent, loss_averaging=batch_token_mean, loss_positions=exact); the reference's semantics "
+               "are emulated in one process")
 
     # Steps count on across stages (em: train.steps, rl: rl.steps), so step limits are the total.
     unknown = [s for s in c.stages if s not in KNOWN_STAGES]
@@ -614,7 +617,8 @@ def _validate_reference_semantics(t: Any) -> None:
     _check(t.data_parallel_ranks >= 1, "train.data_parallel_ranks", f"must be >= 1, got {t.data_parallel_ranks}")
     _check(t.rank_batch_size >= 1, "train.rank_batch_size", f"must be >= 1, got {t.rank_batch_size}")
     per_micro_step = t.rank_batch_size * t.data_parallel_ranks
-    _check(t.batch_size % per_micro_step == 0, "train.batch_size",
+    _check(t.batch_size % per_micro_step == 0 or (t.step_unit == "update" and t.data_parallel_ranks == 1),
+           "train.batch_size",
            f"{t.batch_size} is not a multiple of train.rank_batch_size x train.data_parallel_ranks = "
            f"{t.rank_batch_size} x {t.data_parallel_ranks} (one accumulation window of whole micro-steps)")
 

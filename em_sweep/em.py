@@ -238,3 +238,5 @@ def train_em(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_
         on_step(metrics)
         if on_eval is not None:
             on_eval(start_step + i + 1)
+    # An incomplete last window is not applied (as the reference's loop ends); free its gradients.
+    optimizer.zero_grad(set_to_none=True)
