@@ -131,6 +131,27 @@ def response_logprobs(model: PreTrainedModel, batch: SampleBatch, rows: slice, t
     """Log-probabilities at ``temperature`` of the generated tokens of ``rows``: (values [n]
     in row-major order of the response mask, the row index of each). ``share_prompt``: rows of one
     prompt (a GRPO group) run it once (em.response_outputs)."""
+    logp, row_of, _ = _policy_at_generated_tokens(model, batch, rows, temperature, chunk_tokens, share_prompt,
+                                                  entropy=False)
+    return logp, row_of
+
+
+def response_logprobs_and_entropy(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
+                                  chunk_tokens: int, share_prompt: bool = False
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`response_logprobs` and, from the same forward, the policy's entropy at each of those
+    positions (with gradient, for the entropy bonus): (logp [n], row index [n], entropy [n])."""
+    logp, row_of, entropy = _policy_at_generated_tokens(model, batch, rows, temperature, chunk_tokens, share_prompt,
+                                                        entropy=True)
+    assert entropy is not None
+    return logp, row_of, entropy
+
+
+def _policy_at_generated_tokens(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
+                                chunk_tokens: int, share_prompt: bool, entropy: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One forward of ``rows``: the generated tokens' log-probabilities, their row indices and (with
+    ``entropy``) the policy's entropy at those positions."""
     first = batch.prompt_len - 1
     mask = batch.response_mask[rows, first:-1].bool()  # position t predicts token t + 1
     ids = batch.input_ids[rows]
@@ -140,31 +161,11 @@ def response_logprobs(model: PreTrainedModel, batch: SampleBatch, rows: slice, t
     if from_hidden:
         head = model.get_output_embeddings()
         logp = token_logprobs_from_hidden(outputs, head.weight, targets, temperature, chunk_tokens, head.bias)
-    else:
-        logp = torch.log_softmax(outputs.float() / temperature, dim=-1).gather(1, targets[:, None]).squeeze(1)
-    return logp, row_of
-
-
-def response_logprobs_and_entropy(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
-                                  chunk_tokens: int, share_prompt: bool = False
-                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`response_logprobs` and, from the same forward, the policy's entropy at each of those
-    positions (with gradient, for the entropy bonus): (logp [n], row index [n], entropy [n])."""
-    first = batch.prompt_len - 1
-    mask = batch.response_mask[rows, first:-1].bool()
-    ids = batch.input_ids[rows]
-    targets = ids[:, first + 1:][mask]
-    row_of = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
-    outputs, from_hidden = response_outputs(model, batch, rows, share_prompt)
-    if from_hidden:
-        head = model.get_output_embeddings()
-        logp = token_logprobs_from_hidden(outputs, head.weight, targets, temperature, chunk_tokens, head.bias)
-        entropy = token_entropies_from_hidden(outputs, head.weight, temperature, chunk_tokens, head.bias)
-    else:
-        log_probs = torch.log_softmax(outputs.float() / temperature, dim=-1)
-        logp = log_probs.gather(1, targets[:, None]).squeeze(1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return logp, row_of, entropy
+        h = token_entropies_from_hidden(outputs, head.weight, temperature, chunk_tokens, head.bias) if entropy else None
+        return logp, row_of, h
+    log_probs = torch.log_softmax(outputs.float() / temperature, dim=-1)
+    logp = log_probs.gather(1, targets[:, None]).squeeze(1)
+    return logp, row_of, -(log_probs.exp() * log_probs).sum(-1) if entropy else None
 
 
 @torch.no_grad()
