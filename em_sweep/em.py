@@ -161,13 +161,14 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     positions = None if train.loss_positions == "exact" else reference_positions(batch.input_ids, batch.prompt_len,
                                                                                  tokenizer.pad_token_id)
     scored = batch.response_mask if positions is None else positions
-    weights = row_weights(scored, ranks, train.loss_averaging)  # the step's loss: sum_rows weight * entropy sum
     n_tokens = weighted_tokens(scored, ranks)
     # The step's loss enters the update's gradient times `scale`: a micro-step's token means are
     # averaged over the window's micro-steps; a window token mean divides by its tokens at the update.
     scale = 1.0 if accumulation is None else (
         1.0 / accumulation.steps if train.loss_averaging == "rank_token_mean" else max(n_tokens, 1.0))
     plain = train.loss_averaging == "batch_token_mean" and all(r.copies == 1 for r in ranks)
+    # The step's loss: sum over rows of weight x entropy sum (uniform weights: a token count divides).
+    weights = None if plain else row_weights(scored, ranks, train.loss_averaging)
     share = bool(train.share_prompt_pass)
     with compiled_layers(model, train.compile_loss):
         if plain:  # uniform weights: the batch's masked mean, as a sum over a token count
@@ -185,7 +186,7 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
         with torch.no_grad():
             entropy = sum(float(micro_batch_entropy_sum(model, batch, slice(s, s + train.micro_batch_size),
                                                         train.sample_temperature, train.loss_chunk_tokens, share,
-                                                        positions, None if plain else weights)[1])
+                                                        positions, weights)[1])
                           for s in range(0, batch.input_ids.shape[0], train.micro_batch_size))
             entropy = entropy / float(scored.sum().clamp(min=1)) if plain else entropy
     updated, grad_norm = True, 0.0

@@ -81,10 +81,10 @@ def row_weights(positions: torch.Tensor, batches: Sequence[RankBatch], averaging
     - ``rank_token_mean``: each rank micro-batch's token mean (its token count clamped to >= 1,
       as train.py's ``gen_mask.sum().clamp_min(1)``), averaged over the rank micro-batches.
     """
-    counts = positions.sum(-1).float()
+    counts = _row_counts(positions)
     weights = torch.zeros_like(counts)
     if averaging == "batch_token_mean":
-        total = sum(b.copies * float(counts[b.rows].sum()) for b in batches)
+        total = weighted_tokens(positions, batches, counts)
         for b in batches:
             weights[b.rows] = b.copies / max(total, 1.0)
     elif averaging == "rank_token_mean":
@@ -93,10 +93,15 @@ def row_weights(positions: torch.Tensor, batches: Sequence[RankBatch], averaging
             weights[b.rows] = b.copies / (max(float(counts[b.rows].sum()), 1.0) * n_batches)
     else:
         raise ValueError(f"unknown loss averaging {averaging!r}")
-    return weights
+    return weights.to(positions.device)
 
 
-def weighted_tokens(positions: torch.Tensor, batches: Sequence[RankBatch]) -> float:
+def weighted_tokens(positions: torch.Tensor, batches: Sequence[RankBatch], counts: torch.Tensor | None = None) -> float:
     """Scored tokens of the step, each rank micro-batch counted ``copies`` times."""
-    counts = positions.sum(-1).float()
+    counts = _row_counts(positions) if counts is None else counts
     return sum(b.copies * float(counts[b.rows].sum()) for b in batches)
+
+
+def _row_counts(positions: torch.Tensor) -> torch.Tensor:
+    """Scored positions per row, on the CPU (one device sync for all the per-batch sums)."""
+    return positions.sum(-1).float().cpu()
