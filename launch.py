@@ -21,7 +21,7 @@ def launch(cfg: DictConfig) -> None:
         main(cfg)
         return
     # train.parallel=fsdp: this process is one rank of the run (torchrun --nproc-per-node N launch.py ...).
-    from em_sweep.distributed import exit_after
+    from em_sweep.training.distributed import exit_after
 
     exit_after(main, cfg)
 

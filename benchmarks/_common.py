@@ -154,7 +154,7 @@ def counting_shared_passes(outcomes: list[bool]) -> Iterator[None]:
     """Records, per loss micro-batch that tried the shared prompt pass, whether it ran (False:
     this transformers' decoder fell back to the full pass, so a +share_prompt part measures
     nothing new)."""
-    from em_sweep import loss_pass
+    from em_sweep.training import loss_pass
 
     real = loss_pass._shared_prompt_hidden
 

@@ -18,12 +18,12 @@ import torch
 from _common import IdTokenizer, counting_shared_passes, environment, pick_device, write_json
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from em_sweep import decode
 from em_sweep.config import TrainConfig
-from em_sweep.em import accumulate_entropy_gradients
-from em_sweep.loss_pass import compiled_layers
+from em_sweep.generation import decode
+from em_sweep.generation.sample import SamplingSettings, sample_responses
 from em_sweep.models import set_checkpointing
-from em_sweep.sample import SamplingSettings, sample_responses
+from em_sweep.training.em import accumulate_entropy_gradients
+from em_sweep.training.loss_pass import compiled_layers
 
 
 def small_model(device: torch.device, dtype: torch.dtype, vocab: int = 4096, peaky: float = 30.0) -> Qwen2ForCausalLM:

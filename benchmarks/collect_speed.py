@@ -6,7 +6,7 @@ Writes the run directories the way em_sweep.run does (results.json with the reso
 scores at 4 steps x 5 benchmarks (+avg4) x 3 eval temperatures and a 10-step loss curve; 1% failed
 runs with status.json + config.yaml; 1% running), then times collect + writing the parquet
 tables (warm page cache: the directories were just written) and prints the time. Reading uses
-em_sweep.collect.default_workers processes unless --workers is given; on a loaded machine extra
+em_sweep.analysis.collect.default_workers processes unless --workers is given; on a loaded machine extra
 workers gain nothing (measure with --workers 1 and 2, and say what else was running).
 Target (issue 5): under 30 s on the 2-core CPU machine.
 """
@@ -26,7 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from em_sweep.collect import collect, default_workers, summary_line, write_tables  # noqa: E402
+from em_sweep.analysis.collect import collect, default_workers, summary_line, write_tables  # noqa: E402
 
 MODELS = ["qwen25_math_7b", "qwen25_math_1_5b", "qwen25_7b", "qwen25_7b_instruct", "llama31_8b",
           "llama31_8b_instruct", "qwen25_math_7b_simplerl_zoo"]

@@ -17,7 +17,7 @@ capture) that is not counted:
   eval.generation_backend=auto runs: HF generate off CUDA, the static-cache decoder (CUDA
   graphs) on CUDA (one decoder for the whole pass; a short last batch is filled with copies,
   counted as not useful).
-- continuous: ``em_sweep.decode.generate_continuous`` (eval.generation_backend=continuous):
+- continuous: ``em_sweep.generation.decode.generate_continuous`` (eval.generation_backend=continuous):
   ``--batch`` slots, longest prompts first.
 
 tokens/s = useful generated tokens (the forced lengths' sum) / wall seconds of the pass.
@@ -38,7 +38,7 @@ import torch
 from _common import ROOT, build_model, environment, pick_device, pick_dtype, sync, write_json
 from eval_throughput import BENCH, MAX_NEW
 
-from em_sweep import decode
+from em_sweep.generation import decode
 
 TINY_ARITH = ROOT / "em_sweep" / "assets" / "tiny-arith"
 

@@ -13,7 +13,7 @@ architectures; generation runs to the full token budget (random weights never sa
   first ``--ref-tokens`` real tokens; one forward/backward of a full-length micro-batch is timed;
   both are multiplied by the 32 micro-batches. Its optimizer (DeepSpeed ZeRO-2 with CPU
   offload) is not reproduced and not counted.
-- em-sweep: ``em_sweep.em.em_step`` as a run calls it (sampling backend, optimizer strategy and
+- em-sweep: ``em_sweep.training.em.em_step`` as a run calls it (sampling backend, optimizer strategy and
   checkpointing as chosen); the first step includes one-time costs (graph capture) and is
   reported apart; the figure is the median of the following steps.
 
@@ -50,8 +50,8 @@ from summarize import is_project
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from em_sweep.config import TrainConfig
-from em_sweep.em import em_step, make_optimizer
 from em_sweep.models import set_checkpointing
+from em_sweep.training.em import em_step, make_optimizer
 
 
 def train_settings(args: argparse.Namespace) -> TrainConfig:
@@ -185,11 +185,11 @@ def project_steps(model: torch.nn.Module, args: argparse.Namespace, device: torc
     peak = peak_gib(device)
     if args.gradient_checkpointing:
         set_checkpointing(model, False)
-    from em_sweep import decode  # free the static cache before anything else runs on this model
+    from em_sweep.generation import decode  # free the static cache before anything else runs on this model
     decode.release(model)
     timed_steps = steps[1:] or steps
     med = {k: round(statistics.median(x[k] for x in timed_steps), 3) for k in ("sample_s", "loss_s", "optim_s", "step_s")}
-    from em_sweep.sample import resolve_backend
+    from em_sweep.generation.sample import resolve_backend
 
     return {"label": f"MEASURED: median of {len(timed_steps)} step(s) after the first", **med,
             "first_step_s": round(steps[0]["step_s"], 3), "peak_gib": peak, "steps": steps,

@@ -5,7 +5,7 @@ evaluation), lengths forced: random weights never emit EOS, so every row runs it
 token budget (EOS is removed from the model's generation config and the tokenizer).
 
 MEASURED, per path:
-- em-sweep: ``em_sweep.sample.sample_responses`` as evaluation calls it (``--backend``, default
+- em-sweep: ``em_sweep.generation.sample.sample_responses`` as evaluation calls it (``--backend``, default
   auto: the static-cache CUDA-graph decoder on CUDA), at each ``--batch-sizes``, once from
   short prompts (``--short-prompt`` tokens, ``--new-tokens`` generated) and once from long
   prompts (``--long-prompt``, ``--long-new-tokens``). The decoder reports prefill and
@@ -53,8 +53,8 @@ from _common import (
 from em_step import TokenClock
 from transformers import StoppingCriteriaList
 
-from em_sweep import decode
-from em_sweep.sample import SamplingSettings, resolve_backend, sample_responses
+from em_sweep.generation import decode
+from em_sweep.generation.sample import SamplingSettings, resolve_backend, sample_responses
 
 # benchmark: (problems, ASSUMED mean prompt tokens with the template, ASSUMED mean response tokens)
 BENCH = {"math500": (500, 110, 650), "minerva_math": (272, 140, 700),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from _common import build_model, environment, pick_device, pick_dtype, write_json
 
-from em_sweep.decode import choose_tokens, decode_settings, generate_static, release
+from em_sweep.generation.decode import choose_tokens, decode_settings, generate_static, release
 
 
 def top_p_by_bisection(logits: torch.Tensor, seen: torch.Tensor | None, s: Any) -> torch.Tensor:

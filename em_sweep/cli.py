@@ -3,8 +3,8 @@
 - ``eval``, ``select-prompts``, ``logits``: Hydra overrides of the project config (conf/config.yaml),
   composed as launch.py composes them; ``select-prompts`` adds the ``select.*`` keys and ``logits``
   the ``logits.*`` keys and the method group ``logits=raw|reference`` (em_sweep/config.py).
-- ``status``, ``resubmit`` (em_sweep/sweep/cli.py), ``collect`` (em_sweep/collect.py), ``report``
-  (em_sweep/report.py): a directory and flags.
+- ``status``, ``resubmit`` (em_sweep/sweep/cli.py), ``collect`` (em_sweep/analysis/collect.py), ``report``
+  (em_sweep/analysis/report.py): a directory and flags.
 
 Bad input (a misspelt key, a wrong type, a missing file or model) is one line on stderr, ``error: ...``,
 and exit status 2, before any model loads. docs/cli.md describes every subcommand.
@@ -99,8 +99,8 @@ def one_line(e: BaseException) -> str:
 # imports torch.
 INPUT_ERRORS = (("hydra.errors", "HydraException"), ("omegaconf.errors", "OmegaConfBaseException"),
                 ("em_sweep.config", "ConfigError"), ("em_sweep.prompts", "PromptError"),
-                ("em_sweep.benchmarks", "BenchmarkError"), ("em_sweep.models", "ModelLoadError"),
-                ("em_sweep.selection", "SelectionError"), ("em_sweep.skewness", "LogitsError"))
+                ("em_sweep.evaluation.benchmarks", "BenchmarkError"), ("em_sweep.models", "ModelLoadError"),
+                ("em_sweep.analysis.selection", "SelectionError"), ("em_sweep.analysis.skewness", "LogitsError"))
 
 
 def is_input_error(e: BaseException) -> bool:
@@ -137,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 @_reported
 def cmd_select_prompts(args: argparse.Namespace) -> int:
-    from em_sweep.selection import format_ranking, select_prompts_command
+    from em_sweep.analysis.selection import format_ranking, select_prompts_command
 
     cfg = compose(args.overrides, "select-prompts")
     # What chooses and samples the model: everything but select.*, where outputs go, and Hydra's own keys.
@@ -149,12 +149,12 @@ def cmd_select_prompts(args: argparse.Namespace) -> int:
 
 
 def model_entries(models: Sequence[str], overrides: Sequence[str], base: Any) -> list[Any]:
-    """Each ``logits.models`` entry as a :class:`em_sweep.skewness.ModelEntry`: a model preset
+    """Each ``logits.models`` entry as a :class:`em_sweep.analysis.skewness.ModelEntry`: a model preset
     (conf/model/<entry>.yaml) is composed with the command's other overrides; anything else is a
     checkpoint or HF path loaded with the base config's dtype, device and loading options."""
     from omegaconf import OmegaConf
 
-    from em_sweep.skewness import ModelEntry, model_label
+    from em_sweep.analysis.skewness import ModelEntry, model_label
 
     # The preset replaces any model= choice of the command line (it would be given twice).
     rest = [text for key, text in override_keys(overrides) if key.lstrip("+~") != "model"]
@@ -173,8 +173,8 @@ def model_entries(models: Sequence[str], overrides: Sequence[str], base: Any) ->
 def cmd_logits(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from em_sweep.analysis.skewness import run_logits
     from em_sweep.config import validate_logits
-    from em_sweep.skewness import run_logits
 
     cfg = compose(args.overrides, "logits")
     settings = OmegaConf.to_object(cfg.logits)  # the method's dataclass, interpolations resolved
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="keep runs whose config.name is NAME")
     p.add_argument("--out", help="output directory (default: <dir>/collected)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_handler("em_sweep.collect:cmd_collect"))
+    p.set_defaults(func=_handler("em_sweep.analysis.collect:cmd_collect"))
 
     p = sub.add_parser("report", help="figures + a Markdown report of a sweep's findings",
                        description="Collect (unless given collected tables), then write report.md and its "
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <dir>/report)")
     p.add_argument("--skewness", action="append", help="an `em-sweep logits` skewness.json (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_handler("em_sweep.report:cmd_report"))
+    p.set_defaults(func=_handler("em_sweep.analysis.report:cmd_report"))
     return parser
 
 

@@ -29,7 +29,9 @@ except ImportError:  # The GPU benchmark machine has torch and transformers only
     def II(interpolation: str) -> Any:  # noqa: N802  (omegaconf's name)
         return "${" + interpolation + "}"
 
-from em_sweep.grading import DEFAULT_TIMEOUT_S  # stdlib-only at import: the grader runs in a worker
+from em_sweep.evaluation.grading import (
+    DEFAULT_TIMEOUT_S,  # stdlib-only at import: the grader runs in a worker
+)
 
 
 class ConfigError(ValueError):
@@ -118,11 +120,11 @@ class TrainConfig:
     loss_chunk_tokens: int = 4096
     # Save HF checkpoints at these steps (none by default).
     save_at_steps: list[int] = field(default_factory=list)
-    # AdamW memory strategy (em_sweep/optim.py): auto | adamw | adamw_bf16_kahan | adamw_bf16_sr |
+    # AdamW memory strategy (em_sweep/training/optim.py): auto | adamw | adamw_bf16_kahan | adamw_bf16_sr |
     # adamw_8bit. auto: torch AdamW for fp32 models (unchanged); for bf16 models the most faithful
     # variant that fits the device (exact fp32-master adamw, else Kahan, else stochastic rounding).
     optimizer: str = "auto"
-    # How responses are generated (em_sweep/sample.py BACKENDS): auto | hf | static | static_eager |
+    # How responses are generated (em_sweep/generation/sample.py BACKENDS): auto | hf | static | static_eager |
     # static_compile | continuous | continuous_compile (continuous batching, docs/generation.md; the
     # RL stage's rollouts gain when rl.batch_size > rl.sample_batch_size). auto: static KV cache replayed as CUDA graphs on CUDA for Qwen2/Llama-family
     # models, HF generate otherwise (CPU unchanged). Greedy output is identical across backends.
@@ -142,7 +144,7 @@ class TrainConfig:
     share_prompt_pass: bool = False
     # none | fsdp. fsdp: one run across several processes (one per GPU) started by torchrun or by
     # hydra/launcher=slurm with gpus_per_task > 1, its weights, gradients and optimizer state
-    # sharded with FSDP2 (em_sweep/distributed.py; for a model whose training state does not fit
+    # sharded with FSDP2 (em_sweep/training/distributed.py; for a model whose training state does not fit
     # one card). Each rank samples batch_size / ranks responses; rank 0 writes the run directory.
     # EM stage only. Part of the run id unless none (the ranks draw their own samples).
     parallel: str = "none"
@@ -177,7 +179,7 @@ class TrainConfig:
 
 @dataclass
 class RLConfig:
-    """The RL stage (GRPO with a verifiable reward, em_sweep/rl.py); used when ``stages`` has rl.
+    """The RL stage (GRPO with a verifiable reward, em_sweep/training/rl.py); used when ``stages`` has rl.
 
     Its prompts are the run's ``prompt`` set (they need gold answers): one prompt = one-shot
     RLVR (pi_1), a pool = multi-prompt RL. Optimizer betas/eps/strategy and sampling backend
@@ -220,7 +222,7 @@ class RLConfig:
     # Weight of the entropy bonus: the loss subtracts it times the token-mean policy entropy at the
     # rollout temperature (verl's actor.entropy_coeff); 0 = none.
     entropy_coef: float = 0.0
-    # What a response is worth (em_sweep/objectives.py): gold (its answer vs the prompt's gold answer) |
+    # What a response is worth (em_sweep/training/objectives.py): gold (its answer vs the prompt's gold answer) |
     # majority_vote (vs its group's most common answer, TTRL) | self_certainty (mean KL(U || p), Intuitor) |
     # neg_entropy (minus its mean token entropy, EM-RL token) | mean_logprob (its mean token
     # log-probability, EM-RL sequence). All but gold use no labels.
@@ -232,7 +234,7 @@ class RLConfig:
 
 @dataclass
 class EMInfConfig:
-    """EM-INF decoding at evaluation (em_sweep/objectives.py em_inf_logits): the weights never change;
+    """EM-INF decoding at evaluation (em_sweep/training/objectives.py em_inf_logits): the weights never change;
     at each position a few Adam steps on the logits lower their entropy before sampling. Defaults are
     the reference's EM-INF/em_inf_eval.sh (Agarwal et al., `chotkrin/EM_PT`)."""
 
@@ -249,7 +251,7 @@ class EMInfConfig:
 
 @dataclass
 class StopConfig:
-    """The label-free stopping rule (em_sweep/stopping.py). Training always runs its configured steps;
+    """The label-free stopping rule (em_sweep/training/stopping.py). Training always runs its configured steps;
     the rule only names the step it would have kept, and the report scores that choice against the
     evaluated step curve."""
 
@@ -274,9 +276,9 @@ class StopConfig:
 class EvalConfig:
     """Evaluation during and after training."""
 
-    # Each entry: a name from em_sweep.benchmarks.BENCHMARKS, or a user's own JSONL file as a mapping
+    # Each entry: a name from em_sweep.evaluation.benchmarks.BENCHMARKS, or a user's own JSONL file as a mapping
     # {name, path, question_field, answer_field} plus optional id_field, answer_format, repeats
-    # (em_sweep.benchmarks.resolve_spec); a code benchmark: {name, path, family: code,
+    # (em_sweep.evaluation.benchmarks.resolve_spec); a code benchmark: {name, path, family: code,
     # question_field, test_field, entry_point_field}. Default: the paper's four.
     benchmarks: list[Any] = field(default_factory=lambda: ["math500", "minerva_math", "olympiadbench", "amc23"])
     # Steps at which to evaluate; 0 = before training. The last step is always included.
@@ -298,8 +300,8 @@ class EvalConfig:
     grade_timeout_s: float = DEFAULT_TIMEOUT_S
     # Seed for sampled evaluation; the same at every step so steps are comparable.
     seed: int = 1234
-    # How evaluation responses are generated: hf (in-process on the run's model, em_sweep/sample.py)
-    # | vllm (em_sweep/vllm_backend.py; optional, CUDA only). vLLM loads the weights from
+    # How evaluation responses are generated: hf (in-process on the run's model, em_sweep/generation/sample.py)
+    # | vllm (em_sweep/generation/vllm_backend.py; optional, CUDA only). vLLM loads the weights from
     # model.path, so it scores saved models only: train.steps=0 or `em-sweep eval`.
     backend: str = "hf"
     # Each response is cut at the first of these strings (as the toolkit stops generation on them,
@@ -311,14 +313,14 @@ class EvalConfig:
     # Code benchmarks (family code, e.g. humaneval; docs/code-and-logic-eval.md): pass@k reported
     # for each k up to the samples per problem (greedy: pass@1 only).
     pass_k: list[int] = field(default_factory=lambda: [1, 5, 10])
-    # Sandbox limits per test program (em_sweep/sandbox.py): wall-clock seconds (CPU seconds
+    # Sandbox limits per test program (em_sweep/evaluation/sandbox.py): wall-clock seconds (CPU seconds
     # likewise), address space in MiB, and how many programs run at once.
     code_timeout_s: float = 10.0
     code_memory_mb: int = 1024
     code_workers: int = 2
     # Decode with EM-INF (entropy-minimised logits at each position) instead of plain sampling.
     em_inf: EMInfConfig = field(default_factory=EMInfConfig)
-    # How eval.backend=hf decodes (em_sweep/sample.py BACKENDS, docs/generation.md). continuous:
+    # How eval.backend=hf decodes (em_sweep/generation/sample.py BACKENDS, docs/generation.md). continuous:
     # continuous batching over the static KV cache: eval.batch_size slots, a row that ended (EOS
     # or max_new_tokens) hands its slot to the next prompt, longest prompts first; graphs on CUDA,
     # eager on CPU; continuous_compile: its step through torch.compile. A model the static decoder
@@ -389,8 +391,8 @@ KNOWN_STAGES = ("em", "rl")
 KNOWN_TEMPLATES = ("qwen25-math-cot", "plain", "chat", "chat-cot")
 KNOWN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
-# The registries of em_sweep.optim (OPTIMIZERS), em_sweep.sample (BACKENDS), em_sweep.objectives and
-# em_sweep.stopping are these tuples: they are defined here, where composing a config needs no torch.
+# The registries of em_sweep.training.optim (OPTIMIZERS), em_sweep.generation.sample (BACKENDS), em_sweep.training.objectives and
+# em_sweep.training.stopping are these tuples: they are defined here, where composing a config needs no torch.
 KNOWN_OPTIMIZERS = ("auto", "adamw", "adamw_bf16_sr", "adamw_bf16_kahan", "adamw_8bit")
 KNOWN_GENERATION_BACKENDS = ("auto", "hf", "static", "static_eager", "static_compile", "continuous",
                              "continuous_compile")
@@ -414,11 +416,11 @@ MAX_SEED = 2**32 - 1
 MAX_TIMEOUT_S = 86400.0
 # attn_implementation values that need a package em-sweep does not depend on (the module name).
 ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
-# train.optimizer variants that need a package (em_sweep/optim.py imports it when the stage starts).
+# train.optimizer variants that need a package (em_sweep/training/optim.py imports it when the stage starts).
 OPTIMIZER_PACKAGES = {"adamw_8bit": "torchao"}
 
 
-def stage_plan(cfg: Any) -> list[tuple[str, int, int]]:
+def stage_plan(cfg: Config) -> list[tuple[str, int, int]]:
     """(stage, first step, last step) of each of ``cfg.stages``: steps count on across stages
     (em runs train.steps updates, rl runs rl.steps)."""
     plan, done = [], 0
@@ -561,7 +563,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _check_model_settings(c)
 
 
-def _check_numbers(c: Any) -> None:
+def _check_numbers(c: Config) -> None:
     """Every numeric key not checked above: finite and in range (docs/input-checks.md lists them)."""
     _check_range(c.temperature, "temperature", 0, low_open=True)
     for key, seed in (("seed", c.seed), ("eval.seed", c.eval.seed)):
@@ -576,7 +578,7 @@ def _check_numbers(c: Any) -> None:
     _check_range(c.logger.init_timeout_s, "logger.init_timeout_s", 0, MAX_TIMEOUT_S, low_open=True)
 
 
-def _check_optimizer_numbers(x: Any, prefix: str) -> None:
+def _check_optimizer_numbers(x: TrainConfig | RLConfig, prefix: str) -> None:
     """AdamW's settings of train.* or rl.*: weight decay >= 0, betas in [0, 1), eps > 0, all finite."""
     _check_range(x.lr, f"{prefix}.lr", 0)
     _check_range(x.weight_decay, f"{prefix}.weight_decay", 0)
@@ -587,7 +589,7 @@ def _check_optimizer_numbers(x: Any, prefix: str) -> None:
     _check_range(x.repetition_penalty, f"{prefix}.repetition_penalty", 0, low_open=True, hint=" (1.0 = off)")
 
 
-def _check_model_settings(c: Any) -> None:
+def _check_model_settings(c: Config) -> None:
     """What can be told about device, attention and optimizer without torch: the spelling of the
     device, and packages the settings need (the device's abilities are checked by run.preflight)."""
     m = c.model
@@ -607,7 +609,7 @@ def _check_model_settings(c: Any) -> None:
                "(or auto on CUDA), or optimizer adamw")
 
 
-def _validate_reference_semantics(t: Any) -> None:
+def _validate_reference_semantics(t: TrainConfig) -> None:
     for key, value, known in (("step_unit", t.step_unit, KNOWN_STEP_UNITS),
                               ("rank_sampling", t.rank_sampling, KNOWN_RANK_SAMPLING),
                               ("loss_averaging", t.loss_averaging, KNOWN_LOSS_AVERAGING),
@@ -623,7 +625,7 @@ def _validate_reference_semantics(t: Any) -> None:
            f"{t.rank_batch_size} x {t.data_parallel_ranks} (one accumulation window of whole micro-steps)")
 
 
-def accumulation_steps(train: Any) -> int:
+def accumulation_steps(train: TrainConfig) -> int:
     """Micro-steps per optimizer update in ``train.step_unit=micro_step`` mode (the reference's
     ``effective_batch // (micro_batch_size * world_size)``); 1 in update mode."""
     if train.step_unit != "micro_step":
@@ -631,7 +633,7 @@ def accumulation_steps(train: Any) -> int:
     return max(1, train.batch_size // (train.rank_batch_size * train.data_parallel_ranks))
 
 
-def _validate_rl(r: Any) -> None:
+def _validate_rl(r: RLConfig) -> None:
     _check(r.steps >= 0, "rl.steps", f"must be >= 0, got {r.steps}")
     _check(r.group_size >= 2, "rl.group_size", f"must be >= 2 (advantages compare samples of a group), got {r.group_size}")
     _check(r.batch_size > 0 and r.batch_size % r.group_size == 0, "rl.batch_size",
@@ -655,7 +657,7 @@ def _validate_rl(r: Any) -> None:
     _check(r.advantage in KNOWN_ADVANTAGES, "rl.advantage", f"unknown {r.advantage!r}; choose from {KNOWN_ADVANTAGES}")
 
 
-def _check_stage_settings(x: Any, prefix: str) -> None:
+def _check_stage_settings(x: TrainConfig | RLConfig, prefix: str) -> None:
     """The sampling, update and memory settings train.* and rl.* share, checked alike."""
     _check(x.sample_batch_size > 0, f"{prefix}.sample_batch_size", f"must be > 0, got {x.sample_batch_size}")
     _check(0 < x.top_p <= 1, f"{prefix}.top_p", f"must be in (0, 1], got {x.top_p}")
@@ -673,7 +675,7 @@ def _check_stage_settings(x: Any, prefix: str) -> None:
 def _check_benchmarks(entries: Any) -> None:
     """Every eval.benchmarks entry resolves, has a unique plain name, and (custom ones) a readable file."""
     # Lazy: the loader table pulls in the grader module; plain config composition need not.
-    from em_sweep.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark, resolve_spec
+    from em_sweep.evaluation.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark, resolve_spec
 
     key = "eval.benchmarks"
     _check(len(entries) > 0, key, "needs at least one benchmark")
@@ -739,7 +741,7 @@ class SelectConfig:
 @dataclass
 class LogitsConfig:
     """`em-sweep logits`: what every method samples and bins. The method is the group option:
-    ``logits=raw`` (default) or ``logits=reference`` (em_sweep/skewness.py)."""
+    ``logits=raw`` (default) or ``logits=reference`` (em_sweep/analysis/skewness.py)."""
 
     # Models to compare, in order: model presets (conf/model), checkpoints or HF paths. Required.
     models: list[str] = field(default_factory=list)

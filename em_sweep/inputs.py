@@ -3,7 +3,7 @@
 Every file is held to the same rules, each broken rule reported as one line naming the file and
 line: at most :data:`MAX_INPUT_BYTES`, UTF-8 text (a byte-order mark is allowed), no binary data,
 valid JSON. The field rules of each kind of file (ids, problems, gold answers) live with their
-loaders (:mod:`em_sweep.prompts`, :mod:`em_sweep.benchmarks`, :mod:`em_sweep.selection`); the
+loaders (:mod:`em_sweep.prompts`, :mod:`em_sweep.evaluation.benchmarks`, :mod:`em_sweep.analysis.selection`); the
 helpers for values they share are here.
 """
 

@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
-from em_sweep.config import ConfigError, stage_plan
+from em_sweep.config import Config, ConfigError, stage_plan
+from em_sweep.models import ModelFacts
 
 log = logging.getLogger(__name__)
 
-# Bytes per parameter of gradients + optimizer state, for low-precision models (em_sweep/optim.py's table).
+# Bytes per parameter of gradients + optimizer state, for low-precision models (em_sweep/training/optim.py's table).
 _STATE_BYTES = {"adamw": 14, "adamw_bf16_kahan": 8, "adamw_bf16_sr": 6, "adamw_8bit": 4}
 _GiB = 2**30
 
@@ -74,9 +75,9 @@ def _token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]] if texts else []
 
 
-def eval_prompt_lengths(cfg: Any, tokenizer: Any) -> dict[str, list[tuple[str, int]]]:
+def eval_prompt_lengths(cfg: Config, tokenizer: Any) -> dict[str, list[tuple[str, int]]]:
     """(problem id, prompt tokens) of every problem each eval.benchmarks entry scores."""
-    from em_sweep.benchmarks import load_benchmark, resolve_spec
+    from em_sweep.evaluation.benchmarks import load_benchmark, resolve_spec
     from em_sweep.prompts import format_eval_prompt
 
     out = {}
@@ -88,7 +89,7 @@ def eval_prompt_lengths(cfg: Any, tokenizer: Any) -> dict[str, list[tuple[str, i
     return out
 
 
-def check_context(cfg: Any, facts: Any, prompt_ids: list[str], prompt_lengths: list[int],
+def check_context(cfg: Config, facts: ModelFacts, prompt_ids: list[str], prompt_lengths: list[int],
                   eval_lengths: dict[str, list[tuple[str, int]]]) -> None:
     """Training prompts fit the context with their max_new_tokens; evaluation prompts fit it at all
     (a longer evaluation response than the context leaves is cut there: logged, not refused)."""
@@ -120,7 +121,7 @@ def check_context(cfg: Any, facts: Any, prompt_ids: list[str], prompt_lengths: l
                         cfg.eval.max_new_tokens, where, max(cut))
 
 
-def memory_estimate(cfg: Any, facts: Any, train_prompt_tokens: int, eval_lengths: dict[str, list[tuple[str, int]]]
+def memory_estimate(cfg: Config, facts: ModelFacts, train_prompt_tokens: int, eval_lengths: dict[str, list[tuple[str, int]]]
                     ) -> tuple[int, dict[str, tuple[str, int]]]:
     """(lower bound in bytes, {term: (the key that sets it, bytes)}) by the rule in the module docstring."""
     elem = torch.empty((), dtype=facts.dtype).element_size()
@@ -164,7 +165,7 @@ def memory_estimate(cfg: Any, facts: Any, train_prompt_tokens: int, eval_lengths
     return sum(b for _, b in terms.values()), terms
 
 
-def check_memory(cfg: Any, facts: Any, train_prompt_tokens: int, eval_lengths: dict[str, list[tuple[str, int]]],
+def check_memory(cfg: Config, facts: ModelFacts, train_prompt_tokens: int, eval_lengths: dict[str, list[tuple[str, int]]],
                  device_bytes: int | None = None) -> None:
     """ConfigError naming the key of the largest term when the lower bound exceeds the device's memory."""
     if cfg.eval.backend != "hf":
@@ -183,7 +184,7 @@ def _size(n: int) -> str:
     return f"{n / _GiB:.1f} GiB" if n >= _GiB / 10 else f"{n / 2**20:.1f} MiB"
 
 
-def check_run(cfg: Any, facts: Any, prompts: list[Any]) -> None:
+def check_run(cfg: Config, facts: ModelFacts, prompts: list[Any]) -> None:
     """Context and memory limits of a run, from its config, model facts and prompt set."""
     from em_sweep.prompts import format_prompt
 

@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from em_sweep.config import ModelConfig
 from em_sweep.rundir import ASSETS, PKG_PREFIX, local_model_dir
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tok
 
 
-def load_model(model_cfg: Any) -> PreTrainedModel:
+def load_model(model_cfg: ModelConfig) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with the config's dtype, device and attention."""
     device = pick_device(model_cfg.device)
     kwargs: dict[str, Any] = {"dtype": pick_dtype(model_cfg.dtype, device),
@@ -153,7 +154,7 @@ class ModelCache:
     def __init__(self) -> None:
         self._entry: _Entry | None = None
 
-    def get(self, model_cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    def get(self, model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         key = (model_cfg.path, model_cfg.dtype, model_cfg.device, model_cfg.attn_implementation,
                model_cfg.trust_remote_code)
         if self._entry is not None and self._entry.key == key:
@@ -173,7 +174,7 @@ class ModelCache:
         """Drop the held model (its GPU memory goes back to the allocator's pool and the card)."""
         if self._entry is None:
             return
-        from em_sweep import decode  # its cached static decoder holds the model and its KV cache
+        from em_sweep.generation import decode  # its cached static decoder holds the model and its KV cache
 
         decode.release(self._entry.model)
         self._entry = None
@@ -307,7 +308,7 @@ def _local_snapshot(path: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def check_model(model_cfg: Any) -> ModelFacts:
+def check_model(model_cfg: ModelConfig) -> ModelFacts:
     """Everything about the model checkable without loading its weights: the device and dtype on
     this machine, the attention implementation, config.json, the tokenizer's files (and that its
     ids fit the embedding), and the weight files. Raises ModelLoadError (one line)."""

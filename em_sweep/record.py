@@ -228,7 +228,7 @@ class RunRecorder:
             for r in records:
                 f.write(rundir.json_line(r))
         # Metric names carry the benchmark only; other eval temperatures live in results.json.
-        # Code and logic benchmarks add pass@<k> and accuracy_people<k> (em_sweep.families).
+        # Code and logic benchmarks add pass@<k> and accuracy_people<k> (em_sweep.evaluation.families).
         self.wandb.log({f"eval/{s['benchmark']}/{k}": s[k] for s in scores
                         if s["temperature"] == primary_temperature
                         for k in s if k in ("accuracy", "pass_at_n", "boxed_rate")

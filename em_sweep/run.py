@@ -20,12 +20,10 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from em_sweep import rundir
-from em_sweep.benchmarks import BenchmarkError, resolve_spec
-from em_sweep.config import ConfigError, stage_plan, to_container, validate
-from em_sweep.em import StepMetrics, train_em
-from em_sweep.evaluate import evaluate
+from em_sweep.config import Config, ConfigError, stage_plan, to_container, validate
+from em_sweep.evaluation.benchmarks import BenchmarkError, resolve_spec
+from em_sweep.evaluation.evaluate import evaluate
 from em_sweep.limits import check_run
-from em_sweep.loss_pass import decoder_layers
 from em_sweep.models import (
     ModelCache,
     ModelLoadError,
@@ -35,11 +33,13 @@ from em_sweep.models import (
     resolve_model_path,
     set_checkpointing,
 )
-from em_sweep.objectives import objective_name
 from em_sweep.prompts import PoolItem, PromptError, format_prompt, load_pool, select_prompts
 from em_sweep.record import RunRecorder, WandbMirror
-from em_sweep.rl import RLStepMetrics, train_rl
-from em_sweep.stopping import choose_step, probe_signals
+from em_sweep.training.em import StepMetrics, train_em
+from em_sweep.training.loss_pass import decoder_layers
+from em_sweep.training.objectives import objective_name
+from em_sweep.training.rl import RLStepMetrics, train_rl
+from em_sweep.training.stopping import choose_step, probe_signals
 
 log = logging.getLogger("em_sweep")
 
@@ -51,7 +51,7 @@ class RunFailed(RuntimeError):
     """The run started but did not finish; its status.json says why."""
 
 
-def eval_steps(cfg: Any) -> list[int]:
+def eval_steps(cfg: Config) -> list[int]:
     """Steps at which to evaluate: the configured ones plus the end of every stage."""
     return sorted(set(cfg.eval.at_steps) | {last for _, _, last in stage_plan(cfg)})
 
@@ -96,8 +96,8 @@ def run(cfg: DictConfig, cache: ModelCache | None = None) -> dict[str, Any]:
     path = rundir.run_dir_for(cfg, digests)
     prompts = preflight(cfg)
     decided: Any = lambda go: None  # noqa: E731
-    if cfg.train.parallel != "none":  # one run across the ranks torchrun/srun started (em_sweep.distributed)
-        from em_sweep import distributed
+    if cfg.train.parallel != "none":  # one run across the ranks torchrun/srun started (em_sweep.training.distributed)
+        from em_sweep.training import distributed
 
         if not distributed.join(cfg):  # ranks > 0 take part in rank 0's run and write nothing
             return distributed.follow(cfg, prompts, eval_steps(cfg))
@@ -157,13 +157,13 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
              recorder: RunRecorder) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     if cfg.eval.backend == "vllm":  # nothing trains (validated): vLLM loads the weights, no HF copy takes the GPU
-        from em_sweep.vllm_backend import saved_model
+        from em_sweep.generation.vllm_backend import saved_model
 
         cache.clear()  # a packed task's earlier hf run may hold one
         model, tokenizer = saved_model(cfg.model), load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     else:
-        if "em_sweep.vllm_backend" in sys.modules:  # an earlier vllm run of this task: free its engine
-            sys.modules["em_sweep.vllm_backend"].release()
+        if "em_sweep.generation.vllm_backend" in sys.modules:  # an earlier vllm run of this task: free its engine
+            sys.modules["em_sweep.generation.vllm_backend"].release()
         model, tokenizer = cache.get(cfg.model)
         if cfg.train.compile_loss or ("rl" in cfg.stages and cfg.rl.compile_loss):
             decoder_layers(model)  # a model the setting cannot serve fails here, before the step-0 evaluation
@@ -230,7 +230,7 @@ def _execute(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: ModelC
         if name == "em":
             train = train_em
             if cfg.train.parallel != "none":
-                from em_sweep.distributed import sharded_trainer
+                from em_sweep.training.distributed import sharded_trainer
 
                 train = sharded_trainer(at, set(cfg.train.save_at_steps))
             train(model, tokenizer, texts, cfg.train, cfg.seed, on_step=on_step, on_eval=on_eval,
@@ -288,9 +288,9 @@ def resolved_settings(cfg: DictConfig, model: Any) -> dict[str, Any]:
     """What the run's ``auto`` settings resolved to here (the same resolution the run's code makes:
     models.pick_device/pick_dtype, optim.resolve_optimizer_name, sample.resolve_backend), the
     GPU's name (None on CPU) and the software versions."""
+    from em_sweep.generation.sample import resolve_backend
     from em_sweep.models import pick_device, pick_dtype
-    from em_sweep.optim import resolve_optimizer_name
-    from em_sweep.sample import resolve_backend
+    from em_sweep.training.optim import resolve_optimizer_name
 
     params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
     device = params[0].device if params else pick_device(cfg.model.device)
@@ -324,7 +324,9 @@ def save_checkpoint(model: Any, tokenizer: Any, out: Path) -> None:
     """An HF-format checkpoint any tool (evaluation, analysis) accepts as ``model.path``; written
     beside it and renamed into place, so ``out`` is never half-written."""
     tmp = out.with_name(out.name + ".tmp")
-    from em_sweep.distributed import checkpoint_state  # a sharded model's gathered state (train.parallel)
+    from em_sweep.training.distributed import (
+        checkpoint_state,  # a sharded model's gathered state (train.parallel)
+    )
 
     shutil.rmtree(tmp, ignore_errors=True)  # a save cut short
     model.save_pretrained(tmp, state_dict=checkpoint_state(model))

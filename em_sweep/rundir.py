@@ -108,7 +108,7 @@ def science_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 def _has_code_benchmark(entries: Any) -> bool:
     """Whether an eval.benchmarks list has a benchmark of family code (a shipped one by name, or
     a user's mapping with ``family: code``)."""
-    from em_sweep.benchmarks import BENCHMARKS  # lazy: the loader table imports the grader
+    from em_sweep.evaluation.benchmarks import BENCHMARKS  # lazy: the loader table imports the grader
 
     for entry in entries or ():
         family = entry.get("family") if isinstance(entry, Mapping) else getattr(BENCHMARKS.get(entry), "family", None)
@@ -248,7 +248,7 @@ def prompt_digest(prompt: Mapping[str, Any]) -> dict[str, Any]:
 
 def benchmark_digest(entry: Any) -> tuple[str, str]:
     """(name, digest of the file) of one ``eval.benchmarks`` entry, shipped or custom."""
-    from em_sweep.benchmarks import BenchmarkError, benchmark_path, resolve_spec
+    from em_sweep.evaluation.benchmarks import BenchmarkError, benchmark_path, resolve_spec
 
     spec = resolve_spec(entry)
     path = benchmark_path(spec)

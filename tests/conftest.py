@@ -37,7 +37,7 @@ def tiny():
 def shared_passes(monkeypatch):
     """For each call of loss_pass._shared_prompt_hidden (the real one), whether it ran the prompt once
     (False: this decoder fell back to the full pass)."""
-    from em_sweep import loss_pass
+    from em_sweep.training import loss_pass
 
     real, outcomes = loss_pass._shared_prompt_hidden, []
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from em_sweep import aggregate as agg
+from em_sweep.analysis import aggregate as agg
 
 
 def score_table() -> pd.DataFrame:

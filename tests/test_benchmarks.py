@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from em_sweep.benchmarks import (
+from em_sweep.evaluation.benchmarks import (
     BENCHMARKS,
     PAPER_FOUR,
     BenchmarkError,

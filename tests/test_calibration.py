@@ -1,11 +1,11 @@
-"""Calibration of sampled evaluation (em_sweep/calibration.py): ECE, Brier and confidences by hand."""
+"""Calibration of sampled evaluation (em_sweep/evaluation/calibration.py): ECE, Brier and confidences by hand."""
 
 import math
 
 import pytest
 import torch
 
-from em_sweep.calibration import (
+from em_sweep.evaluation.calibration import (
     bin_index,
     brier_score,
     calibration_summary,
@@ -76,7 +76,7 @@ def test_mean_token_logprobs_are_the_models_own_and_ignore_padding(tiny):
 
 
 def test_sampled_evaluation_records_calibration_and_greedy_does_not(tiny):
-    from em_sweep.evaluate import evaluate
+    from em_sweep.evaluation.evaluate import evaluate
     model, tok = tiny
     cfg = compose_config(["eval.limit=12", "eval.temperatures=[0.0,1.0]", "eval.n_samples=3"])
     scores, recs = evaluate(model, tok, cfg.eval, 0)

@@ -117,9 +117,9 @@ def test_a_restarted_run_starts_clean_over_what_the_interrupted_attempt_left(tmp
 def test_a_packed_run_does_not_inherit_gradient_checkpointing_from_the_run_before(tmp_path, monkeypatch):
     """Runs of one task share a loaded model (ModelCache restores its weights): a run without
     gradient checkpointing trains without it even after one with it."""
-    from em_sweep import em
     from em_sweep import run as run_module
     from em_sweep.models import ModelCache, checkpointing_modules
+    from em_sweep.training import em
     from tests.conftest import compose_config
 
     seen = []

@@ -1,4 +1,4 @@
-"""The `em-sweep` command: one module owns every subcommand, no import cycles, one-line errors."""
+"""The `em-sweep` command: one module owns every subcommand, one-line errors."""
 
 from __future__ import annotations
 
@@ -13,74 +13,10 @@ import pytest
 
 from em_sweep.cli import build_parser, main
 from tests.conftest import ROOT
+from tests.test_layout import module_name
 
 PACKAGE = ROOT / "em_sweep"
 SUBCOMMANDS = {"eval", "select-prompts", "logits", "status", "resubmit", "collect", "report"}
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the em_sweep modules it imports anywhere (top level or inside a function)."""
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
-                # `from em_sweep import collect` imports the module em_sweep.collect.
-                deps.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names)
-        graph[name] = {d for d in deps if d in modules and d != name}
-    return graph
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    found: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in sorted(graph[v]):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return found
-
-
-def test_no_import_cycles_between_modules():
-    graph = import_graph()
-    assert "em_sweep.skewness" in graph["em_sweep.cli"] or "em_sweep.selection" in graph["em_sweep.cli"]
-    assert cycles(graph) == []
-    # The walk finds cycles through imports inside functions too.
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_one_module_registers_every_subcommand():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from em_sweep import collect as col
+from em_sweep.analysis import collect as col
 from em_sweep.cli import main as cli_main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mini_sweep"

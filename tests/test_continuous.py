@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from em_sweep import decode
 from em_sweep.config import validate
-from em_sweep.evaluate import evaluate, generate_responses
+from em_sweep.evaluation.evaluate import evaluate, generate_responses
+from em_sweep.generation import decode
+from em_sweep.generation.sample import SamplingSettings, resolve_backend, sample_responses
 from em_sweep.prompts import format_prompt
-from em_sweep.sample import SamplingSettings, resolve_backend, sample_responses
 from tests.conftest import compose_config
 from tests.tiny_models import EOS, PAD, prompts, random_qwen2, word_tokenizer
 
@@ -113,7 +113,7 @@ def test_row_noise_depends_on_request_and_token_index_only():
 def test_an_unsupported_model_falls_back_to_static_batches_with_the_reason_logged(caplog):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=130, eos_token_id=EOS,
                                       pad_token_id=PAD)).eval()
-    with caplog.at_level(logging.WARNING, logger="em_sweep.sample"):
+    with caplog.at_level(logging.WARNING, logger="em_sweep.generation.sample"):
         assert resolve_backend(gpt2, "continuous") == "hf"
     assert "continuous batching unavailable" in caplog.text and "model_type 'gpt2'" in caplog.text
     tok = word_tokenizer()
@@ -179,8 +179,8 @@ def test_rl_rollouts_run_with_continuous_batching(tiny):
     prompts through 4 slots, one GRPO step on them."""
     import copy
 
-    from em_sweep.em import make_optimizer
-    from em_sweep.rl import rl_step
+    from em_sweep.training.em import make_optimizer
+    from em_sweep.training.rl import rl_step
 
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     cfg = compose_config(["stages=[rl]", "rl.batch_size=16", "rl.micro_batch_size=8", "rl.sample_batch_size=4",

@@ -1,4 +1,4 @@
-"""The static-cache decoder (em_sweep/decode.py) against HF generate, and the KV-cache guard."""
+"""The static-cache decoder (em_sweep/generation/decode.py) against HF generate, and the KV-cache guard."""
 
 import pytest
 import torch
@@ -11,15 +11,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from em_sweep import decode
-from em_sweep.models import set_checkpointing
-from em_sweep.sample import (
+from em_sweep.generation import decode
+from em_sweep.generation.sample import (
     GenerationWithoutCache,
     SamplingSettings,
     kv_cache_guard,
     resolve_backend,
     sample_responses,
 )
+from em_sweep.models import set_checkpointing
 from tests.tiny_models import EOS, PAD, prompts, random_qwen2, word_tokenizer
 
 
@@ -168,7 +168,7 @@ def test_prefill_in_row_chunks_gives_the_same_tokens(monkeypatch):
 
 
 def test_auto_falls_back_to_hf_generate_when_the_static_decoder_fails(monkeypatch):
-    import em_sweep.sample as sample
+    import em_sweep.generation.sample as sample
 
     model, tok = random_qwen2(seed=5), word_tokenizer()
     texts = prompts(3, seed=6)

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from em_sweep.config import TrainConfig
-from em_sweep.em import accumulate_entropy_gradients
-from em_sweep.sample import SampleBatch, SamplingSettings
+from em_sweep.generation.sample import SampleBatch, SamplingSettings
+from em_sweep.training.em import accumulate_entropy_gradients
 from tests.tiny_models import PAD, prompts, random_qwen2, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,14 @@ def single_process_reference():
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    from em_sweep.distributed import backward_share, em_step_distributed, sample_share, shard_model, share
-    from em_sweep.optim import make_adamw
+    from em_sweep.training.distributed import (
+        backward_share,
+        em_step_distributed,
+        sample_share,
+        shard_model,
+        share,
+    )
+    from em_sweep.training.optim import make_adamw
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
@@ -139,7 +145,7 @@ def test_fsdp2_on_two_processes_matches_one_process(tmp_path):
 
 
 def test_distributed_step_refuses_compile_loss_before_any_collective():
-    from em_sweep.distributed import em_step_distributed
+    from em_sweep.training.distributed import em_step_distributed
 
     train = dataclasses.replace(TRAIN, compile_loss=True)
     with pytest.raises(ValueError, match="train.compile_loss is for single-process runs"):

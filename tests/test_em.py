@@ -4,11 +4,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from em_sweep.em import NonFiniteLoss, em_step, make_optimizer, micro_batch_entropy_sum, sampling_settings
-from em_sweep.loss import token_entropy
+from em_sweep.generation.sample import SamplingSettings, position_ids_for, sample_responses
 from em_sweep.models import checkpointing_modules, set_checkpointing
 from em_sweep.prompts import format_prompt
-from em_sweep.sample import SamplingSettings, position_ids_for, sample_responses
+from em_sweep.training.em import (
+    NonFiniteLoss,
+    em_step,
+    make_optimizer,
+    micro_batch_entropy_sum,
+    sampling_settings,
+)
+from em_sweep.training.loss import token_entropy
 from tests.conftest import compose_config
 
 
@@ -107,8 +113,8 @@ def test_compiled_loss_pass_equals_the_eager_one_and_leaves_the_model_eager(fres
     """compiled_layers: the same entropy and the same gradient as eager (to float rounding), also
     for a second batch whose sequence length differs (the dynamic-shape graph); outside the context
     every layer is eager again, and a deep copy made inside it is eager."""
-    from em_sweep.em import accumulate_entropy_gradients
-    from em_sweep.loss_pass import compiled_layers, decoder_layers
+    from em_sweep.training.em import accumulate_entropy_gradients
+    from em_sweep.training.loss_pass import compiled_layers, decoder_layers
 
     model, tok = fresh
     model.train()
@@ -137,7 +143,7 @@ def test_compiled_loss_pass_equals_the_eager_one_and_leaves_the_model_eager(fres
 
 def test_em_step_runs_its_loss_pass_compiled_with_train_compile_loss(fresh, monkeypatch):
     """The setting reaches em_step: the step's loss (measured before its update) is the eager one."""
-    from em_sweep import em
+    from em_sweep.training import em
 
     model, tok = fresh
     texts = [format_prompt(tok, "What is 12+30-7+45?")] * 8
@@ -162,7 +168,7 @@ def test_em_step_runs_its_loss_pass_compiled_with_train_compile_loss(fresh, monk
 def test_compile_loss_needs_a_decoder_layer_list():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from em_sweep.em import compiled_layers
+    from em_sweep.training.em import compiled_layers
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
     with pytest.raises(ValueError, match="train.compile_loss=false"), compiled_layers(gpt2):
@@ -175,7 +181,7 @@ def test_shared_prompt_pass_gives_the_full_pass_entropy_and_gradient(fresh, case
     autograd), also under gradient checkpointing (each layer of the rows' pass is recomputed in
     backward); rows with different prompts take the full pass. Either way the entropy and every
     gradient equal the full pass's."""
-    from em_sweep import em
+    from em_sweep.training import em
 
     model, tok = fresh
     questions = ["What is 12+30-7+45?"] * 8 if case != "two prompts" else ["What is 12+30-7+45?", "What is 3+4?"] * 4
@@ -210,7 +216,7 @@ def test_compiled_loss_pass_compiles_per_variant_not_per_length(fresh):
     entries per code object by default, then silently runs eager)."""
     import torch._dynamo.utils as dynamo_utils
 
-    from em_sweep.em import accumulate_entropy_gradients, compiled_layers
+    from em_sweep.training.em import accumulate_entropy_gradients, compiled_layers
 
     model, tok = fresh
     model.train()
@@ -233,7 +239,7 @@ def test_shared_prompt_calls_stay_eager_under_compiled_layers(fresh):
     limit: compiled_layers runs those calls eager, so the combination compiles nothing new."""
     import torch._dynamo.utils as dynamo_utils
 
-    from em_sweep.em import accumulate_entropy_gradients, compiled_layers
+    from em_sweep.training.em import accumulate_entropy_gradients, compiled_layers
 
     model, tok = fresh
     batch = sample_responses(model, tok, [format_prompt(tok, "What is 12+30-7+45?")] * 8,

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from em_sweep.config import validate
-from em_sweep.evaluate import Score, evaluate, generate_responses
+from em_sweep.evaluation.evaluate import Score, evaluate, generate_responses
+from em_sweep.generation.sample import SamplingSettings
 from em_sweep.record import RunRecorder
 from em_sweep.rundir import run_id
-from em_sweep.sample import SamplingSettings
 from tests.conftest import ROOT, compose_config
 
 CUSTOM = ROOT / "tests" / "data" / "custom_benchmark.jsonl"
@@ -163,8 +163,8 @@ def test_qwen25_math_cot_is_the_toolkits_string_for_a_llama_tokenizer(tiny) -> N
 def test_special_token_stops_are_cut_before_decoding(tiny) -> None:
     import torch
 
-    from em_sweep.evaluate import response_texts, stop_token_ids
-    from em_sweep.sample import SampleBatch
+    from em_sweep.evaluation.evaluate import response_texts, stop_token_ids
+    from em_sweep.generation.sample import SampleBatch
 
     _, tokenizer = tiny
     stops = ["</s>", "<|im_end|>", "<|endoftext|>"]
@@ -189,7 +189,7 @@ def test_special_token_stops_are_cut_before_decoding(tiny) -> None:
 
 
 def test_records_and_scores_carry_the_extraction_rule_and_grader_versions(tiny) -> None:
-    from em_sweep.grading import EXTRACTION_RULES, grader_versions
+    from em_sweep.evaluation.grading import EXTRACTION_RULES, grader_versions
 
     model, tokenizer = tiny
     # A stop string every arithmetic answer passes through: responses are cut there.
@@ -221,8 +221,8 @@ CODE_ENTRY = (f"{{name:mycode,path:{CODE},family:code,question_field:prompt,test
 
 def test_code_and_logic_responses_are_executed_and_parsed() -> None:
     """The scoring half of evaluation on hand-written responses (no model needed)."""
-    from em_sweep import families
-    from em_sweep.benchmarks import load_benchmark, resolve_spec
+    from em_sweep.evaluation import families
+    from em_sweep.evaluation.benchmarks import load_benchmark, resolve_spec
 
     cfg = compose_config([f"eval.benchmarks=[{CODE_ENTRY},kk]", "eval.pass_k=[1,2]", "eval.code_timeout_s=2"])
     validate(cfg)

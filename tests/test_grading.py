@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from em_sweep.benchmarks import BENCHMARK_DIR, load_benchmark
-from em_sweep.grading import (
+from em_sweep.evaluation.benchmarks import BENCHMARK_DIR, load_benchmark
+from em_sweep.evaluation.grading import (
     _POOL,
     EXTRACTION_RULES,
     MAX_EXTRACT_CHARS,
@@ -121,7 +121,7 @@ def test_extraction_reads_only_the_end_of_a_huge_response() -> None:
 # Run in a fresh interpreter under a timeout: a regression to quadratic work fails by the clock,
 # not by a tight timing (10,000 unclosed boxes took ~26 s before extraction was linear; here 40,000).
 _PATHOLOGICAL_EXTRACTION = """
-from em_sweep.grading import extract
+from em_sweep.evaluation.grading import extract
 BOX = chr(92) + "boxed"  # a backslash and "boxed"
 cases = {
     "unclosed": (BOX + "{") * 40_000,
@@ -284,7 +284,7 @@ def test_percent_and_thousands_are_graded_as_the_toolkit_does() -> None:
 
 _VERDICTS = r"""
 import json, sys
-from em_sweep.grading import grade_many, grader_versions
+from em_sweep.evaluation.grading import grade_many, grader_versions
 cases = json.loads(sys.argv[1])
 grades = grade_many([p for p, _, _ in cases], [[g] for _, g, _ in cases], exact_path=False)
 print(json.dumps({"versions": grader_versions(), "correct": [g.correct for g in grades]}))
@@ -480,7 +480,7 @@ def test_olympiadbench_final_answers_agree_with_themselves(delimiters: str) -> N
 @pytest.mark.parametrize("form", ["boxed", "answer is", "last number"])
 def test_amc23_answers_agree_with_gold(form: str) -> None:
     # AMC23 ships no solutions: its answers (floats such as 27.0) written as a model states them.
-    from em_sweep.benchmarks import canonical_number
+    from em_sweep.evaluation.benchmarks import canonical_number
 
     rows = _raw_rows("amc23.jsonl")
     written = [canonical_number(r["answer"]) for r in rows]
@@ -514,7 +514,7 @@ def test_gold_answers_parse_with_math_verify() -> None:
     """Report golds that math-verify turns into no sympy object (then only exact strings match)."""
     from math_verify import parse
 
-    from em_sweep.grading import strip_math_delimiters
+    from em_sweep.evaluation.grading import strip_math_delimiters
 
     for name in ("math500", "minerva_math", "olympiadbench"):
         golds = [a for p in load_benchmark(name) for a in p.answers]

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from em_sweep import humaneval as he
-from em_sweep.benchmarks import load_benchmark
-from em_sweep.sandbox import run_programs
+from em_sweep.evaluation import humaneval as he
+from em_sweep.evaluation.benchmarks import load_benchmark
+from em_sweep.evaluation.sandbox import run_programs
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from em_sweep import inputs
+from em_sweep.analysis.selection import SelectionError, load_history
 from em_sweep.config import ConfigError, validate
 from em_sweep.prompts import PromptError, load_pool
-from em_sweep.selection import SelectionError, load_history
 from tests.conftest import ROOT, compose_config
 
 GOOD_POOL = [b'{"id": "a", "problem": "1+1?", "answer": "2"}', b'{"id": "b", "problem": "2+2?", "answer": 4}']
@@ -163,7 +163,7 @@ def test_launch_reports_a_bad_pool_and_a_bad_benchmark_in_one_line_before_comput
 
 
 def test_shipped_pools_and_benchmarks_pass_the_checks():
-    from em_sweep.benchmarks import BENCHMARKS, load_benchmark
+    from em_sweep.evaluation.benchmarks import BENCHMARKS, load_benchmark
     from em_sweep.prompts import PROMPTS_DIR
 
     for path in PROMPTS_DIR.glob("*.jsonl"):

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from em_sweep import knights as kk
-from em_sweep.benchmarks import load_benchmark
+from em_sweep.evaluation import knights as kk
+from em_sweep.evaluation.benchmarks import load_benchmark
 
 
 def _as_python(s, names: str = "k") -> str:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from em_sweep.loss import entropy_sum_from_hidden, token_entropy
+from em_sweep.training.loss import entropy_sum_from_hidden, token_entropy
 
 
 def direct_entropy(logits: torch.Tensor, mask: torch.Tensor, tau: float) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import em_sweep.em
+import em_sweep.training.em
 from em_sweep.prompts import PoolItem, batch_prompts
 from em_sweep.run import run
 from tests.conftest import compose_config
@@ -40,13 +40,13 @@ def test_a_multi_shot_run_samples_every_listed_prompt_evenly(tmp_path, monkeypat
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"id": i, "problem": q, "answer": None}) + "\n" for i, q in PROBLEMS.items()))
     seen: list[list[str]] = []
-    real = em_sweep.em.sample_responses
+    real = em_sweep.training.em.sample_responses
 
     def recording(model, tokenizer, prompt_texts, *args, **kwargs):
         seen.append(list(prompt_texts))
         return real(model, tokenizer, prompt_texts, *args, **kwargs)
 
-    monkeypatch.setattr(em_sweep.em, "sample_responses", recording)
+    monkeypatch.setattr(em_sweep.training.em, "sample_responses", recording)
     cfg = compose_config([f"paths.root={tmp_path}", "logger.mode=disabled", "prompt.name=multi",
                           f"prompt.pool={pool}", "prompt.ids=[m1,m2,m3]", f"train.steps={steps}",
                           f"train.batch_size={batch}", "train.micro_batch_size=2", "train.max_new_tokens=16",

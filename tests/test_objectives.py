@@ -1,4 +1,4 @@
-"""The label-free family (em_sweep/objectives.py): rewards and advantages against direct
+"""The label-free family (em_sweep/training/objectives.py): rewards and advantages against direct
 implementations on hand-made numbers, EM-INF against the reference's loop, objectives in runs."""
 
 import copy
@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from em_sweep import config as config_module
-from em_sweep import objectives
 from em_sweep.config import ConfigError, validate
-from em_sweep.objectives import (
+from em_sweep.generation.sample import SamplingSettings, sample_responses
+from em_sweep.prompts import format_prompt, load_pool
+from em_sweep.training import objectives
+from em_sweep.training.objectives import (
     EMInfProcessor,
     advantages,
     em_inf_logits,
@@ -24,9 +26,7 @@ from em_sweep.objectives import (
     row_means,
     token_statistics,
 )
-from em_sweep.prompts import format_prompt, load_pool
-from em_sweep.rl import group_advantages, response_token_statistics, rl_step, step_rewards
-from em_sweep.sample import SamplingSettings, sample_responses
+from em_sweep.training.rl import group_advantages, response_token_statistics, rl_step, step_rewards
 from tests.conftest import compose_config
 
 OBJECTIVES = ("em", "em_rl_token", "em_rl_sequence", "self_certainty", "majority_vote", "em_inf")
@@ -143,7 +143,7 @@ def test_a_majority_vote_step_uses_no_gold_answer(tiny):
     cfg = compose_config(["stages=[rl]", "rl.reward=majority_vote", "rl.batch_size=16", "rl.micro_batch_size=16"])
     p = load_pool("arith_pool")["arith18"]
     text = format_prompt(tok, p.problem, cfg.prompt.system, cfg.prompt.chat_template)
-    from em_sweep.em import make_optimizer
+    from em_sweep.training.em import make_optimizer
     opt, _ = make_optimizer(model, cfg.rl)
     m = rl_step(model, tok, opt, [text, text], ["not a number"] * 2, cfg.rl, 1, 1e-3, seed=3)
     # against a nonsense gold the gold reward would be 0; the vote rewards agreement instead
@@ -243,7 +243,7 @@ def test_em_inf_decoding_leaves_the_weights_and_lowers_the_entropy_it_samples_fr
 def test_known_objective_names_follow_the_module():
     assert config_module.KNOWN_REWARDS == objectives.REWARDS
     assert config_module.KNOWN_ADVANTAGES == objectives.ADVANTAGES
-    from em_sweep.stopping import RULES
+    from em_sweep.training.stopping import RULES
     assert config_module.KNOWN_STOP_RULES == RULES
 
 

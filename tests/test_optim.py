@@ -1,4 +1,4 @@
-"""Memory strategies for AdamW (em_sweep/optim.py) against exact fp32-master AdamW."""
+"""Memory strategies for AdamW (em_sweep/training/optim.py) against exact fp32-master AdamW."""
 
 import copy
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from em_sweep.loss import entropy_sum_from_hidden
-from em_sweep.optim import (
+from em_sweep.training.loss import entropy_sum_from_hidden
+from em_sweep.training.optim import (
     BF16AdamW,
     MasterWeightAdamW,
     make_adamw,
@@ -194,15 +194,15 @@ def test_adamw_8bit_needs_torchao():
 
 def test_config_lists_match_the_implementations():
     from em_sweep.config import KNOWN_GENERATION_BACKENDS, KNOWN_OPTIMIZERS, TrainConfig
-    from em_sweep.optim import OPTIMIZERS
-    from em_sweep.sample import BACKENDS
+    from em_sweep.generation.sample import BACKENDS
+    from em_sweep.training.optim import OPTIMIZERS
 
     assert KNOWN_OPTIMIZERS == OPTIMIZERS and KNOWN_GENERATION_BACKENDS == BACKENDS
     assert TrainConfig.optimizer == "auto" and TrainConfig.generation_backend == "auto"
 
 
 def test_rounding_noise_is_uniform_and_keys_give_unrelated_streams():
-    from em_sweep.optim import _noise16
+    from em_sweep.training.optim import _noise16
     idx = torch.arange(1 << 20)
     a, b = _noise16(idx, torch.tensor(12345)).double(), _noise16(idx, torch.tensor(12346)).double()
     assert int(a.min()) >= 0 and int(a.max()) < 1 << 16
@@ -216,7 +216,7 @@ def test_rounding_noise_is_uniform_and_keys_give_unrelated_streams():
 
 def test_bf16_update_does_not_depend_on_how_it_is_split(monkeypatch):
     """The noise is a hash of the element's index, so pieces of any size give the same weights."""
-    import em_sweep.optim as optim
+    import em_sweep.training.optim as optim
     w0, grads = weights_and_grads(n=5000, steps=3)
     whole, _ = run(lambda ps: BF16AdamW(ps, rounding="stochastic", seed=3, **KW), w0, grads)
     monkeypatch.setattr(optim, "CHUNK", 777)
@@ -241,7 +241,7 @@ def test_compiled_bf16_update_matches_the_eager_one(rounding):
 
 
 def test_nearest_bf16_bit_arithmetic_equals_torch_rounding():
-    from em_sweep.optim import _nearest_bf16_as_fp32
+    from em_sweep.training.optim import _nearest_bf16_as_fp32
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100_000, generator=g) * torch.logspace(-30, 30, 100_000)
     x = torch.cat([x, torch.tensor([0.0, -0.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 3.4e38, float("inf"), -float("inf")])])

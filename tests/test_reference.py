@@ -1,4 +1,4 @@
-"""Reference-compatible EM (em_sweep.reference; train.step_unit=micro_step and friends) against a
+"""Reference-compatible EM (em_sweep.training.reference; train.step_unit=micro_step and friends) against a
 direct transcription of the reference train.py loop."""
 
 import copy
@@ -6,12 +6,18 @@ import copy
 import pytest
 import torch
 
-from em_sweep import em
 from em_sweep.config import ConfigError, accumulation_steps, validate
-from em_sweep.em import Accumulation, em_step, make_optimizer, sampling_settings
+from em_sweep.generation.sample import (
+    SampleBatch,
+    _eos_ids,
+    position_ids_for,
+    response_masks,
+    sample_responses,
+)
 from em_sweep.prompts import format_prompt
-from em_sweep.reference import RankBatch, rank_batches, reference_positions, row_weights
-from em_sweep.sample import SampleBatch, _eos_ids, position_ids_for, response_masks, sample_responses
+from em_sweep.training import em
+from em_sweep.training.em import Accumulation, em_step, make_optimizer, sampling_settings
+from em_sweep.training.reference import RankBatch, rank_batches, reference_positions, row_weights
 from tests.conftest import compose_config
 
 PROMPT = "What is 12+30-7+45?"
@@ -217,8 +223,8 @@ def test_a_reference_run_records_updates_and_its_report_names_the_step_unit(tmp_
     """Through the real run and report: 2 emulated ranks x 2 responses, batch 16 -> an update every
     4 reference steps; scores, loss curve and results say so, and the step-curve finding's axis
     names reference steps with the updates behind each."""
-    from em_sweep import report as rep
-    from em_sweep.collect import collect
+    from em_sweep.analysis import report as rep
+    from em_sweep.analysis.collect import collect
     from em_sweep.run import run
 
     cfg = compose_config(["+experiment=one_shot_em_reference", f"paths.root={tmp_path}", "logger.mode=disabled",

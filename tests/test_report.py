@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from em_sweep import report as rep
+from em_sweep.analysis import report as rep
+from em_sweep.analysis.collect import collect
 from em_sweep.cli import main as cli_main
-from em_sweep.collect import collect
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mini_sweep"
 

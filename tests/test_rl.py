@@ -1,4 +1,4 @@
-"""The RL stage (em_sweep/rl.py): GRPO loss as pure functions, rewards, steps, stages in a run."""
+"""The RL stage (em_sweep/training/rl.py): GRPO loss as pure functions, rewards, steps, stages in a run."""
 
 import copy
 import json
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from em_sweep.config import ConfigError, validate
-from em_sweep.loss import token_logprobs_from_hidden
+from em_sweep.generation.sample import sample_responses
 from em_sweep.prompts import PromptError, format_prompt, load_pool
-from em_sweep.rl import (
+from em_sweep.training.loss import token_logprobs_from_hidden
+from em_sweep.training.rl import (
     group_advantages,
     grpo_loss,
     grpo_token_losses,
@@ -21,7 +22,6 @@ from em_sweep.rl import (
     rl_step,
     train_rl,
 )
-from em_sweep.sample import sample_responses
 from tests.conftest import compose_config
 
 
@@ -126,7 +126,7 @@ def test_a_step_whose_groups_agree_still_takes_its_entropy_bonus(tiny):
     cfg = compose_config(["stages=[rl]", "rl.batch_size=16", "rl.micro_batch_size=16", "rl.entropy_coef=0.01"])
     text, _ = arith(tok, cfg, "arith1")
     before = [p.detach().clone() for p in model.parameters()]
-    from em_sweep.em import make_optimizer
+    from em_sweep.training.em import make_optimizer
     opt, _ = make_optimizer(model, cfg.rl)
     m = rl_step(model, tok, opt, [text, text], ["not a number at all"] * 2, cfg.rl, 1, 1e-3, seed=0)
     assert m.zero_advantage_groups == 1.0 and not m.skipped and m.grad_norm > 0
@@ -223,7 +223,7 @@ def test_a_step_whose_groups_all_agree_has_no_gradient_and_leaves_the_weights(ti
     cfg = compose_config(["stages=[rl]", "rl.batch_size=16", "rl.micro_batch_size=16"])
     text, _ = arith(tok, cfg, "arith1")
     before = [p.detach().clone() for p in model.parameters()]
-    from em_sweep.em import make_optimizer
+    from em_sweep.training.em import make_optimizer
     opt, _ = make_optimizer(model, cfg.rl)
     m = rl_step(model, tok, opt, [text, text], ["not a number at all"] * 2, cfg.rl, 1, 1e-3, seed=0)
     assert m.reward == 0.0 and m.zero_advantage_groups == 1.0 and m.skipped
@@ -307,8 +307,8 @@ def test_stages_in_one_run_continue_the_step_count_and_evaluate_between(tmp_path
     assert [r["stage"] for r in kinds if r["kind"] == "train"] == ["rl", "rl", "em", "em"]
     wandb_files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert wandb_files and b"stages=rl,em" in wandb_files[0].read_bytes()  # the W&B run is tagged with its stages
-    from em_sweep.collect import collect
-    from em_sweep.report import prepare
+    from em_sweep.analysis.collect import collect
+    from em_sweep.analysis.report import prepare
     collected = collect(tmp_path, progress=False)
     train = collected.train.sort_values("step")
     assert train["stage"].tolist() == ["rl", "rl", "em", "em"]
@@ -334,8 +334,8 @@ def test_stage_order_preset_runs_every_order_as_a_sweep(tmp_path):
     orders = sorted(",".join(s["stage"] for s in json.loads(p.read_text())["stages"])
                     for p in tmp_path.glob("runs/*/results.json"))
     assert orders == ["em", "em,rl", "rl", "rl,em"]
-    from em_sweep.collect import collect
-    from em_sweep.report import finding_stage_order, prepare
+    from em_sweep.analysis.collect import collect
+    from em_sweep.analysis.report import finding_stage_order, prepare
     collected = collect(tmp_path / "sweeps" / "stage_order", progress=False)
     f9 = finding_stage_order(prepare(collected.scores, collected.train))
     text = "\n".join(f9.lines)
@@ -344,10 +344,9 @@ def test_stage_order_preset_runs_every_order_as_a_sweep(tmp_path):
 
 
 def test_a_pool_is_cycled_a_group_of_prompts_per_step():
-    from types import SimpleNamespace
-
-    from em_sweep.rl import step_prompts
-    rl = SimpleNamespace(batch_size=16, group_size=8)  # 2 prompts per step
+    from em_sweep.config import RLConfig
+    from em_sweep.training.rl import step_prompts
+    rl = RLConfig(batch_size=16, group_size=8)  # 2 prompts per step
     texts, golds = ["a", "b", "c"], ["1", "2", "3"]
     assert [step_prompts(texts, golds, rl, s) for s in range(3)] == [
         (["a", "b"], ["1", "2"]), (["c", "a"], ["3", "1"]), (["b", "c"], ["2", "3"])]
@@ -397,8 +396,8 @@ def test_more_updates_per_batch_move_the_ratio_and_the_clip_bounds_it(tiny):
 def test_rl_step_runs_its_loss_pass_compiled_with_rl_compile_loss(tiny, monkeypatch):
     """rl.compile_loss (following train.compile_loss) reaches rl_step's loss pass; the step's
     first-update loss is the eager one."""
-    import em_sweep.rl as rl_module
-    from em_sweep.em import compiled_layers, make_optimizer
+    import em_sweep.training.rl as rl_module
+    from em_sweep.training.em import compiled_layers, make_optimizer
 
     entered = []
 

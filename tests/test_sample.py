@@ -1,7 +1,7 @@
 import torch
 
+from em_sweep.generation.sample import SamplingSettings, position_ids_for, response_masks, sample_responses
 from em_sweep.prompts import format_prompt
-from em_sweep.sample import SamplingSettings, position_ids_for, response_masks, sample_responses
 
 EOS, PAD = 9, 0
 

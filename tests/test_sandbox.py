@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from em_sweep import sandbox
-from em_sweep.sandbox import SandboxLimits, isolation, run_program, run_programs
+from em_sweep.evaluation import sandbox
+from em_sweep.evaluation.sandbox import SandboxLimits, isolation, run_program, run_programs
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop (files, process count) applies to root")
 

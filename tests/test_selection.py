@@ -9,11 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from em_sweep.cli import main as cli_main
-from em_sweep.config import validate
-from em_sweep.prompts import PoolItem, select_prompts
-from em_sweep.run import preflight
-from em_sweep.selection import (
+from em_sweep.analysis.selection import (
     GENERATED_MARKER,
     SelectionError,
     load_history,
@@ -24,6 +20,10 @@ from em_sweep.selection import (
     variance_table,
     write_prompt_configs,
 )
+from em_sweep.cli import main as cli_main
+from em_sweep.config import validate
+from em_sweep.prompts import PoolItem, select_prompts
+from em_sweep.run import preflight
 from tests.conftest import compose_config
 
 

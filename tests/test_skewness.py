@@ -11,9 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from em_sweep.config import ConfigError, RawLogitsConfig, ReferenceLogitsConfig, validate_logits
-from em_sweep.sample import SampleBatch
-from em_sweep.skewness import (
+from em_sweep.analysis.skewness import (
     Histogram,
     Moments,
     ScoredResponses,
@@ -27,6 +25,8 @@ from em_sweep.skewness import (
     shortest_length,
     stream_statistics,
 )
+from em_sweep.config import ConfigError, RawLogitsConfig, ReferenceLogitsConfig, validate_logits
+from em_sweep.generation.sample import SampleBatch
 from tests.conftest import ROOT
 
 VOCAB = 96
@@ -93,7 +93,7 @@ def test_response_logits_are_exactly_the_logits_that_produced_the_responses(rand
     batch = ragged_batch()
     streamed = torch.cat(list(response_logits(random_model, batch, micro_batch_size=3)))
     with torch.no_grad():
-        from em_sweep.sample import position_ids_for
+        from em_sweep.generation.sample import position_ids_for
         full = random_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=position_ids_for(batch.attention_mask)).logits
     expected = full[batch.response_mask.bool()]

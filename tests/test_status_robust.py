@@ -85,8 +85,8 @@ def test_status_reports_every_run_of_a_sweep_with_broken_files(tmp_path, capsys)
 
 
 def test_collect_and_report_survive_broken_files_and_an_unwritable_output(tmp_path, capsys):
-    from em_sweep.collect import COLLECTED_DIR, cmd_collect, collect
-    from em_sweep.report import cmd_report
+    from em_sweep.analysis.collect import COLLECTED_DIR, cmd_collect, collect
+    from em_sweep.analysis.report import cmd_report
 
     sweep = _broken_sweep(tmp_path)
     collected = collect(sweep, progress=False)

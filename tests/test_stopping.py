@@ -1,16 +1,17 @@
-"""The label-free stopping rule (em_sweep/stopping.py) and the family's report sections."""
+"""The label-free stopping rule (em_sweep/training/stopping.py) and the family's report sections."""
 
 import json
-from types import SimpleNamespace
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 
-from em_sweep.objectives_report import calibration_verdict, stopping_errors
-from em_sweep.stopping import choose_step, rule_step, snap_to_evaluated, stopping_error
+from em_sweep.analysis.objectives_report import calibration_verdict, stopping_errors
+from em_sweep.config import StopConfig
+from em_sweep.training.stopping import choose_step, rule_step, snap_to_evaluated, stopping_error
 from tests.conftest import compose_config
 
-STOP = SimpleNamespace(rule="agreement", agreement=0.9, heldout_ratio=0.5, entropy_ratio=0.5)
+STOP = StopConfig(rule="agreement", agreement=0.9, heldout_ratio=0.5, entropy_ratio=0.5)
 
 
 def signals():
@@ -29,7 +30,7 @@ def test_each_rule_picks_the_first_step_its_signal_crosses():
     assert rule_step(s, "agreement", STOP) == 3
     assert rule_step(s, "entropy", STOP) == 3  # 0.45 <= 0.5 x 1.0
     assert rule_step(s, "heldout_entropy", STOP) == 4  # 0.9 <= 0.5 x 2.0
-    never = SimpleNamespace(**{**vars(STOP), "heldout_ratio": 0.1})
+    never = replace(STOP, heldout_ratio=0.1)
     assert rule_step(s, "heldout_entropy", never) == 5  # never crossed: the last step
     assert rule_step([{"step": 0, "agreement": 0.3}, {"step": 1, "agreement": 0.2}], "heldout_entropy", STOP) is None
     assert rule_step([], "agreement", STOP) is None

@@ -54,7 +54,7 @@ def test_local_sweep_runs_every_run_records_a_failure_and_relaunch_skips_done_ru
 def test_a_sweep_lists_the_runs_another_sweep_already_finished(tmp_path):
     """Overlapping sweeps: the second one's manifest (so its status, collect and report) holds the
     shared run too, marked as already complete, not only the runs it ran itself."""
-    from em_sweep.collect import collect
+    from em_sweep.analysis.collect import collect
 
     first = launch(tmp_path, "seed=0", f"hydra.sweep.dir={tmp_path}/a")
     assert first.returncode == 0, first.stderr

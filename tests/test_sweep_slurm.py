@@ -262,7 +262,7 @@ def test_a_parallel_worker_killed_for_memory_fails_its_run_and_the_other_process
 
 def test_an_fsdp_run_across_two_srun_tasks_takes_its_ranks_from_slurm(tmp_path):
     """`srun --ntasks=2 python launch.py ... train.parallel=fsdp` (gloo on CPU): the ranks come from
-    the SLURM step (em_sweep.distributed.export_slurm_env, as an array task of gpus_per_task=2 gets
+    the SLURM step (em_sweep.training.distributed.export_slurm_env, as an array task of gpus_per_task=2 gets
     them); the run completes, written once, by rank 0."""
     overrides = ["train.steps=2", "train.batch_size=8", "train.micro_batch_size=4", "train.sample_batch_size=4",
                  "train.max_new_tokens=16", "eval.max_new_tokens=16", "eval.limit=8", "logger.mode=disabled",

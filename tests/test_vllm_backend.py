@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from em_sweep import vllm_backend  # imports without vLLM: it is loaded lazily
-from em_sweep.evaluate import generate_responses
-from em_sweep.sample import SamplingSettings
+from em_sweep.evaluation.evaluate import generate_responses
+from em_sweep.generation import vllm_backend  # imports without vLLM: it is loaded lazily
+from em_sweep.generation.sample import SamplingSettings
 from tests.conftest import compose_config
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -48,7 +48,7 @@ def test_a_vllm_run_never_loads_the_model_into_the_process(tmp_path, monkeypatch
     import importlib.util
 
     from em_sweep import run as run_module
-    from em_sweep.benchmarks import load_benchmark, resolve_spec
+    from em_sweep.evaluation.benchmarks import load_benchmark, resolve_spec
     from em_sweep.models import ModelCache
 
     cache = ModelCache()

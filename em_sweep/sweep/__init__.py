@@ -9,6 +9,8 @@
 - ``cost``: the plan's GPU-hours from measured figures per model shape (``benchmarks/results/measured.json``).
 - ``manifest``: the sweep directory's files and the status of every run, read from run dirs.
 - ``cli``: ``em-sweep status`` and ``em-sweep resubmit``.
+- ``sweeper``: the Hydra sweeper that validates a whole grid and hands the launchers a plan.
+- ``hydra_compat``: the private Hydra and OmegaConf parts the planner relies on, checked in one place.
 
 The Hydra plugin classes that make these usable as ``hydra/sweeper`` and ``hydra/launcher``
 choices live in ``hydra_plugins/em_sweep_plugins`` (Hydra only loads plugins from there).

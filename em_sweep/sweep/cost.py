@@ -2,7 +2,7 @@
 
 Each run's work follows from its resolved config (:func:`run_work`): its EM steps, and its
 evaluations (evaluation points x responses per evaluation: for each temperature, each
-benchmark's problems x samples per problem, as ``em_sweep.evaluate`` generates them). The time
+benchmark's problems x samples per problem, as ``em_sweep.evaluation.evaluate`` generates them). The time
 that work takes comes from a measured-figures file (``benchmarks/results/measured.json``, written
 by ``benchmarks/gpu_session.sh``), per model shape (``model.shape`` in the model preset)::
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from em_sweep.config import ConfigError, stage_plan
+from em_sweep.config import Config, ConfigError, stage_plan
 
 # The checkout's file; benchmarks/gpu_session.sh writes it on a GPU machine.
 DEFAULT_FIGURES = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "measured.json"
@@ -136,13 +136,13 @@ def load_figures(path: str | Path | None) -> Figures | None:
     return parse_figures(data, str(file))
 
 
-def run_work(config: Any, problems: Callable[[Any, int | None], tuple[int, int]],
+def run_work(config: Config, problems: Callable[[Any, int | None], tuple[int, int]],
              samples: Callable[[Any, int, float], int]) -> RunWork:
     """The work of the run ``config`` (attribute access over the resolved config).
 
     ``problems(entry, limit)``: (problems, repeats) of an ``eval.benchmarks`` entry, the first
     ``eval.limit`` problems;
-    ``samples(eval, repeats, temperature)``: responses per problem (em_sweep.evaluate's rule).
+    ``samples(eval, repeats, temperature)``: responses per problem (em_sweep.evaluation.evaluate's rule).
     Evaluation points: ``eval.at_steps`` and the end of every stage (em_sweep.run.eval_steps).
     """
     plan = stage_plan(config)
@@ -213,7 +213,7 @@ def describe(result: Estimate, n_runs: int) -> list[str]:
 
 def problem_counter() -> Callable[[Any, int | None], tuple[int, int]]:
     """``problems(entry)`` for :func:`run_work` over the real benchmark files, each file read once."""
-    from em_sweep.benchmarks import load_benchmark, resolve_spec  # lazy: the grader module
+    from em_sweep.evaluation.benchmarks import load_benchmark, resolve_spec  # lazy: the grader module
 
     memo: dict[str, tuple[int, int]] = {}
 

@@ -306,7 +306,7 @@ class _InputChecks:
 
     def __call__(self, config: dict[str, Any]) -> None:
         # Lazy imports: these modules pull in transformers/torch, which plain Hydra start-up must not pay.
-        from em_sweep.benchmarks import resolve_spec
+        from em_sweep.evaluation.benchmarks import resolve_spec
         from em_sweep.prompts import select_prompts
 
         prompt = _AttrDict(config["prompt"])
@@ -416,7 +416,7 @@ def plan_sweep(config_loader: ConfigLoader, master_config: DictConfig,
         key = works_key(config)
         if key not in work_of_key:
             # Lazy: torch (the input checks have loaded it already).
-            from em_sweep.evaluate import samples_per_problem
+            from em_sweep.evaluation.evaluate import samples_per_problem
 
             count_problems = count_problems or problem_counter()
             work_of_key[key] = run_work(view, count_problems, samples_per_problem)

@@ -283,7 +283,7 @@ class SweepTask:
     def __call__(self, runs: Sequence[PlannedRun]) -> dict[str, str]:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # one process per GPU, ranks of train.parallel runs
-            from em_sweep.distributed import export_slurm_env
+            from em_sweep.training.distributed import export_slurm_env
 
             export_slurm_env()
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")

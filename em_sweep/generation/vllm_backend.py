@@ -14,8 +14,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from em_sweep.config import ModelConfig
+from em_sweep.generation.sample import SamplingSettings
 from em_sweep.models import free_gpu_memory, pick_device, pick_dtype, resolve_model_path
-from em_sweep.sample import SamplingSettings
 
 # Share of the GPU memory free at engine start that vLLM may take (vLLM's default is 90% of the
 # whole card, whatever else the process holds).
@@ -32,7 +33,7 @@ class SavedModel:
     trust_remote_code: bool = False
 
 
-def saved_model(model_cfg: Any) -> SavedModel:
+def saved_model(model_cfg: ModelConfig) -> SavedModel:
     """``model.*`` as vLLM takes it: the resolved path and the dtype an HF load would use."""
     dtype = pick_dtype(model_cfg.dtype, pick_device(model_cfg.device))
     return SavedModel(resolve_model_path(model_cfg.path), str(dtype).removeprefix("torch."),

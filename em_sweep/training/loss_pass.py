@@ -21,13 +21,13 @@ import torch
 import torch.utils.checkpoint
 from transformers import PreTrainedModel
 
-from em_sweep.decode import SUPPORTED_MODEL_TYPES
+from em_sweep.generation.decode import SUPPORTED_MODEL_TYPES
+from em_sweep.generation.sample import SampleBatch, position_ids_for
 from em_sweep.models import checkpointing_modules
-from em_sweep.sample import SampleBatch, position_ids_for
 
 # Architectures whose logits are exactly lm_head(final hidden state): the loss can be computed
 # from hidden states in chunks without ever building the full [batch, seq, vocab] logits.
-HIDDEN_STATE_LOSS_MODELS = frozenset(SUPPORTED_MODEL_TYPES)  # the decoder em_sweep.decode implements
+HIDDEN_STATE_LOSS_MODELS = frozenset(SUPPORTED_MODEL_TYPES)  # the decoder em_sweep.generation.decode implements
 
 
 _compiled_module_call: Callable[..., Any] | None = None

@@ -1,10 +1,10 @@
 """Evaluation: generate answers to benchmark problems, extract, grade, score.
 
 Generation, extraction and grading are separate steps (extraction and grading live in
-:mod:`em_sweep.grading`). Generation has one interface, :func:`generate_responses`, over two
-backends (``eval.backend``): ``hf``, the run's in-memory model through :mod:`em_sweep.sample`
+:mod:`em_sweep.evaluation.grading`). Generation has one interface, :func:`generate_responses`, over two
+backends (``eval.backend``): ``hf``, the run's in-memory model through :mod:`em_sweep.generation.sample`
 (prompts sorted by length so each batch pads little), and ``vllm``
-(:mod:`em_sweep.vllm_backend`, the saved weights at the model's path). ``hf`` decodes with
+(:mod:`em_sweep.generation.vllm_backend`, the saved weights at the model's path). ``hf`` decodes with
 ``eval.generation_backend``: by default continuous batching (all of a benchmark's prompts in one
 call, ``eval.batch_size`` slots), else static batches. The sampling seed is the same at every
 training step so steps are comparable.
@@ -19,12 +19,19 @@ from typing import Any
 
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from em_sweep import families
-from em_sweep.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spec
-from em_sweep.calibration import calibration_summary, mean_token_logprobs
-from em_sweep.grading import EXTRACTION_RULES, cut_at_stop, extract, grade_many, grader_versions
-from em_sweep.objectives import em_inf_processor
-from em_sweep.sample import CONTINUOUS, SampleBatch, SamplingSettings, resolve_backend, sample_responses
+from em_sweep.config import EvalConfig
+from em_sweep.evaluation import families
+from em_sweep.evaluation.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spec
+from em_sweep.evaluation.calibration import calibration_summary, mean_token_logprobs
+from em_sweep.evaluation.grading import EXTRACTION_RULES, cut_at_stop, extract, grade_many, grader_versions
+from em_sweep.generation.sample import (
+    CONTINUOUS,
+    SampleBatch,
+    SamplingSettings,
+    resolve_backend,
+    sample_responses,
+)
+from em_sweep.training.objectives import em_inf_processor
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ class Score:
     template: str
     max_new_tokens: int
     seconds: float
-    # Responses by the extraction rule that gave their answer (em_sweep.grading.EXTRACTION_RULES).
+    # Responses by the extraction rule that gave their answer (em_sweep.evaluation.grading.EXTRACTION_RULES).
     extraction_boxed: int = 0
     extraction_gsm8k: int = 0
     extraction_answer_is: int = 0
@@ -54,12 +61,12 @@ class Score:
     math_verify_version: str = ""
     latex2sympy2_extended_version: str = ""
     antlr4_version: str = ""
-    family: str = "math"  # math | code | logic (em_sweep.benchmarks.FAMILIES)
+    family: str = "math"  # math | code | logic (em_sweep.evaluation.benchmarks.FAMILIES)
     # Family figures (code: pass@k; logic: accuracy_people<k>); flat in the score's dict.
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-    # Calibration (n > 1 samples per problem; em_sweep/calibration.py): None when n = 1.
+    # Calibration (n > 1 samples per problem; em_sweep/evaluation/calibration.py): None when n = 1.
     majority_accuracy: float | None = None
     majority_confidence: float | None = None
     ece_majority: float | None = None
@@ -78,7 +85,7 @@ def score_dict(score: Score) -> dict[str, Any]:
     return out
 
 
-def samples_per_problem(eval_cfg: Any, repeats: int, temperature: float) -> int:
+def samples_per_problem(eval_cfg: EvalConfig, repeats: int, temperature: float) -> int:
     """Greedy decoding gives the same answer every time: 1 sample; else max(n_samples, repeats)."""
     return 1 if temperature == 0 else max(eval_cfg.n_samples, repeats)
 
@@ -112,10 +119,10 @@ def response_texts(batch: SampleBatch, tokenizer: PreTrainedTokenizerBase, stop_
 
 
 def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
-                       settings: SamplingSettings, eval_cfg: Any) -> list[list[str]]:
+                       settings: SamplingSettings, eval_cfg: EvalConfig) -> list[list[str]]:
     """``n`` responses to each prompt text, as ``[prompt][sample]``, from ``eval_cfg.backend``."""
     if eval_cfg.backend == "vllm":
-        from em_sweep import vllm_backend  # lazy: vLLM is optional
+        from em_sweep.generation import vllm_backend  # lazy: vLLM is optional
 
         # The weights on disk: config.validate allows vllm only when nothing is trained in memory.
         if not isinstance(model, vllm_backend.SavedModel):
@@ -150,7 +157,7 @@ def version_fields() -> dict[str, str]:
             "antlr4_version": v["antlr4-python3-runtime"]}
 
 
-def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: Any,
+def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: EvalConfig,
                        benchmark: str | Mapping[str, Any], step: int, temperature: float
                        ) -> tuple[Score, list[dict[str, Any]]]:
     """Score one ``eval.benchmarks`` entry (a name or a custom mapping); returns the score and one
@@ -167,7 +174,7 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     # The toolkit's rules: cut at the stop strings, then extract (boxed, "####", "the answer is",
     # the last number); docs/evaluation.md.
     responses = [[cut_at_stop(r, eval_cfg.stop_strings) for r in row] for row in responses]
-    if spec.family != "math":  # code runs in the sandbox, logic parses roles: em_sweep.families
+    if spec.family != "math":  # code runs in the sandbox, logic parses roles: em_sweep.evaluation.families
         fields, family_records = families.score(spec, problems, responses, n, eval_cfg, step, temperature, t0)
         return Score(**fields), family_records
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
@@ -209,7 +216,7 @@ def evaluate_benchmark(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return score, records
 
 
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: Any, step: int
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: EvalConfig, step: int
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """All configured benchmarks at all configured temperatures; adds the paper's average of four."""
     scores: list[dict[str, Any]] = []

@@ -1,6 +1,6 @@
 """Executing generated code without trusting it: one separate process per program, limited.
 
-Each program runs in a fresh process (``python -I em_sweep/_sandbox_launcher.py``) in a scratch
+Each program runs in a fresh process (``python -I em_sweep/evaluation/_sandbox_launcher.py``) in a scratch
 directory of its own, never in the run's process. What holds, checked once per process by
 :func:`isolation` and recorded with the results:
 

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from em_sweep import rundir
-from em_sweep.aggregate import CALIBRATION_COLUMNS, KEY_CONFIG_COLUMNS, SCORE_COLUMNS
+from em_sweep.analysis.aggregate import CALIBRATION_COLUMNS, KEY_CONFIG_COLUMNS, SCORE_COLUMNS
 
 SCORES_FILE = "scores.parquet"
 TRAIN_FILE = "train.parquet"

@@ -1,6 +1,6 @@
 """Report sections for the label-free family: objectives side by side, the stopping rule, calibration.
 
-Called by :func:`em_sweep.report.build_report`; each section is omitted when the sweep has no data
+Called by :func:`em_sweep.analysis.report.build_report`; each section is omitted when the sweep has no data
 for it. What they need beyond the collected table (a run's objective name, its stopping signals
 and chosen steps, the reliability bins) is read from the done runs' ``results.json``.
 
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from em_sweep import aggregate as agg
-from em_sweep.stopping import RULES
+from em_sweep.analysis import aggregate as agg
+from em_sweep.training.stopping import RULES
 
 
 def read_extras(runs: pd.DataFrame) -> dict[str, dict[str, Any]]:
@@ -42,7 +42,7 @@ def read_extras(runs: pd.DataFrame) -> dict[str, dict[str, Any]]:
 def objective_of(extra: dict[str, Any] | None, row: pd.Series) -> str:
     if extra and extra.get("objective"):
         return str(extra["objective"])
-    from em_sweep.objectives import objective_name
+    from em_sweep.training.objectives import objective_name
 
     return objective_name(extra.get("config", {})) if extra else str(row.get("stages", "?"))
 
@@ -110,7 +110,7 @@ def stopping_section(p: Any, extras: dict[str, dict[str, Any]]) -> list[str]:
     if errors.empty:
         return []
     lines = ["## Label-free stopping", "",
-             "Each rule picks a step from signals logged without labels (stop.*; em_sweep/stopping.py); the error "
+             "Each rule picks a step from signals logged without labels (stop.*; em_sweep/training/stopping.py); the error "
              f"is how far the chosen step's {p.label} lies below the run's best evaluated step, in points. "
              "`fixed` keeps the last step (the default).", "",
              "| rule | runs | mean error | max error | chosen = best | mean chosen step | mean best step |",

@@ -7,8 +7,8 @@ each field is; :func:`load_benchmark` turns any of them into
 :class:`Problem` rows with string gold answers.
 
 A spec's ``family`` says how its problems are posed and scored: ``math`` (an answer graded by
-:mod:`em_sweep.grading`), ``code`` (a program run against tests in :mod:`em_sweep.sandbox`;
-:mod:`em_sweep.humaneval`) or ``logic`` (Knights and Knaves roles; :mod:`em_sweep.knights`).
+:mod:`em_sweep.evaluation.grading`), ``code`` (a program run against tests in :mod:`em_sweep.evaluation.sandbox`;
+:mod:`em_sweep.evaluation.humaneval`) or ``logic`` (Knights and Knaves roles; :mod:`em_sweep.evaluation.knights`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from em_sweep import inputs
-from em_sweep.grading import extract_answer, strip_math_delimiters
+from em_sweep.evaluation.grading import extract_answer, strip_math_delimiters
 
-BENCHMARK_DIR = Path(__file__).resolve().parent / "data" / "benchmarks"
+BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "data" / "benchmarks"
 ANSWER_FORMATS = ("plain", "list", "boxed_in_solution", "gsm8k")
 FAMILIES = ("math", "code", "logic")
 # Keys a spec of each family must give (a Mapping in eval.benchmarks).

@@ -8,7 +8,7 @@ sampling, bookkeeping) is captured once as a CUDA graph and replayed: the Python
 calls ``replay()`` and checks for EOS every few steps.
 
 What it computes is HF generate's sampling, for the settings of
-:class:`em_sweep.sample.SamplingSettings` and nothing else (no hidden defaults from the
+:class:`em_sweep.generation.sample.SamplingSettings` and nothing else (no hidden defaults from the
 model's generation_config): repetition penalty over prompt and generated tokens, then
 temperature, top-k, top-p (HF's processors, same order and semantics), then a draw from
 the remaining distribution, or argmax when greedy. Finished rows emit the pad token. The

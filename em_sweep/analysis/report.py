@@ -1,6 +1,6 @@
 """The sweep report: figures and one Markdown file answering the paper's findings (docs/method.md, section 4) one by one.
 
-``em-sweep report <dir>`` collects ``<dir>`` (see :mod:`em_sweep.collect`; or reads a collected
+``em-sweep report <dir>`` collects ``<dir>`` (see :mod:`em_sweep.analysis.collect`; or reads a collected
 ``scores.parquet`` / its directory), then writes ``<dir>/report/report.md`` with PNG figures.
 
 What is promised:
@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from em_sweep import aggregate as agg
-from em_sweep import objectives_report
+from em_sweep.analysis import aggregate as agg
+from em_sweep.analysis import objectives_report
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
@@ -107,7 +107,7 @@ def graded_per_score(done: pd.DataFrame, bench: str | None) -> int | None:
         sized = sized[sized["benchmark"] == bench]
         return int(sized["graded"].median()) if not sized.empty else None
     if bench == agg.AVERAGE_OF_FOUR:
-        from em_sweep.benchmarks import PAPER_FOUR
+        from em_sweep.evaluation.benchmarks import PAPER_FOUR
 
         sized = sized[sized["benchmark"].isin(PAPER_FOUR)]
     per_benchmark = agg.math_rows(sized).groupby("benchmark")["graded"].median()  # the score's benchmarks
@@ -125,7 +125,7 @@ def choose_group(frame: pd.DataFrame, settings: Sequence[str]) -> str | None:
 
 def prepare(table: pd.DataFrame, train: pd.DataFrame | None = None,
             skewness: Sequence[dict[str, Any]] = ()) -> Prepared:
-    """Reduce the collected table (see :mod:`em_sweep.collect`) for the report's figures and findings."""
+    """Reduce the collected table (see :mod:`em_sweep.analysis.collect`) for the report's figures and findings."""
     runs = table.drop_duplicates("run_id").reset_index(drop=True)
     scores = agg.scores(table)
     eval_t = agg.default_eval_temperature(scores) if not scores.empty else None
@@ -176,7 +176,7 @@ def judged(diff: float, se_between: float, p_a: float, p_b: float, n_graded: int
            more: Sequence[float] = ()) -> str:
     """'clear, 2 SE = x pp' / 'within noise, 2 SE = x pp' for a difference of two mean scores, where
     the SE counts the spread between runs and the evaluation set's sampling error
-    (:func:`em_sweep.aggregate.difference_se`)."""
+    (:func:`em_sweep.analysis.aggregate.difference_se`)."""
     se = agg.difference_se(se_between, p_a, p_b, n_graded, more)
     if se != se:  # NaN
         return "noise unknown: one run and no sample count"
@@ -393,7 +393,7 @@ def plot_final_by(p: Prepared, column: str, xlabel: str):
     return fig
 
 
-# `em-sweep logits` methods (em_sweep/skewness.py); entries written before methods existed are raw.
+# `em-sweep logits` methods (em_sweep/analysis/skewness.py); entries written before methods existed are raw.
 SKEWNESS_METHODS = {
     "raw": "raw: raw logits (all vocabulary entries) of responses to benchmark problems.",
     "reference": "reference: as the reference's logits_shift.py, processed scores (logits / T, top-k kept) "
@@ -878,7 +878,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    from em_sweep.collect import COLLECTED_DIR, CollectError, collect, read_tables, write_tables
+    from em_sweep.analysis.collect import COLLECTED_DIR, CollectError, collect, read_tables, write_tables
 
     source = Path(args.dir)
     try:

@@ -59,7 +59,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from em_sweep.config import LogitsConfig, RawLogitsConfig, ReferenceLogitsConfig
+from em_sweep.config import LogitsConfig, ModelConfig, RawLogitsConfig, ReferenceLogitsConfig
 
 if TYPE_CHECKING:  # the command line imports this module; torch loads only when it is used
     import torch
@@ -167,14 +167,14 @@ class Histogram:
 
 def response_logits(model: Any, batch: Any, micro_batch_size: int) -> Iterator[torch.Tensor]:
     """Raw logits [positions, vocab] at the positions that produced response tokens, one micro-batch
-    of responses at a time (``batch`` is a :class:`em_sweep.sample.SampleBatch`).
+    of responses at a time (``batch`` is a :class:`em_sweep.generation.sample.SampleBatch`).
 
     Only the logits from the last prompt position on are computed when the model supports
     ``logits_to_keep``; no tensor larger than one micro-batch's logits is built.
     """
     import torch
 
-    from em_sweep.sample import position_ids_for
+    from em_sweep.generation.sample import position_ids_for
 
     first = batch.prompt_len - 1  # the last prompt position produced the first response token
     seq = batch.input_ids.shape[1]
@@ -264,8 +264,8 @@ def analyse_model(model: Any, tokenizer: Any, questions: Sequence[str], settings
 
     Every model analysed with the same questions and seed gets the same prompts and sampler seed.
     """
+    from em_sweep.generation.sample import SamplingSettings, sample_responses
     from em_sweep.prompts import format_eval_prompt
-    from em_sweep.sample import SamplingSettings, sample_responses
 
     texts = [format_eval_prompt(tokenizer, q, settings.template) for q in questions]
     sampling = SamplingSettings(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
@@ -329,7 +329,7 @@ def sample_scored(model: Any, tokenizer: Any, texts: Sequence[str], settings: Re
     import torch
     from transformers import GenerationConfig
 
-    from em_sweep.sample import response_masks
+    from em_sweep.generation.sample import response_masks
 
     eos = model.generation_config.eos_token_id
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -391,7 +391,7 @@ class ModelEntry:
 
     entry: str
     label: str
-    model_cfg: Any
+    model_cfg: ModelConfig
 
 
 def model_label(entry: str) -> str:
@@ -417,7 +417,7 @@ def prompt_questions(settings: LogitsConfig) -> list[str]:
             raise LogitsError(f"logits.n_responses={settings.n_responses}: pool {settings.pool!r} has only "
                               f"{len(items)} prompts")
         return [it.problem for it in items]
-    from em_sweep.benchmarks import load_benchmark, resolve_spec
+    from em_sweep.evaluation.benchmarks import load_benchmark, resolve_spec
 
     problems = load_benchmark(resolve_spec(settings.benchmark))
     if not problems:

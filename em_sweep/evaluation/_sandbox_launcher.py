@@ -1,4 +1,4 @@
-"""Runs one untrusted program for :mod:`em_sweep.sandbox`. Standard library only: it is started
+"""Runs one untrusted program for :mod:`em_sweep.evaluation.sandbox`. Standard library only: it is started
 by path as ``python -I _sandbox_launcher.py <settings json>`` and imports nothing of em_sweep.
 
 The launcher (trusted, PID 1 of the sandbox's PID namespace when there is one) forks a worker,

@@ -44,9 +44,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from em_sweep import decode
-from em_sweep.config import ConfigError
-from em_sweep.em import (
+from em_sweep.config import Config, ConfigError, TrainConfig
+from em_sweep.generation import decode
+from em_sweep.generation.sample import SampleBatch, SamplingSettings, sample_responses
+from em_sweep.prompts import batch_prompts
+from em_sweep.training.em import (
     StepMetrics,
     accumulate_entropy_gradients,
     apply_update,
@@ -54,8 +56,6 @@ from em_sweep.em import (
     micro_batch_entropy_sum,
     sampling_settings,
 )
-from em_sweep.prompts import batch_prompts
-from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
 
 # How long a collective waits for a rank busy on its own (rank 0's step-0 evaluation, its
 # checkpoint writes) before the run fails: longer than one evaluation of the paper's benchmarks.
@@ -97,7 +97,7 @@ def export_slurm_env() -> None:
                MASTER_ADDR=master, MASTER_PORT=str(port))
 
 
-def join(cfg: Any) -> bool:
+def join(cfg: Config) -> bool:
     """Join the run's process group (before any model is loaded); True on the rank that writes.
 
     ConfigError when the ranks cannot share the batch evenly (every rank runs the same number of
@@ -131,12 +131,12 @@ def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def sharded_trainer(eval_at: set[int], save_at: set[int]) -> Callable[..., None]:
-    """em_sweep.em.train_em's counterpart across ranks, with the same signature: shards the model,
+    """em_sweep.training.em.train_em's counterpart across ranks, with the same signature: shards the model,
     then one :func:`em_step_distributed` per step. At a step of ``save_at`` every rank gathers the
     full state dict (rank 0 keeps it, on the CPU, for :func:`checkpoint_state`); at a step of
     ``eval_at`` or ``save_at``, ``on_eval(step)`` runs on every rank with the weights gathered."""
 
-    def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], train: Any,
+    def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], train: TrainConfig,
               seed: int, on_step: Callable[[StepMetrics], None], on_eval: Callable[[int], None] | None = None,
               start_step: int = 0) -> None:
         objective = shard_model(model)
@@ -170,11 +170,11 @@ def sharded_trainer(eval_at: set[int], save_at: set[int]) -> Callable[..., None]
     return train
 
 
-def follow(cfg: Any, prompts: list[Any], eval_at: list[int]) -> dict[str, Any]:
+def follow(cfg: Config, prompts: list[Any], eval_at: list[int]) -> dict[str, Any]:
     """A rank > 0 of a ``train.parallel=fsdp`` run: learns from rank 0 whether the run goes ahead,
     then takes part in it exactly as rank 0 does (same model, prompts, steps, evaluations), writing
     nothing. Returns a marker result (rank 0 has the real one)."""
-    from em_sweep.evaluate import evaluate
+    from em_sweep.evaluation.evaluate import evaluate
     from em_sweep.models import load_model, load_tokenizer, set_checkpointing
     from em_sweep.prompts import format_prompt
 
@@ -198,7 +198,7 @@ def follow(cfg: Any, prompts: list[Any], eval_at: list[int]) -> dict[str, Any]:
     return {"skipped": False, "rank": rank}
 
 
-def exit_after(main: Callable[[Any], None], cfg: Any) -> None:
+def exit_after(main: Callable[[Any], None], cfg: Config) -> None:
     """Run ``main(cfg)`` on this rank, then leave the process with its exit status without
     finalizing the interpreter.
 
@@ -302,7 +302,7 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def backward_share(objective: EntropyObjective, batch: SampleBatch, train: Any) -> tuple[float, float]:
+def backward_share(objective: EntropyObjective, batch: SampleBatch, train: TrainConfig) -> tuple[float, float]:
     """Accumulate this rank's share of the global batch gradient; (global mean entropy, global tokens)."""
     world = dist.get_world_size()
     n_global = _all_sum(batch.response_mask.sum()).clamp(min=1)
@@ -322,9 +322,9 @@ def _total_norm(norm: torch.Tensor) -> float:
 
 
 def em_step_distributed(objective: EntropyObjective, tokenizer: PreTrainedTokenizerBase,
-                        optimizer: torch.optim.Optimizer, prompt_texts: list[str], train: Any, step: int,
+                        optimizer: torch.optim.Optimizer, prompt_texts: list[str], train: TrainConfig, step: int,
                         lr: float, seed: int) -> StepMetrics:
-    """em_sweep.em.em_step across ranks: this rank samples its share of ``prompt_texts`` (all
+    """em_sweep.training.em.em_step across ranks: this rank samples its share of ``prompt_texts`` (all
     ranks pass the same full list), one optimizer update of the sharded weights. ``entropy`` is
     reported at the loss temperature (em_step re-scores at the sampling temperature when they differ)."""
     if train.compile_loss:

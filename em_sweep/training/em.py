@@ -18,12 +18,12 @@ import torch.utils.checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep.config import RLConfig, TrainConfig, accumulation_steps
-from em_sweep.loss import entropy_sum_from_hidden, per_token_entropy
-from em_sweep.loss_pass import compiled_layers, response_outputs
-from em_sweep.optim import make_adamw
+from em_sweep.generation.sample import SampleBatch, SamplingSettings, sample_responses
 from em_sweep.prompts import batch_prompts
-from em_sweep.reference import rank_batches, reference_positions, row_weights, weighted_tokens
-from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
+from em_sweep.training.loss import entropy_sum_from_hidden, per_token_entropy
+from em_sweep.training.loss_pass import compiled_layers, response_outputs
+from em_sweep.training.optim import make_adamw
+from em_sweep.training.reference import rank_batches, reference_positions, row_weights, weighted_tokens
 
 
 class NonFiniteLoss(RuntimeError):
@@ -48,7 +48,7 @@ class StepMetrics:
 
 def make_optimizer(model: PreTrainedModel, train: TrainConfig | RLConfig) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
     """AdamW with the configured betas/eps/decay in the memory strategy ``train.optimizer``
-    (em_sweep.optim; ``auto`` = torch AdamW for fp32 models, as before), and the learning
+    (em_sweep.training.optim; ``auto`` = torch AdamW for fp32 models, as before), and the learning
     rate for each step (linear warm-up). The strategy used is ``optimizer.em_name``."""
     opt = make_adamw(model.parameters(), train.optimizer, lr=train.lr,
                      betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
@@ -146,7 +146,7 @@ def em_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
     Without ``accumulation`` the texts are one update's batch and the step is one update. With it
     (``train.step_unit=micro_step``) they are one micro-step's, the gradient accumulates, and the
     update comes with the last micro-step of the window. How ranks, their samples, the averaging and
-    the scored positions map onto the batch: :mod:`em_sweep.reference` (defaults: one rank, one
+    the scored positions map onto the batch: :mod:`em_sweep.training.reference` (defaults: one rank, one
     token mean over the batch, the generated-token positions).
     """
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 When evaluation samples ``n > 1`` responses per problem, two confidences are recorded:
 
 - **majority share** (per problem): the share of the ``n`` responses that give the problem's most
-  common extracted answer (:func:`em_sweep.objectives.majority_share`); it is scored against
+  common extracted answer (:func:`em_sweep.training.objectives.majority_share`); it is scored against
   whether that majority answer is correct (maj@n);
 - **sequence probability** (per response): ``exp`` of the response's mean token log-probability
   under the model (temperature 1; the geometric mean of its token probabilities), scored
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from em_sweep.objectives import majority_labels, normalize_answer
+from em_sweep.training.objectives import majority_labels, normalize_answer
 
 N_BINS = 10
 

@@ -15,7 +15,7 @@ scorer reads the last ``<answer>...</answer>`` (else the text after the last "CO
 finds each person's role as the reference's ``parse_model_answer`` does: correct only when every
 person's role is identified and right.
 
-``python -m em_sweep.knights`` rewrites the shipped test set (seeded; the same file every time).
+``python -m em_sweep.evaluation.knights`` rewrites the shipped test set (seeded; the same file every time).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 SIZES = tuple(range(2, 9))
-SHIPPED_FILE = Path(__file__).resolve().parent / "data" / "benchmarks" / "knights_and_knaves.jsonl"
+SHIPPED_FILE = Path(__file__).resolve().parents[1] / "data" / "benchmarks" / "knights_and_knaves.jsonl"
 SHIPPED_SEED = 2505
 SHIPPED_PER_SIZE = 100
 

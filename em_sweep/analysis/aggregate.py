@@ -1,6 +1,6 @@
 """Aggregation over the collected table: pure functions, no files, no plotting.
 
-The table (see :mod:`em_sweep.collect`) has one row per run x step x benchmark x evaluation
+The table (see :mod:`em_sweep.analysis.collect`) has one row per run x step x benchmark x evaluation
 temperature. Its columns are the run columns (``run_id``, ``status``, ``reason`` ...), the
 run's config values under dotted keys (``model.name``, ``seed``, ``temperature`` = the
 *training* temperature, ``train.lr`` ...) and the score columns (``step``, ``benchmark``,
@@ -22,7 +22,7 @@ RUN_COLUMNS = ("run_id", "run_dir", "status", "reason", "seconds")
 # Columns that describe one score of a run.
 SCORE_COLUMNS = ("step", "updates", "benchmark", "eval_temperature", "accuracy", "pass_at_n", "n", "n_problems",
                  "boxed_rate", "grader_failures", "template", "max_new_tokens", "family")
-# Calibration of sampled evaluation (n > 1; em_sweep/calibration.py), empty otherwise.
+# Calibration of sampled evaluation (n > 1; em_sweep/evaluation/calibration.py), empty otherwise.
 CALIBRATION_COLUMNS = ("majority_accuracy", "majority_confidence", "ece_majority", "brier_majority",
                        "seqprob_confidence", "ece_seqprob", "brier_seqprob")
 SCORE_COLUMNS = SCORE_COLUMNS + CALIBRATION_COLUMNS
@@ -34,7 +34,7 @@ NOT_SETTINGS = ("seed", "name")
 # The benchmark name evaluate.py gives the paper's average of four.
 AVERAGE_OF_FOUR = "avg4"
 DONE = "done"
-# Benchmark families (em_sweep.benchmarks.FAMILIES); a score without one (older runs, avg4) is math.
+# Benchmark families (em_sweep.evaluation.benchmarks.FAMILIES); a score without one (older runs, avg4) is math.
 MATH = "math"
 
 

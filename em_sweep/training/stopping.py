@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from em_sweep.config import KNOWN_STOP_RULES
-from em_sweep.grading import extract_answer
-from em_sweep.objectives import majority_share
+from em_sweep.config import KNOWN_STOP_RULES, StopConfig, TrainConfig
+from em_sweep.evaluation.grading import extract_answer
+from em_sweep.training.objectives import majority_share
 
 RULES = KNOWN_STOP_RULES
 PROBE_SEED = 424_242
@@ -41,7 +41,7 @@ def first_step(signals: Sequence[Mapping[str, Any]], key: str, hit: Any) -> int 
     return None
 
 
-def rule_step(signals: Sequence[Mapping[str, Any]], rule: str, stop: Any) -> int | None:
+def rule_step(signals: Sequence[Mapping[str, Any]], rule: str, stop: StopConfig) -> int | None:
     """The step ``rule`` picks from per-step signals (step 0 first), before snapping to an
     evaluated step; None when the signal it needs was not logged.
 
@@ -75,7 +75,7 @@ def snap_to_evaluated(step: int, evaluated: Sequence[int]) -> int:
     return later[0] if later else max(evaluated)
 
 
-def choose_step(signals: Sequence[Mapping[str, Any]], stop: Any, evaluated: Sequence[int]) -> dict[str, Any]:
+def choose_step(signals: Sequence[Mapping[str, Any]], stop: StopConfig, evaluated: Sequence[int]) -> dict[str, Any]:
     """``{"rule", "chosen_step", "by_rule": {rule: step or None}}``: every rule's pick snapped to
     an evaluated step; ``chosen_step`` is ``stop.rule``'s."""
     by_rule: dict[str, int | None] = {}
@@ -94,10 +94,10 @@ def stopping_error(curve: Mapping[int, float], chosen: int) -> float:
 
 @torch.no_grad()
 def probe_signals(model: Any, tokenizer: Any, train_texts: Sequence[str], heldout_texts: Sequence[str],
-                  train: Any, stop: Any, step: int, base_heldout: float | None) -> dict[str, Any]:
+                  train: TrainConfig, stop: StopConfig, step: int, base_heldout: float | None) -> dict[str, Any]:
     """The signals of one step (see the module docstring)."""
-    from em_sweep.em import micro_batch_entropy_sum, sampling_settings
-    from em_sweep.sample import SamplingSettings, sample_responses
+    from em_sweep.generation.sample import SamplingSettings, sample_responses
+    from em_sweep.training.em import micro_batch_entropy_sum, sampling_settings
 
     n = stop.probe_samples
     texts = [train_texts[i % len(train_texts)] for i in range(n)]
@@ -123,7 +123,7 @@ def probe_signals(model: Any, tokenizer: Any, train_texts: Sequence[str], heldou
     return out
 
 
-def _mean_entropy(model: Any, batch: Any, tau: float, train: Any, entropy_sum: Any) -> float:
+def _mean_entropy(model: Any, batch: Any, tau: float, train: TrainConfig, entropy_sum: Any) -> float:
     total = 0.0
     for s in range(0, batch.input_ids.shape[0], train.micro_batch_size):
         total += float(entropy_sum(model, batch, slice(s, s + train.micro_batch_size), tau,

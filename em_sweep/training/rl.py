@@ -1,11 +1,11 @@
 """RL with verifiable rewards (GRPO) as a pipeline stage, to compare and compose with EM.
 
 One RL step: each prompt of the step is sampled ``rl.group_size`` times (the same sampling code
-as EM, :func:`em_sweep.sample.sample_responses`), every response is rewarded 1 when its final
-answer (:func:`em_sweep.grading.extract_answer`) is equivalent to the prompt's gold answer
-(:func:`em_sweep.grading.grade_many`, math-verify in killable workers) and 0 otherwise, rewards
+as EM, :func:`em_sweep.generation.sample.sample_responses`), every response is rewarded 1 when its final
+answer (:func:`em_sweep.evaluation.grading.extract_answer`) is equivalent to the prompt's gold answer
+(:func:`em_sweep.evaluation.grading.grade_many`, math-verify in killable workers) and 0 otherwise, rewards
 become group-normalised advantages, and one AdamW update (the same optimizer set-up and update
-as EM, :mod:`em_sweep.em`) minimises the clipped-ratio GRPO loss
+as EM, :mod:`em_sweep.training.em`) minimises the clipped-ratio GRPO loss
 
     A_i     = (r_i - mean(r_group)) / (std(r_group) + eps)      (all-equal group: A = 0)
     rho_t   = exp(logp_t - logp_old_t)
@@ -21,7 +21,7 @@ on-policy (rho = 1, the clip inert), later ones see rho against the sampling pol
 log-probabilities and the clip bounds them. Metrics average over the updates. ``beta = rl.kl_coef``; 0 means no reference model is
 kept; otherwise the reference is a frozen copy of the model as the RL stage begins.
 ``rl.reward`` chooses the reward (gold answers, or a label-free one: majority vote, self-certainty,
-EM-RL's negative mean token entropy or mean log-probability; :mod:`em_sweep.objectives`) and
+EM-RL's negative mean token entropy or mean log-probability; :mod:`em_sweep.training.objectives`) and
 ``rl.advantage`` GRPO's group normalisation or RLOO's leave-one-out baseline.
 A step whose advantages are all zero and whose KL and entropy terms are off has no gradient: it is recorded
 (``skipped``) and the weights are not touched (an AdamW step on a zero gradient would still
@@ -34,17 +34,17 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from em_sweep import objectives
-from em_sweep.em import apply_update, compiled_layers, make_optimizer, response_outputs
-from em_sweep.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_many
-from em_sweep.loss import token_entropies_from_hidden, token_logprobs_from_hidden
-from em_sweep.objectives import ADV_EPS, group_advantages  # noqa: F401  (public here too)
-from em_sweep.sample import SampleBatch, SamplingSettings, sample_responses
+from em_sweep.config import RLConfig
+from em_sweep.evaluation.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_many
+from em_sweep.generation.sample import SampleBatch, SamplingSettings, sample_responses
+from em_sweep.training import objectives
+from em_sweep.training.em import apply_update, compiled_layers, make_optimizer, response_outputs
+from em_sweep.training.loss import token_entropies_from_hidden, token_logprobs_from_hidden
+from em_sweep.training.objectives import ADV_EPS, group_advantages  # noqa: F401  (public here too)
 
 # -- the loss, as pure functions --------------------------------------------------------------
 
@@ -120,7 +120,7 @@ class RLStepMetrics:
     seconds_optim: float
 
 
-def rl_sampling_settings(rl: Any, generation_backend: str) -> SamplingSettings:
+def rl_sampling_settings(rl: RLConfig, generation_backend: str) -> SamplingSettings:
     return SamplingSettings(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                             repetition_penalty=rl.repetition_penalty, max_new_tokens=rl.max_new_tokens,
                             backend=generation_backend)
@@ -172,7 +172,7 @@ def _policy_at_generated_tokens(model: PreTrainedModel, batch: SampleBatch, rows
 def response_token_statistics(model: PreTrainedModel, batch: SampleBatch, rows: slice, temperature: float,
                               chunk_tokens: int, share_prompt: bool = False
                               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """:func:`em_sweep.objectives.token_statistics` at the generated-token positions of ``rows``
+    """:func:`em_sweep.training.objectives.token_statistics` at the generated-token positions of ``rows``
     (no gradient; chunked over positions like the loss), and the row index of each position."""
     first = batch.prompt_len - 1
     mask = batch.response_mask[rows, first:-1].bool()
@@ -195,7 +195,7 @@ def response_token_statistics(model: PreTrainedModel, batch: SampleBatch, rows: 
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, row_of
 
 
-def step_rewards(model: PreTrainedModel, batch: SampleBatch, golds: list[str], rl: Any, timeout_s: float
+def step_rewards(model: PreTrainedModel, batch: SampleBatch, golds: list[str], rl: RLConfig, timeout_s: float
                  ) -> tuple[list[float], int, float | None]:
     """The rewards ``rl.reward`` gives the batch's responses (objectives.REWARDS), the number of
     grader failures, and the responses' mean token entropy where it was computed on the way."""
@@ -219,7 +219,7 @@ def step_rewards(model: PreTrainedModel, batch: SampleBatch, golds: list[str], r
 
 
 def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
-            prompt_texts: list[str], golds: list[str], rl: Any, step: int, lr: float, seed: int,
+            prompt_texts: list[str], golds: list[str], rl: RLConfig, step: int, lr: float, seed: int,
             reference: PreTrainedModel | None = None, generation_backend: str = "auto",
             grade_timeout_s: float = DEFAULT_TIMEOUT_S) -> RLStepMetrics:
     """One GRPO update from ``len(prompt_texts) * rl.group_size`` fresh samples."""
@@ -302,7 +302,7 @@ def rl_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimize
                          seconds_optim=seconds_optim)
 
 
-def step_prompts(prompt_texts: Sequence[str], golds: Sequence[str], rl: Any, step: int) -> tuple[list[str], list[str]]:
+def step_prompts(prompt_texts: Sequence[str], golds: Sequence[str], rl: RLConfig, step: int) -> tuple[list[str], list[str]]:
     """The ``rl.batch_size // rl.group_size`` prompts of a step, cycling through the prompt set
     (one prompt: the same every step, as in one-shot RLVR)."""
     k = rl.batch_size // rl.group_size
@@ -311,7 +311,7 @@ def step_prompts(prompt_texts: Sequence[str], golds: Sequence[str], rl: Any, ste
 
 
 def train_rl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_texts: list[str], golds: list[str],
-             rl: Any, seed: int, on_step: Callable[[RLStepMetrics], None],
+             rl: RLConfig, seed: int, on_step: Callable[[RLStepMetrics], None],
              on_eval: Callable[[int], None] | None = None, start_step: int = 0,
              generation_backend: str = "auto", grade_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """The RL stage: ``rl.steps`` GRPO updates numbered from ``start_step + 1``; ``on_eval``

@@ -20,7 +20,7 @@ distribution at the rollout temperature, as verl computes it: ``softmax(logits /
   unextractable answers.
 
 Advantages over groups of ``g`` responses to one prompt: ``grpo`` (the reward minus its group's
-mean over the group's std + eps; :func:`em_sweep.rl.group_advantages`) or ``rloo``
+mean over the group's std + eps; :func:`em_sweep.training.rl.group_advantages`) or ``rloo``
 (:func:`rloo_advantages`: the reward minus the mean of the *other* ``g - 1`` rewards, verl's
 ``compute_rloo_outcome_advantage`` used by EM-RL).
 
@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from em_sweep.config import KNOWN_ADVANTAGES, KNOWN_REWARDS
-from em_sweep.loss import EPS
+from em_sweep.config import KNOWN_ADVANTAGES, KNOWN_REWARDS, Config, EvalConfig
+from em_sweep.training.loss import EPS
 
 REWARDS = KNOWN_REWARDS
 # Rewards computed from the policy's own distribution at the sampled tokens (no answers needed).
@@ -216,7 +216,7 @@ class EMInfProcessor:
         return em_inf_logits(scores, self.steps, self.lr, self.kl_weight, self.threshold).to(scores.dtype)
 
 
-def em_inf_processor(eval_cfg: Any) -> EMInfProcessor | None:
+def em_inf_processor(eval_cfg: EvalConfig) -> EMInfProcessor | None:
     """The processor ``eval.em_inf`` asks for, or None when it is off."""
     e = eval_cfg.em_inf
     if not e.enabled:
@@ -226,7 +226,7 @@ def em_inf_processor(eval_cfg: Any) -> EMInfProcessor | None:
 
 # -- naming ----------------------------------------------------------------------------------
 
-def objective_name(config: Any) -> str:
+def objective_name(config: Config) -> str:
     """A short name for what a run trains and how it decodes, from its (resolved) config:
     each stage (``em``, ``rl:<reward>[/rloo]`` ...) joined by ``+``, with ``+em_inf`` when
     evaluation decodes with EM-INF; ``none`` for a run without training steps."""

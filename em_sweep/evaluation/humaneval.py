@@ -13,9 +13,9 @@ As the reference's code evaluation (OpenCodeEval in ``zitian-gao/one-shot-em``'s
   reaches (the reference's ``sanitize``);
 - the test program is the reference's: its import header, the problem's prompt with a ``pass``
   body, the solution, the tests and ``check(<entry point>)``; it passes when it runs to its end.
-  Programs run in :mod:`em_sweep.sandbox`, never in the run's process.
+  Programs run in :mod:`em_sweep.evaluation.sandbox`, never in the run's process.
 
-``python -m em_sweep.humaneval [--workers N]`` runs HumanEval's reference solutions (and empty
+``python -m em_sweep.evaluation.humaneval [--workers N]`` runs HumanEval's reference solutions (and empty
 completions) through the sandbox: a check that execution works on this machine, and its speed.
 """
 
@@ -169,8 +169,8 @@ def mean_pass_at_k(passed: Sequence[Sequence[bool]], k: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from em_sweep.benchmarks import load_benchmark
-    from em_sweep.sandbox import SandboxLimits, isolation, run_programs
+    from em_sweep.evaluation.benchmarks import load_benchmark
+    from em_sweep.evaluation.sandbox import SandboxLimits, isolation, run_programs
 
     parser = argparse.ArgumentParser(description="run HumanEval's reference solutions through the sandbox")
     parser.add_argument("--workers", type=int, default=2, help="programs at a time (default 2)")

@@ -1,6 +1,6 @@
 """Benchmark families beyond math: how a code or logic problem is posed and how responses score.
 
-:func:`em_sweep.evaluate.evaluate_benchmark` generates the responses the same way for every
+:func:`em_sweep.evaluation.evaluate.evaluate_benchmark` generates the responses the same way for every
 family and hands code and logic benchmarks to :func:`score`; math stays in evaluate.py.
 Per family, a score carries (besides accuracy, pass_at_n, boxed_rate):
 
@@ -23,10 +23,11 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from em_sweep import humaneval, knights
-from em_sweep.benchmarks import BenchmarkSpec, Problem
+from em_sweep.config import EvalConfig
+from em_sweep.evaluation import humaneval, knights
+from em_sweep.evaluation.benchmarks import BenchmarkSpec, Problem
+from em_sweep.evaluation.sandbox import SandboxLimits, isolation, run_programs
 from em_sweep.prompts import format_eval_prompt, format_prompt
-from em_sweep.sandbox import SandboxLimits, isolation, run_programs
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, family: str, problem: Problem, template: str) -> str:
@@ -44,9 +45,9 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, family: str, problem: Proble
     return format_eval_prompt(tokenizer, problem.question, template)
 
 
-def score(spec: BenchmarkSpec, problems: Sequence[Problem], responses: list[list[str]], n: int, eval_cfg: Any,
+def score(spec: BenchmarkSpec, problems: Sequence[Problem], responses: list[list[str]], n: int, eval_cfg: EvalConfig,
           step: int, temperature: float, t0: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The fields of the :class:`em_sweep.evaluate.Score` and the per-(problem, sample) records of a
+    """The fields of the :class:`em_sweep.evaluation.evaluate.Score` and the per-(problem, sample) records of a
     code or logic benchmark; ``responses[problem][sample]``."""
     order = [(i, k) for i in range(len(problems)) for k in range(n)]
     base = [{"benchmark": spec.name, "id": problems[i].id, "step": step, "temperature": temperature, "sample": k,
@@ -74,7 +75,7 @@ def score(spec: BenchmarkSpec, problems: Sequence[Problem], responses: list[list
 
 
 def _score_code(problems: Sequence[Problem], responses: list[list[str]], order: list[tuple[int, int]], n: int,
-                eval_cfg: Any) -> tuple[list[dict[str, Any]], list[bool], int, dict[str, float]]:
+                eval_cfg: EvalConfig) -> tuple[list[dict[str, Any]], list[bool], int, dict[str, float]]:
     instruct = humaneval.is_instruct(eval_cfg.template)
     solutions = [humaneval.extract_code(problems[i].question, responses[i][k], problems[i].entry_point, instruct)
                  for i, k in order]

@@ -3,7 +3,7 @@
 One generation path serves EM training and evaluation: eval mode, no gradient, KV cache on,
 batched, each sequence stopping at its own EOS. Two backends compute it (``SamplingSettings.backend``):
 HF ``generate`` (with a guard that fails fast if it ever runs without its KV cache, as HF
-does silently in train mode under gradient checkpointing), and :mod:`em_sweep.decode`'s
+does silently in train mode under gradient checkpointing), and :mod:`em_sweep.generation.decode`'s
 static-cache decoder replayed as CUDA graphs (``auto`` picks it on CUDA for the
 architectures it supports; CPU stays on HF generate), in static batches of ``batch_size``
 prompts, or (``continuous``) with continuous batching: ``batch_size`` slots, a slot whose row
@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from em_sweep import decode
 from em_sweep.config import KNOWN_GENERATION_BACKENDS
+from em_sweep.generation import decode
 
 log = logging.getLogger(__name__)
 
-# auto: "static" on CUDA where em_sweep.decode supports the model, else "hf".
+# auto: "static" on CUDA where em_sweep.generation.decode supports the model, else "hf".
 # static: static KV cache, each decoding step a replayed CUDA graph (eager off CUDA).
 # static_eager: the same decoder without graphs; static_compile: its step through torch.compile.
 # continuous: the static decoder with continuous batching (graphs on CUDA, eager elsewhere);
