@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from em_sweep.config import Config, ConfigError, stage_plan
-from em_sweep.models import ModelFacts
+
+if TYPE_CHECKING:  # annotations only
+    from em_sweep.models import ModelFacts
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -19,8 +19,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from em_sweep.config import ModelConfig
 from em_sweep.rundir import ASSETS, PKG_PREFIX, local_model_dir
+
+if TYPE_CHECKING:  # annotations only
+    from em_sweep.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

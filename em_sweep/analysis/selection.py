@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
-from em_sweep.config import SelectCommandConfig
 from em_sweep.evaluation.grading import DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:  # the command line imports this module; torch/transformers load only when used
+    from em_sweep.config import SelectCommandConfig
     from em_sweep.prompts import PoolItem
 
 log = logging.getLogger(__name__)

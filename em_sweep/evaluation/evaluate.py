@@ -15,11 +15,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from em_sweep.config import EvalConfig
 from em_sweep.evaluation import families
 from em_sweep.evaluation.benchmarks import PAPER_FOUR, Problem, load_benchmark, resolve_spec
 from em_sweep.evaluation.calibration import calibration_summary, mean_token_logprobs
@@ -32,6 +31,9 @@ from em_sweep.generation.sample import (
     sample_responses,
 )
 from em_sweep.training.objectives import em_inf_processor
+
+if TYPE_CHECKING:  # annotations only
+    from em_sweep.config import EvalConfig
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,17 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from em_sweep.config import EvalConfig
 from em_sweep.evaluation import humaneval, knights
 from em_sweep.evaluation.benchmarks import BenchmarkSpec, Problem
 from em_sweep.evaluation.sandbox import SandboxLimits, isolation, run_programs
 from em_sweep.prompts import format_eval_prompt, format_prompt
+
+if TYPE_CHECKING:  # annotations only
+    from em_sweep.config import EvalConfig
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, family: str, problem: Problem, template: str) -> str:

@@ -1,7 +1,7 @@
 """Generation: responses from a model, shared by training and evaluation.
 
-- ``sample``: sampling settings, the backend choice (``static``, ``continuous``, ``hf``, ``vllm``) and the
-  masks that say which tokens the model generated.
+- ``sample``: sampling settings, the generation backend's choice (``auto``, ``hf``, ``static*``,
+  ``continuous*``) and the masks that say which tokens the model generated.
 - ``decode``: the static-cache decoders (static batches, continuous batching).
 - ``vllm_backend``: optional vLLM generation for evaluation.
 """

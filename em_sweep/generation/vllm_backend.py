@@ -10,13 +10,15 @@ The settings map onto vLLM by pure functions (:func:`engine_kwargs`, :func:`samp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from em_sweep.config import ModelConfig
 from em_sweep.generation.sample import SamplingSettings
 from em_sweep.models import free_gpu_memory, pick_device, pick_dtype, resolve_model_path
+
+if TYPE_CHECKING:  # annotations only
+    from em_sweep.config import ModelConfig
 
 # Share of the GPU memory free at engine start that vLLM may take (vLLM's default is 90% of the
 # whole card, whatever else the process holds).

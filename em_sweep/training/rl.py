@@ -34,17 +34,20 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from em_sweep.config import RLConfig
 from em_sweep.evaluation.grading import DEFAULT_TIMEOUT_S, extract_answer, grade_many
 from em_sweep.generation.sample import SampleBatch, SamplingSettings, sample_responses
 from em_sweep.training import objectives
 from em_sweep.training.em import apply_update, compiled_layers, make_optimizer, response_outputs
 from em_sweep.training.loss import token_entropies_from_hidden, token_logprobs_from_hidden
 from em_sweep.training.objectives import ADV_EPS, group_advantages  # noqa: F401  (public here too)
+
+if TYPE_CHECKING:  # annotations only
+    from em_sweep.config import RLConfig
 
 # -- the loss, as pure functions --------------------------------------------------------------
 
