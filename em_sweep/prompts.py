@@ -6,11 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
 from em_sweep import inputs
+
+if TYPE_CHECKING:  # annotations only
+    from em_sweep.config import PromptConfig
 
 T = TypeVar("T")
 
@@ -95,7 +98,7 @@ def load_pool(pool: str) -> dict[str, PoolItem]:
     return {item.id: item for item in _load_pool_cached(str(path), stat.st_mtime_ns, stat.st_size)}
 
 
-def select_prompts(prompt_cfg: Any) -> list[PoolItem]:
+def select_prompts(prompt_cfg: PromptConfig) -> list[PoolItem]:
     """The configured prompt set, in the configured order; unknown ids fail naming them."""
     pool = load_pool(prompt_cfg.pool)
     missing = [i for i in prompt_cfg.ids if i not in pool]

@@ -21,9 +21,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from em_sweep import rundir
+
+if TYPE_CHECKING:  # annotations only
+    from em_sweep.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def project_for(project: str, run_id: str, shards: int) -> str:
 class WandbMirror:
     """Mirrors metrics to W&B (offline by default: run files under ``<run_dir>/wandb``)."""
 
-    def __init__(self, logger_cfg: Any, run_dir: Path, run_id: str, group: str, config: Mapping[str, Any],
+    def __init__(self, logger_cfg: LoggerConfig, run_dir: Path, run_id: str, group: str, config: Mapping[str, Any],
                  tags: list[str] | None = None, attempt: int = 1) -> None:
         """``attempt`` > 1 (a restart, which logs from step 0 again) gets a W&B run of its own,
         ``<run_id>-<attempt>``, named ``run_id``: W&B drops steps a resumed run has already logged."""
