@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from em_sweep import rundir
 from em_sweep.config import Config, ConfigError, stage_plan, to_container, validate
 from em_sweep.evaluation.benchmarks import BenchmarkError, resolve_spec
-from em_sweep.evaluation.evaluate import evaluate
+from em_sweep.evaluation.evaluate import evaluate, evaluation_backend
 from em_sweep.limits import check_run
 from em_sweep.models import (
     ModelCache,
@@ -286,7 +286,8 @@ def identity_record(identity: dict[str, Any]) -> dict[str, Any]:
 
 def resolved_settings(cfg: DictConfig, model: Any) -> dict[str, Any]:
     """What the run's ``auto`` settings resolved to here (the same resolution the run's code makes:
-    models.pick_device/pick_dtype, optim.resolve_optimizer_name, sample.resolve_backend), the
+    models.pick_device/pick_dtype, optim.resolve_optimizer_name, sample.resolve_backend,
+    evaluate.evaluation_backend), the
     GPU's name (None on CPU) and the software versions."""
     from em_sweep.generation.sample import resolve_backend
     from em_sweep.models import pick_device, pick_dtype
@@ -304,7 +305,7 @@ def resolved_settings(cfg: DictConfig, model: Any) -> dict[str, Any]:
         "rl_optimizer": resolve_optimizer_name(cfg.rl.optimizer, params) if "rl" in trained and params else None,
         # After training: a static decoder that failed under auto has fallen back to hf by now.
         "generation_backend": resolve_backend(model, cfg.train.generation_backend) if trained and params else None,
-        "eval_generation_backend": "vllm" if cfg.eval.backend == "vllm" else resolve_backend(model, "auto"),
+        "eval_generation_backend": evaluation_backend(model, cfg.eval),
         "model_revision": getattr(getattr(model, "config", None), "_commit_hash", None),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "em_sweep": _em_sweep_version()},

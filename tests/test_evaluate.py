@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from em_sweep.config import validate
-from em_sweep.evaluation.evaluate import Score, evaluate, generate_responses
+from em_sweep.evaluation.evaluate import Score, evaluate, evaluation_backend, generate_responses
 from em_sweep.generation.sample import SamplingSettings
 from em_sweep.record import RunRecorder
 from em_sweep.rundir import run_id
@@ -287,3 +287,18 @@ def test_sandbox_limits_are_part_of_the_run_id_only_with_a_code_benchmark() -> N
     assert run_id(compose_config([*code, "eval.code_workers=8", "eval.pass_k=[1]"])) == run_id(compose_config(code))
     assert run_id(compose_config([f"eval.benchmarks=[{CODE_ENTRY}]", "eval.code_memory_mb=512"])) != run_id(
         compose_config([f"eval.benchmarks=[{CODE_ENTRY}]"]))
+
+
+@pytest.mark.parametrize(("overrides", "backend"), [
+    ([], "continuous"),  # the default on any device the static decoder supports
+    (["eval.generation_backend=hf"], "hf"),
+    (["eval.generation_backend=auto"], "hf"),  # auto takes the static decoder on CUDA only
+    (["eval.em_inf.enabled=true"], "hf"),  # EM-INF's logits processor runs inside HF generate
+])
+def test_the_recorded_evaluation_backend_is_the_one_evaluation_runs_on(tiny, overrides, backend):
+    from em_sweep.run import resolved_settings
+
+    model, _ = tiny
+    cfg = compose_config(overrides)
+    assert evaluation_backend(model, cfg.eval) == backend
+    assert resolved_settings(cfg, model)["eval_generation_backend"] == backend

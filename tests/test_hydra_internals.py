@@ -65,3 +65,11 @@ def test_a_changed_internal_is_named_and_stops_planning(monkeypatch):
     monkeypatch.delattr(live, "split_arguments")
     found = hydra_compat.problems()
     assert any("BasicSweeper.split_arguments no longer exists" in p for p in found), found
+    # The multirun expansion, the planner's first call into Hydra, checks before it calls.
+    from em_sweep.sweep.plan import expand_jobs
+    hydra_compat.check.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="split_arguments no longer exists"):
+            expand_jobs(None, ["seed=1,2"])  # type: ignore[arg-type]
+    finally:
+        hydra_compat.check.cache_clear()

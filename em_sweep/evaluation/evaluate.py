@@ -120,6 +120,16 @@ def response_texts(batch: SampleBatch, tokenizer: PreTrainedTokenizerBase, stop_
     return texts
 
 
+def evaluation_backend(model: PreTrainedModel, eval_cfg: EvalConfig) -> str:
+    """The generation backend evaluation runs on for this model: ``vllm``; ``hf`` with EM-INF (its
+    logits processor runs inside HF generate); else ``eval.generation_backend`` resolved for the model."""
+    if eval_cfg.backend == "vllm":
+        return "vllm"
+    if em_inf_processor(eval_cfg) is not None:
+        return "hf"
+    return resolve_backend(model, eval_cfg.generation_backend)
+
+
 def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
                        settings: SamplingSettings, eval_cfg: EvalConfig) -> list[list[str]]:
     """``n`` responses to each prompt text, as ``[prompt][sample]``, from ``eval_cfg.backend``."""

@@ -92,6 +92,7 @@ class SweepPlan:
 
 def expand_jobs(config_loader: ConfigLoader, override_strings: Sequence[str]) -> list[list[str]]:
     """Hydra's multirun expansion (cartesian product, BasicSweeper's order) of sweep overrides."""
+    hydra_compat.check()  # before the first call into Hydra's internals
     parser = OverridesParser.create(config_loader=config_loader)
     overrides = parser.parse_overrides(list(override_strings))
     batches = BasicSweeper.split_arguments(overrides, max_batch_size=None)
