@@ -53,8 +53,11 @@ def compose(overrides: Sequence[str], command: str | None = None) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import em_sweep.config  # noqa: F401  (registers the schemas)
+    from em_sweep.config import ConfigError  # importing it registers the schemas
 
+    if not (CONF_DIR / f"{PRIMARY_CONFIG}.yaml").is_file():
+        raise ConfigError(f"em-sweep's configs are not at {CONF_DIR}: em-sweep runs from its repository "
+                          "(conf/ and launch.py live there); install the checkout with pip install -e <checkout>")
     name = _register_command_config(command) if command in COMMAND_CONFIGS else PRIMARY_CONFIG
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=name, overrides=list(overrides))

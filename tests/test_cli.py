@@ -94,3 +94,14 @@ def test_resubmit_prints_the_status_first_and_status_has_no_resubmit_flag(tmp_pa
     with pytest.raises(SystemExit) as done:
         main(["status", str(sweep), "--resubmit"])
     assert done.value.code == 2 and "unrecognized arguments: --resubmit" in capsys.readouterr().err
+
+
+def test_an_install_without_the_repositorys_configs_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import em_sweep.cli as cli
+
+    monkeypatch.setattr(cli, "CONF_DIR", tmp_path / "site-packages" / "conf")  # a non-editable install
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "eval.limit=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: em-sweep's configs are not at ") and "pip install -e" in err[0]
