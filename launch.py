@@ -3,7 +3,7 @@
 import os
 
 # Idle torch CPU threads yield instead of spin-waiting: on a shared or busy CPU node spinning
-# threads made EM steps 5-10x slower here. Must be set before torch loads; GPU work is unaffected.
+# threads slow EM steps several-fold. Must be set before torch loads; GPU work is unaffected.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra  # noqa: E402

@@ -8,7 +8,7 @@ runs with status.json + config.yaml; 1% running), then times collect + writing t
 tables (warm page cache: the directories were just written) and prints the time. Reading uses
 em_sweep.analysis.collect.default_workers processes unless --workers is given; on a loaded machine extra
 workers gain nothing (measure with --workers 1 and 2, and say what else was running).
-Target (issue 5): under 30 s on the 2-core CPU machine.
+Target: under 30 s on the 2-core CPU machine.
 """
 
 from __future__ import annotations

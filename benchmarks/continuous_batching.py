@@ -1,4 +1,4 @@
-"""Evaluation generation: static batches vs continuous batching, side by side in one run (issue 16).
+"""Evaluation generation: static batches vs continuous batching, side by side in one run.
 
 The workload is the paper's four-benchmark greedy pass: per benchmark its problems (MATH500 500,
 Minerva 272, OlympiadBench 675, AMC23 40; ``--problem-scale`` takes a share of them) with

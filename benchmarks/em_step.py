@@ -1,4 +1,4 @@
-"""One EM optimizer step: the reference code's way vs. em-sweep's, in one run (issue 7).
+"""One EM optimizer step: the reference code's way vs. em-sweep's, in one run.
 
 A step = 64 sampled responses x 512 new tokens from a ~100-token prompt, the entropy loss over
 them, one AdamW update (docs/method.md). Random weights in the Qwen2.5-Math-1.5B / -7B

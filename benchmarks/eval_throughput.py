@@ -1,4 +1,4 @@
-"""Evaluation generation throughput: em-sweep's path vs. plain ``model.generate`` at batch 1 (issue 3).
+"""Evaluation generation throughput: em-sweep's path vs. plain ``model.generate`` at batch 1.
 
 Random weights in the Qwen2.5-Math-1.5B / -7B architectures, greedy decoding (the paper's
 evaluation), lengths forced: random weights never emit EOS, so every row runs its full

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session (issue 16 item 4): one prepared run on one H100/H200, ~9 minutes, never more
+# One GPU session: one prepared run on one H100/H200, ~9 minutes, never more
 # than BUDGET_S. Models are random weights built from Qwen2Config with the real
 # Qwen2.5-Math-1.5B / -7B shapes (no hub on the GPU machine). Measured side by side:
 #   check_decode    the decoders' correctness on this card (static, compiled, continuous batching)

@@ -1,4 +1,4 @@
-"""Where a static decoding step's time goes (issue 7), for the next round of speed work.
+"""Where a static decoding step's time goes, for the next round of speed work.
 
 - tail: ``choose_tokens`` alone on [batch, vocab] fp32 logits, greedy vs the EM sampling setting
   (T 0.5, top-p 0.95, repetition penalty 1.15), eager and compiled, each captured as a CUDA

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from em_sweep.sweep import REASONS_SHOWN
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRIMARY_CONFIG = "config"
 
@@ -240,14 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="counts of done / running / failed / pending runs of a sweep")
     p.add_argument("sweep_dir", help="a sweep directory (hydra.sweep.dir, holding manifest.jsonl), or a folder "
                                      "above sweeps (e.g. outputs/) to report each")
-    p.add_argument("--reasons", type=int, default=10, help="distinct failure reasons to list (default 10)")
+    p.add_argument("--reasons", type=int, default=REASONS_SHOWN, help="distinct failure reasons to list (default %(default)s)")
     p.set_defaults(func=_handler("em_sweep.sweep.cli:cmd_status"))
 
     p = sub.add_parser("resubmit", help="print a sweep's status, then resubmit its failed, interrupted and "
                                         "never-started runs to SLURM")
     p.add_argument("sweep_dir", help="the sweep directory (hydra.sweep.dir; it holds manifest.jsonl)")
     p.add_argument("--dry-run", action="store_true", help="only say how many runs would be resubmitted")
-    p.add_argument("--reasons", type=int, default=10, help="distinct failure reasons to list (default 10)")
+    p.add_argument("--reasons", type=int, default=REASONS_SHOWN, help="distinct failure reasons to list (default %(default)s)")
     p.set_defaults(func=_handler("em_sweep.sweep.cli:cmd_resubmit"))
 
     p = sub.add_parser("collect", help="gather a sweep's run directories into parquet tables",

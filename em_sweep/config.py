@@ -29,9 +29,10 @@ except ImportError:  # The GPU benchmark machine has torch and transformers only
     def II(interpolation: str) -> Any:  # noqa: N802  (omegaconf's name)
         return "${" + interpolation + "}"
 
-from em_sweep.evaluation.grading import (
-    DEFAULT_TIMEOUT_S,  # stdlib-only at import: the grader runs in a worker
-)
+# Standard library only at import (the grader runs in a worker process, the sandbox in its own):
+from em_sweep.evaluation import sandbox
+from em_sweep.evaluation.benchmarks import PAPER_FOUR
+from em_sweep.evaluation.grading import DEFAULT_TIMEOUT_S
 
 
 class ConfigError(ValueError):
@@ -121,18 +122,19 @@ class TrainConfig:
     # Save HF checkpoints at these steps (none by default).
     save_at_steps: list[int] = field(default_factory=list)
     # AdamW memory strategy (em_sweep/training/optim.py): auto | adamw | adamw_bf16_kahan | adamw_bf16_sr |
-    # adamw_8bit. auto: torch AdamW for fp32 models (unchanged); for bf16 models the most faithful
+    # adamw_8bit. auto: torch AdamW for fp32 models; for bf16 models the most faithful
     # variant that fits the device (exact fp32-master adamw, else Kahan, else stochastic rounding).
     optimizer: str = "auto"
     # How responses are generated (em_sweep/generation/sample.py BACKENDS): auto | hf | static | static_eager |
     # static_compile | continuous | continuous_compile (continuous batching, docs/generation.md; the
-    # RL stage's rollouts gain when rl.batch_size > rl.sample_batch_size). auto: static KV cache replayed as CUDA graphs on CUDA for Qwen2/Llama-family
-    # models, HF generate otherwise (CPU unchanged). Greedy output is identical across backends.
+    # RL stage's rollouts gain when rl.batch_size > rl.sample_batch_size). auto: static KV cache
+    # replayed as CUDA graphs on CUDA for Qwen2/Llama-family models, HF generate otherwise (and on
+    # CPU). Greedy output is identical across backends.
     generation_backend: str = "auto"
     # Run the loss pass's decoder layers as torch.compile'd code (loss_pass.compiled_layers: fused norms,
     # rotary embedding and activations, forward and backward; sampling and evaluation stay eager).
     # The first steps pay the compilation (once per variant: padded micro-batches or not, RL's
-    # no-grad pass; ~10 s each on CPU). Micro-batches that share_prompt_pass serves stay eager.
+    # no-grad pass). Micro-batches that share_prompt_pass serves stay eager.
     # Single-process runs. Speed only: not part of the run id.
     compile_loss: bool = False
     # Loss pass: where a micro-batch's rows share their prompt (one-shot EM), run the prompt once
@@ -146,7 +148,7 @@ class TrainConfig:
     # hydra/launcher=slurm with gpus_per_task > 1, its weights, gradients and optimizer state
     # sharded with FSDP2 (em_sweep/training/distributed.py; for a model whose training state does not fit
     # one card). Each rank samples batch_size / ranks responses; rank 0 writes the run directory.
-    # EM stage only. Part of the run id unless none (the ranks draw their own samples).
+    # EM stage only. Part of the run id (the ranks draw their own samples).
     parallel: str = "none"
 
     # Reference-compatible semantics (docs/reproducing.md; `+experiment=one_shot_em_reference`
@@ -280,7 +282,7 @@ class EvalConfig:
     # {name, path, question_field, answer_field} plus optional id_field, answer_format, repeats
     # (em_sweep.evaluation.benchmarks.resolve_spec); a code benchmark: {name, path, family: code,
     # question_field, test_field, entry_point_field}. Default: the paper's four.
-    benchmarks: list[Any] = field(default_factory=lambda: ["math500", "minerva_math", "olympiadbench", "amc23"])
+    benchmarks: list[Any] = field(default_factory=lambda: list(PAPER_FOUR))
     # Steps at which to evaluate; 0 = before training. The last step is always included.
     at_steps: list[int] = field(default_factory=lambda: [0])
     # 0.0 = greedy.
@@ -315,9 +317,9 @@ class EvalConfig:
     pass_k: list[int] = field(default_factory=lambda: [1, 5, 10])
     # Sandbox limits per test program (em_sweep/evaluation/sandbox.py): wall-clock seconds (CPU seconds
     # likewise), address space in MiB, and how many programs run at once.
-    code_timeout_s: float = 10.0
-    code_memory_mb: int = 1024
-    code_workers: int = 2
+    code_timeout_s: float = sandbox.DEFAULT_TIMEOUT_S
+    code_memory_mb: int = sandbox.DEFAULT_MEMORY_MB
+    code_workers: int = sandbox.DEFAULT_WORKERS
     # Decode with EM-INF (entropy-minimised logits at each position) instead of plain sampling.
     em_inf: EMInfConfig = field(default_factory=EMInfConfig)
     # How eval.backend=hf decodes (em_sweep/generation/sample.py BACKENDS, docs/generation.md). continuous:
@@ -327,7 +329,7 @@ class EvalConfig:
     # does not support gets static batches (auto) with the reason logged. auto | hf | static* :
     # static batches of eval.batch_size length-sorted prompts, each decoded until its longest
     # response ends. Greedy responses are identical across all; sampled ones are drawn
-    # differently (same distribution). Speed only: not part of the run id.
+    # differently (same distribution): part of the run id, as it changes which samples a seed draws.
     generation_backend: str = "continuous"
 
 
@@ -388,6 +390,9 @@ def register() -> None:
 register()
 
 KNOWN_STAGES = ("em", "rl")
+# eval.template values: qwen25-math-cot (the toolkit's string, any model) | chat-cot (the model's
+# own chat template with the same instruction as its system turn) | chat (the model's own chat
+# template, user turn only) | plain (instruction and question as plain text); em_sweep/prompts.py.
 KNOWN_TEMPLATES = ("qwen25-math-cot", "plain", "chat", "chat-cot")
 KNOWN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 KNOWN_LOGGER_MODES = ("offline", "online", "disabled")
@@ -833,7 +838,7 @@ def validate_select(s: SelectConfig) -> None:
     _check(s.limit is None or s.limit >= 1, "select.limit", f"must be >= 1 or null, got {s.limit}")
 
 
-def validate_logits(s: LogitsConfig) -> None:
+def validate_logits(s: RawLogitsConfig | ReferenceLogitsConfig) -> None:
     """Raise ConfigError (one line, naming the key) for an unusable logits.* value."""
     _check(len(s.models) > 0, "logits.models",
            "required: model presets, checkpoints or HF paths, e.g. logits.models=[tiny_arith,/path/to/step-10]")
@@ -842,7 +847,7 @@ def validate_logits(s: LogitsConfig) -> None:
     _check(math.isfinite(s.temperature) and s.temperature > 0, "logits.temperature",
            f"must be > 0 (this analysis samples), got {s.temperature}")
     _check(0 < s.top_p <= 1, "logits.top_p", f"must be in (0, 1], got {s.top_p}")
-    _check(getattr(s, "top_k", 0) >= 0, "logits.top_k", "must be >= 0 (0 = off)")
+    _check(s.top_k >= 0, "logits.top_k", "must be >= 0 (0 = off)")
     if s.range is not None:
         _check(len(s.range) == 2 and all(math.isfinite(v) for v in s.range) and s.range[0] < s.range[1],
                "logits.range", f"expected [lo, hi] with finite lo < hi, got {list(s.range)}")

@@ -28,10 +28,6 @@ QWEN25_MATH_COT_PROMPT = (
     "<|im_start|>user\n{input}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
-# eval.template values: qwen25-math-cot (the toolkit's string, any model) | chat-cot (the model's
-# own chat template with the same instruction as its system turn) | chat (the model's own chat
-# template, user turn only) | plain (instruction and question as plain text).
-EVAL_TEMPLATES = ("qwen25-math-cot", "chat-cot", "chat", "plain")
 
 
 class PromptError(ValueError):
@@ -141,7 +137,7 @@ def qwen25_math_cot_prompt(tokenizer: PreTrainedTokenizerBase, question: str) ->
 
 
 def format_eval_prompt(tokenizer: PreTrainedTokenizerBase, question: str, template: str) -> str:
-    """Evaluation prompt for ``eval.template``, one of :data:`EVAL_TEMPLATES`."""
+    """Evaluation prompt for ``eval.template``, one of ``config.KNOWN_TEMPLATES``."""
     if template == "qwen25-math-cot":
         return qwen25_math_cot_prompt(tokenizer, question)
     if template == "chat-cot":

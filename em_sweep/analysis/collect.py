@@ -307,7 +307,7 @@ class TableParts:
 
 
 def table_parts(records: Sequence[RunRecord]) -> TableParts:
-    """Everything :func:`build_tables` computes per run, for a subset of the runs."""
+    """What the (scores, train) tables need of each run, for a subset of the runs (:func:`assemble_tables` joins them)."""
     flat = []
     for r in records:
         row = flatten(r.config) if r.config else {k: _scalar(v) for k, v in r.override_values.items()}
@@ -370,11 +370,6 @@ def assemble_tables(parts: Sequence[TableParts]) -> tuple[pd.DataFrame, pd.DataF
     train = pd.concat([runs.iloc[np.repeat(index, curve_counts)].reset_index(drop=True),
                        pd.concat([p.curve for p in parts], ignore_index=True)], axis=1)
     return table, train
-
-
-def build_tables(records: Sequence[RunRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(scores, train) tables from run records; see the module docstring for their columns."""
-    return assemble_tables([table_parts(records)])
 
 
 def _clean_types(frame: pd.DataFrame) -> pd.DataFrame:

@@ -15,7 +15,7 @@ What is promised:
   else the mean over benchmarks; figures over steps and training temperature use greedy
   evaluation (eval temperature 0) when present, else the lowest evaluation temperature.
 
-Logits skewness (finding 8) is read from the ``em-sweep logits`` output: a JSON list of objects
+Logits skewness (the ``logits_skewness`` finding) is read from the ``em-sweep logits`` output: a JSON list of objects
 with at least ``skewness`` and ``label`` (or ``model``); optional ``method`` (raw | reference; raw
 when absent), ``n_values``, ``n_responses``, ``mean``, ``std`` and ``settings.temperature``.
 Found at ``<dir>/skewness.json``, ``<dir>/logits_skewness.json`` or ``<dir>/logits/skewness.json``, or given with ``--skewness``.
@@ -556,7 +556,7 @@ def finding_eval_temperature(p: Prepared) -> Finding:
             lines.append(f"- EM's change (last step - step 0) per evaluation temperature: {', '.join(gains)}.")
         lines.append(_gain_shift(p, lo, hi))
     lines.append("- The paper's contrast (RL-trained models improve with temperature) needs RL-trained runs "
-                 "(`stages` with rl); see finding 9.")
+                 "(`stages` with rl); see the stage_order finding.")
     return Finding("eval_temperature", title, True, lines, "eval_temperature.png")
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # annotations only
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, family: str, problem: Problem, template: str) -> str:
-    """The model input for one problem: math through ``eval.template`` as before; code and logic
+    """The model input for one problem: math through ``eval.template``; code and logic
     as the reference prompts a base model (``template=plain``) or an instruct model (otherwise)."""
     if family == "code":
         if humaneval.is_instruct(template):

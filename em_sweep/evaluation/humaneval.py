@@ -170,11 +170,17 @@ def mean_pass_at_k(passed: Sequence[Sequence[bool]], k: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from em_sweep.evaluation.benchmarks import load_benchmark
-    from em_sweep.evaluation.sandbox import SandboxLimits, isolation, run_programs
+    from em_sweep.evaluation.sandbox import (
+        DEFAULT_TIMEOUT_S,
+        DEFAULT_WORKERS,
+        SandboxLimits,
+        isolation,
+        run_programs,
+    )
 
     parser = argparse.ArgumentParser(description="run HumanEval's reference solutions through the sandbox")
-    parser.add_argument("--workers", type=int, default=2, help="programs at a time (default 2)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="programs at a time (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per program (default %(default)s)")
     args = parser.parse_args(argv)
     problems = load_benchmark("humaneval")
     limits = SandboxLimits(timeout_s=args.timeout)

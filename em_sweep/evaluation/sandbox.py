@@ -46,12 +46,18 @@ LAUNCHER = Path(__file__).resolve().parent / "_sandbox_launcher.py"
 _UID_BASE = 3_000_000_000 + (os.getpid() % 100_000) * 64
 
 
+# A test program's limits by default (eval.code_timeout_s, eval.code_memory_mb and eval.code_workers are these).
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MEMORY_MB = 1024
+DEFAULT_WORKERS = 2
+
+
 @dataclass(frozen=True)
 class SandboxLimits:
     """What one program may use."""
 
-    timeout_s: float = 10.0  # wall clock, then the program and its children are killed
-    memory_mb: int = 1024  # address space of each process
+    timeout_s: float = DEFAULT_TIMEOUT_S  # wall clock, then the program and its children are killed
+    memory_mb: int = DEFAULT_MEMORY_MB  # address space of each process
     max_output_bytes: int = 1 << 20  # stdout+stderr, and the size of any file it writes
     max_processes: int = 16  # processes of the program (RLIMIT_NPROC on its own uid)
 
@@ -247,7 +253,7 @@ def _read_result(fd: int) -> dict | None:
         return None
 
 
-def run_programs(sources: Sequence[str], limits: SandboxLimits = SandboxLimits(), workers: int = 2
+def run_programs(sources: Sequence[str], limits: SandboxLimits = SandboxLimits(), workers: int = DEFAULT_WORKERS
                  ) -> list[ExecResult]:
     """:func:`run_program` over many programs, at most ``workers`` at a time; results in input order."""
     if workers < 1:

@@ -16,3 +16,6 @@ The Hydra plugin classes that make these usable as ``hydra/sweeper`` and ``hydra
 choices live in ``hydra_plugins/em_sweep_plugins`` (Hydra only loads plugins from there).
 Nothing here imports torch at module level: Hydra imports the plugins on every start.
 """
+
+# How many distinct failure reasons a sweep's status lists (em-sweep status/resubmit --reasons).
+REASONS_SHOWN = 10

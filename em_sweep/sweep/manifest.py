@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from em_sweep import rundir
+from em_sweep.sweep import REASONS_SHOWN
 from em_sweep.sweep.plan import PlannedRun
 
 MANIFEST = "manifest.jsonl"
@@ -238,7 +239,7 @@ def sweep_status(sweep_dir: Path, live: set[str] | None = None, ask_slurm: bool 
     return [run_status(e, live) for e in entries.values()]
 
 
-def format_status(sweep_dir: Path, statuses: Sequence[RunStatus], max_reasons: int = 10,
+def format_status(sweep_dir: Path, statuses: Sequence[RunStatus], max_reasons: int = REASONS_SHOWN,
                   problems: Sequence[str] = ()) -> str:
     """Counts per state, and the reasons (failures, corrupt or unreadable files, gone launchers)
     with how many runs share each; then any manifest lines that could not be read."""

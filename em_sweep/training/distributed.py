@@ -73,11 +73,6 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def is_writer() -> bool:
-    """Whether this process writes run directories: a single process, or rank 0 of a distributed run."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def export_slurm_env() -> None:
     """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the SLURM step this process is a
     task of (one task per GPU), as torchrun would set them; a no-op outside SLURM or when set."""

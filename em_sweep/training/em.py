@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from em_sweep.config import RLConfig, TrainConfig, accumulation_steps
@@ -48,7 +47,7 @@ class StepMetrics:
 
 def make_optimizer(model: PreTrainedModel, train: TrainConfig | RLConfig) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
     """AdamW with the configured betas/eps/decay in the memory strategy ``train.optimizer``
-    (em_sweep.training.optim; ``auto`` = torch AdamW for fp32 models, as before), and the learning
+    (em_sweep.training.optim; ``auto`` = torch AdamW for fp32 models), and the learning
     rate for each step (linear warm-up). The strategy used is ``optimizer.em_name``."""
     opt = make_adamw(model.parameters(), train.optimizer, lr=train.lr,
                      betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
