@@ -342,8 +342,8 @@ def select_prompts_command(cfg: SelectCommandConfig, model_overrides: Sequence[s
         record.update(method="history", history_file=str(sel.history))
     else:
         history, settings, counters = _sample_history(cfg, candidates, sel.k)
-        path_override = [o.split("=", 1)[1] for o in model_overrides if o.lstrip("+").startswith("model.path=")]
-        model_name = _path_label(path_override[-1]) if path_override else str(cfg.model.name)
+        path_given = any(o.lstrip("+").startswith("model.path=") for o in model_overrides)
+        model_name = _path_label(str(cfg.model.path)) if path_given else str(cfg.model.name)
         prefix = sel.name or f"sel_{model_name}"
         how = (f"variance of correctness over k={sel.k} samples of {model_name} at T={settings.temperature:g}")
         system, chat_template = cfg.prompt.system, bool(cfg.prompt.chat_template)
