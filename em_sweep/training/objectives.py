@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -226,29 +226,35 @@ def em_inf_processor(eval_cfg: EvalConfig) -> EMInfProcessor | None:
 
 # -- naming ----------------------------------------------------------------------------------
 
-def objective_name(config: Config) -> str:
+_SCHEMA = Config()  # the schema's defaults
+
+
+def objective_name(config: Config | Mapping[str, Any]) -> str:
     """A short name for what a run trains and how it decodes, from its (resolved) config:
     each stage (``em``, ``rl:<reward>[/rloo]`` ...) joined by ``+``, with ``+em_inf`` when
     evaluation decodes with EM-INF; ``none`` for a run without training steps."""
-    def get(obj: Any, path: str, default: Any = None) -> Any:
+    def lookup(obj: Any, path: str) -> Any:
         for key in path.split("."):
             obj = obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
             if obj is None:
-                return default
+                return None
         return obj
 
+    def get(path: str) -> Any:  # a recorded config that lacks a key had the schema's default
+        value = lookup(config, path)
+        return lookup(_SCHEMA, path) if value is None else value
+
     parts = []
-    for stage in list(get(config, "stages", ["em"])):
-        steps = get(config, "train.steps" if stage == "em" else "rl.steps", 0)
-        if not steps:
+    for stage in list(get("stages")):
+        if not get("train.steps" if stage == "em" else "rl.steps"):
             continue
         if stage == "rl":
-            name = f"rl:{get(config, 'rl.reward', 'gold')}"
-            if get(config, "rl.advantage", "grpo") != "grpo":
-                name += f"/{get(config, 'rl.advantage')}"
+            name = f"rl:{get('rl.reward')}"
+            if get("rl.advantage") != "grpo":
+                name += f"/{get('rl.advantage')}"
             parts.append(name)
         else:
             parts.append(stage)
-    if get(config, "eval.em_inf.enabled", False):
+    if get("eval.em_inf.enabled"):
         parts.append("em_inf")
     return "+".join(parts) or "none"
