@@ -44,7 +44,8 @@ def objective_of(extra: dict[str, Any] | None, row: pd.Series) -> str:
         return str(extra["objective"])
     from em_sweep.training.objectives import objective_name
 
-    return objective_name(extra.get("config", {})) if extra else str(row.get("stages", "?"))
+    config = extra.get("config") if extra else None
+    return objective_name(config) if config else str(row.get("stages", "?"))
 
 
 def _main_with_objective(p: Any, extras: dict[str, dict[str, Any]]) -> pd.DataFrame:
