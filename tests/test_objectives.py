@@ -17,6 +17,7 @@ from em_sweep.training.objectives import (
     EMInfProcessor,
     advantages,
     em_inf_logits,
+    group_advantages,
     majority_labels,
     majority_share,
     majority_vote_rewards,
@@ -26,7 +27,7 @@ from em_sweep.training.objectives import (
     row_means,
     token_statistics,
 )
-from em_sweep.training.rl import group_advantages, response_token_statistics, rl_step, step_rewards
+from em_sweep.training.rl import response_token_statistics, rl_step, step_rewards
 from tests.conftest import compose_config
 
 OBJECTIVES = ("em", "em_rl_token", "em_rl_sequence", "self_certainty", "majority_vote", "em_inf")

@@ -11,8 +11,8 @@ from em_sweep.config import ConfigError, validate
 from em_sweep.generation.sample import sample_responses
 from em_sweep.prompts import PromptError, format_prompt, load_pool
 from em_sweep.training.loss import token_logprobs_from_hidden
+from em_sweep.training.objectives import group_advantages
 from em_sweep.training.rl import (
-    group_advantages,
     grpo_loss,
     grpo_token_losses,
     math_rewards,

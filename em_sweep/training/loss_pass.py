@@ -1,7 +1,9 @@
 """The loss pass's forward: a micro-batch's outputs at its scored positions, and the speed
 machinery behind it.
 
-:func:`response_outputs` is the one seam em.py and rl.py call. Behind it, three ways to compute
+:func:`response_outputs` is the forward em.py and rl.py call, and :func:`compiled_layers` the
+context they run it in (run.py lists the layers once per model with :func:`decoder_layers`). Behind
+them, three ways to compute
 the same numbers faster, none of which changes a result (the tests compare each with the plain
 pass): decoder layers run as torch.compile'd code (:func:`compiled_layers`,
 ``train.compile_loss``), a one-shot micro-batch's shared prompt computed once and its keys/values

@@ -44,7 +44,6 @@ from em_sweep.generation.sample import SampleBatch, SamplingSettings, sample_res
 from em_sweep.training import objectives
 from em_sweep.training.em import apply_update, compiled_layers, make_optimizer, response_outputs
 from em_sweep.training.loss import token_entropies_from_hidden, token_logprobs_from_hidden
-from em_sweep.training.objectives import ADV_EPS, group_advantages  # noqa: F401  (public here too)
 
 if TYPE_CHECKING:  # annotations only
     from em_sweep.config import RLConfig
