@@ -1,9 +1,8 @@
 """The W&B mirror: real offline runs (no server), spread over projects when asked."""
 
 import pytest
-from omegaconf import OmegaConf
 
-from em_sweep.config import ConfigError, validate
+from em_sweep.config import ConfigError, LoggerConfig, validate
 from em_sweep.record import WandbMirror, project_for
 from tests.conftest import compose_config
 
@@ -17,8 +16,7 @@ def test_project_shards_spread_runs_by_run_id_and_keep_each_run_in_one_project()
 
 
 def test_an_offline_run_lands_in_its_shard_project(tmp_path):
-    logger = OmegaConf.create({"mode": "offline", "project": "grid", "project_shards": 3, "entity": None,
-                               "init_timeout_s": 60.0})
+    logger = LoggerConfig(mode="offline", project="grid", project_shards=3)
     mirror = WandbMirror(logger, tmp_path, "00000000000000fe", "sweep", {"seed": 1})
     try:
         assert mirror.run is not None and mirror.run.project == "grid-2"
@@ -46,13 +44,12 @@ _SCRIPT = r"""
 import json, logging, os, signal, sys, time
 from pathlib import Path
 logging.basicConfig(level=logging.WARNING)
-from omegaconf import OmegaConf
 import wandb  # noqa: F401  (imported up front: the times below are W&B calls, not the import)
 from em_sweep import record
+from em_sweep.config import LoggerConfig
 
 out, mode, action, n_runs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-logger = OmegaConf.create({"mode": mode, "project": "p", "project_shards": 1, "entity": None,
-                           "init_timeout_s": 3.0})
+logger = LoggerConfig(mode=mode, project="p", init_timeout_s=3.0)
 times = {}
 for i in range(n_runs):  # packed runs: one process, one run after the other
     t0 = time.monotonic()
