@@ -18,7 +18,7 @@ import torch
 from _common import IdTokenizer, counting_shared_passes, environment, pick_device, write_json
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from em_sweep.config import TrainConfig
+from em_sweep.config import Config, ModelConfig, TrainConfig
 from em_sweep.generation import decode
 from em_sweep.generation.sample import SamplingSettings, sample_responses
 from em_sweep.models import set_checkpointing
@@ -51,8 +51,8 @@ def loss_pass_gradients(model: Qwen2ForCausalLM, batch: Any, share: bool, compil
     model.train()
     model.zero_grad(set_to_none=True)
     set_checkpointing(model, checkpointing)
-    train = TrainConfig(micro_batch_size=4, lr=2e-5, sample_temperature=0.5, loss_temperature=0.5, loss_chunk_tokens=64,
-                        share_prompt_pass=share)
+    train = TrainConfig(micro_batch_size=4, lr=ModelConfig.lr, sample_temperature=Config.temperature,
+                        loss_temperature=Config.temperature, loss_chunk_tokens=64, share_prompt_pass=share)
     shared: list[bool] = []
     try:
         with counting_shared_passes(shared), compiled_layers(model, compiled):

@@ -49,17 +49,18 @@ from _common import (
 from summarize import is_project
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from em_sweep.config import TrainConfig
+from em_sweep.config import Config, ModelConfig, TrainConfig
 from em_sweep.models import set_checkpointing
 from em_sweep.training.em import em_step, make_optimizer
 
 
 def train_settings(args: argparse.Namespace) -> TrainConfig:
     """The run's TrainConfig: the schema defaults (the paper's reference values, docs/method.md)
-    with this benchmark's batch, token budget and speed settings."""
+    with this benchmark's batch, token budget and speed settings. The keys the schema fills in by
+    interpolation (lr, the temperatures) take the values they resolve to by default."""
     return TrainConfig(
-        batch_size=args.batch, micro_batch_size=args.micro_batch, lr=2e-5, sample_temperature=0.5,
-        loss_temperature=0.5, max_new_tokens=args.new_tokens, sample_batch_size=args.batch,
+        batch_size=args.batch, micro_batch_size=args.micro_batch, lr=ModelConfig.lr,
+        sample_temperature=Config.temperature, loss_temperature=Config.temperature, max_new_tokens=args.new_tokens, sample_batch_size=args.batch,
         loss_chunk_tokens=args.loss_chunk_tokens, optimizer=args.optimizer, generation_backend=args.backend,
         compile_loss=bool(args.compile_loss), share_prompt_pass=bool(args.share_prompt))
 
