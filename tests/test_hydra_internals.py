@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import tomllib
 from importlib.metadata import version
@@ -73,3 +74,27 @@ def test_a_changed_internal_is_named_and_stops_planning(monkeypatch):
             expand_jobs(None, ["seed=1,2"])  # type: ignore[arg-type]
     finally:
         hydra_compat.check.cache_clear()
+
+
+PRIVATE_NAMES = {"_get_node", "_is_none", "_is_missing", "_value", "_apply_overrides_to_config"}
+
+
+def private_uses(path: Path) -> list[str]:
+    """Imports of Hydra's internals and calls of the private OmegaConf/Hydra names in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hydra._internal"):
+            found.append(f"{path.name}:{node.lineno} imports {node.module}")
+        elif isinstance(node, ast.Import) and any(a.name.startswith("hydra._internal") for a in node.names):
+            found.append(f"{path.name}:{node.lineno} imports hydra._internal")
+        elif isinstance(node, ast.Attribute) and node.attr in PRIVATE_NAMES:
+            found.append(f"{path.name}:{node.lineno} uses {node.attr}")
+    return found
+
+
+def test_only_hydra_compat_touches_hydra_and_omegaconf_internals():
+    compat = ROOT / "em_sweep" / "sweep" / "hydra_compat.py"
+    others = [p for p in [*(ROOT / "em_sweep").rglob("*.py"), *(ROOT / "hydra_plugins").rglob("*.py"),
+                          ROOT / "launch.py"] if p != compat]
+    assert [u for p in others for u in private_uses(p)] == []
+    assert len(private_uses(compat)) >= 5  # the scan sees them where they are

@@ -13,6 +13,8 @@ so it calls Hydra's own implementations:
 - the config loader's ``repository.group_exists`` (which keys are config groups);
 - OmegaConf nodes' ``_get_node``, ``_is_none``, ``_is_missing``, ``_value`` (raw interpolation text).
 
+Every use goes through this module: :func:`apply_overrides`, :func:`split_arguments`, :func:`node`,
+:func:`is_set_dict`, :func:`raw_value` and the :class:`BasicSweeper` base class.
 pyproject.toml pins the tested range (``hydra-core>=1.3.2,<1.4``, ``omegaconf>=2.3,<2.4``);
 :func:`problems` says in words what changed if an installed version breaks any of these, and
 ``plan_sweep`` refuses to plan with such a version (tests/test_hydra_internals.py checks it).
@@ -27,6 +29,17 @@ from importlib.metadata import version
 from typing import Any
 
 TESTED = "hydra-core>=1.3.2,<1.4 and omegaconf>=2.3,<2.4"
+
+# This module is the only one in em-sweep that touches Hydra's internals (tests/test_hydra_internals.py
+# checks that). Functions import them when called: Hydra's plugin scan can re-import its core plugin
+# modules, and the checks must see the classes Hydra uses now.
+try:  # the base class of em-sweep's sweeper
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+except ImportError as e:
+    raise ImportError(f"em-sweep's sweep planner was tested with {TESTED}: {e}") from e
+
+__all__ = ["BasicSweeper", "apply_overrides", "check", "node", "problems", "raw_value", "split_arguments",
+           "is_set_dict"]
 
 
 def _params(fn: Callable[..., Any]) -> list[str]:
@@ -86,3 +99,39 @@ def check() -> None:
             f"em-sweep's sweep planner was tested with {TESTED}; the installed hydra-core "
             f"{version('hydra-core')} / omegaconf {version('omegaconf')} changed what it relies on: "
             + "; ".join(found) + ". Install a tested version (pip install 'hydra-core>=1.3.2,<1.4').")
+
+
+# ---------------------------------------------------------------- the accessors the planner calls
+
+def apply_overrides(overrides: list[Any], cfg: Any) -> None:
+    """Hydra's application of parsed overrides to a composed config, in place and in order."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    check()
+    ConfigLoaderImpl._apply_overrides_to_config(overrides, cfg)
+
+
+def split_arguments(overrides: list[Any]) -> list[list[list[str]]]:
+    """Hydra's multirun expansion of parsed overrides (the cartesian product in BasicSweeper's order)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    check()
+    return BasicSweeper.split_arguments(overrides, max_batch_size=None)
+
+
+def node(cfg: Any, key: Any) -> Any:
+    """The child node of ``cfg`` at ``key``, without resolving it."""
+    return cfg._get_node(key)
+
+
+def is_set_dict(child: Any) -> bool:
+    """Whether a child node is a mapping that is neither None nor missing."""
+    from omegaconf import DictConfig
+
+    return isinstance(child, DictConfig) and not child._is_none() and not child._is_missing()
+
+
+def raw_value(parent: Any, key: str) -> Any:
+    """The unresolved value of ``parent``'s child ``key`` (an interpolation's own text)."""
+    return parent._get_node(key)._value()
+

@@ -37,12 +37,6 @@ from em_sweep.config import validate
 from em_sweep.sweep import hydra_compat
 from em_sweep.sweep.cost import RunWork, problem_counter, run_work, works_key
 
-try:  # Hydra's own implementations, the planner's fidelity to a full compose (em_sweep/sweep/hydra_compat.py)
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-except ImportError as e:
-    raise ImportError(f"em-sweep's sweep planner was tested with {hydra_compat.TESTED}: {e}") from e
-
 log = logging.getLogger(__name__)
 
 # How many distinct problems an error message lists before it only counts the rest.
@@ -92,10 +86,10 @@ class SweepPlan:
 
 def expand_jobs(config_loader: ConfigLoader, override_strings: Sequence[str]) -> list[list[str]]:
     """Hydra's multirun expansion (cartesian product, BasicSweeper's order) of sweep overrides."""
-    hydra_compat.check()  # before the first call into Hydra's internals
+    hydra_compat.check()
     parser = OverridesParser.create(config_loader=config_loader)
     overrides = parser.parse_overrides(list(override_strings))
-    batches = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    batches = hydra_compat.split_arguments(overrides)
     return batches[0] if batches else []
 
 
@@ -125,8 +119,8 @@ def _interpolation_paths(cfg: DictConfig, prefix: str = "") -> Iterator[str]:
         if OmegaConf.is_interpolation(cfg, str(key)):
             yield path
             continue
-        child = cfg._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+        child = hydra_compat.node(cfg, key)
+        if hydra_compat.is_set_dict(child):
             yield from _interpolation_paths(child, path + ".")
         elif isinstance(child, ListConfig) and "${" in json.dumps(OmegaConf.to_container(child, resolve=False)):
             yield path
@@ -145,7 +139,7 @@ def _references(cfg: DictConfig, path: str) -> list[str] | None:
     """
     parent_path, _, leaf = path.rpartition(".")
     parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
-    raw = parent._get_node(leaf)._value()  # type: ignore[union-attr]
+    raw = hydra_compat.raw_value(parent, leaf)
     if not isinstance(raw, str):
         return None
     refs: list[str] = []
@@ -247,7 +241,7 @@ class _GroupCombination:
         with read_write(composed), open_dict(composed):
             del composed["hydra"]
         self.cfg = composed
-        ConfigLoaderImpl._apply_overrides_to_config(list(fixed_scalars), self.cfg)
+        hydra_compat.apply_overrides(list(fixed_scalars), self.cfg)
         self.container: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
             self.cfg, resolve=True, throw_on_missing=True)
         self.interpolations = _analyse_interpolations(self.cfg, swept_keys)
@@ -262,7 +256,7 @@ class _GroupCombination:
         def resolve(key: str) -> Any:
             nonlocal applied
             if not applied:
-                ConfigLoaderImpl._apply_overrides_to_config([o for _, o in varying], self.cfg)
+                hydra_compat.apply_overrides([o for _, o in varying], self.cfg)
                 applied = True
             return _resolved(self.cfg, key)
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import OmegaConf
 
 from em_sweep.sweep import manifest
+from em_sweep.sweep.hydra_compat import BasicSweeper
 from em_sweep.sweep.launcher import SweepLauncher
 from em_sweep.sweep.plan import expand_jobs, plan_sweep
 
