@@ -111,6 +111,12 @@ def test_collect_and_report_survive_broken_files_and_an_unwritable_output(tmp_pa
     assert cmd_report(report) == 0
     assert "warning: tables not saved" in capsys.readouterr().err
     assert (sweep / "report" / "report.md").is_file() or any((sweep / "report").iterdir())
+    blocked = tmp_path / "a_file"
+    blocked.write_text("a file where the report's folder would go")
+    report = argparse.Namespace(dir=str(sweep), name=None, out=str(blocked / "report"), skewness=None, quiet=True)
+    assert cmd_report(report) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: cannot write the report") and "--out" in err
 
 
 def test_a_killed_local_launchers_runs_are_not_waiting_in_a_queue(tmp_path):

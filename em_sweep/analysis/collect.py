@@ -515,6 +515,12 @@ def summary_line(collected: Collected) -> str:
             f"{collected.seconds:.1f}s")
 
 
+def unwritable(what: str, out: Path, e: OSError) -> str:
+    """The one-line error of a command whose output directory (``--out``) cannot be written."""
+    return (f"error: cannot write the {what} to {out} ({type(e).__name__}: {e.strerror or e}); "
+            "choose another directory with --out")
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     source = Path(args.dir)
     try:
@@ -526,8 +532,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     try:
         scores_path, train_path = write_tables(collected, out)
     except OSError as e:
-        print(f"error: cannot write the tables to {out} ({type(e).__name__}: {e.strerror or e}); "
-              "choose another directory with --out", file=sys.stderr)
+        print(unwritable("tables", out, e), file=sys.stderr)
         return 2
     print(f"{scores_path}\n{train_path}\n{summary_line(collected)}")
     return 0

@@ -878,7 +878,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    from em_sweep.analysis.collect import COLLECTED_DIR, CollectError, collect, read_tables, write_tables
+    from em_sweep.analysis.collect import (
+        COLLECTED_DIR,
+        CollectError,
+        collect,
+        read_tables,
+        unwritable,
+        write_tables,
+    )
 
     source = Path(args.dir)
     try:
@@ -910,8 +917,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         path = build_report(p, out, str(source))
     except OSError as e:
-        print(f"error: cannot write the report to {out} ({type(e).__name__}: {e.strerror or e}); "
-              "choose another directory with --out", file=sys.stderr)
+        print(unwritable("report", out, e), file=sys.stderr)
         return 2
     print(f"{path}\n{len(p.runs)} runs ({p.n_done} done); figures in {out}")
     return 0
