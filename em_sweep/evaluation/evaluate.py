@@ -120,20 +120,22 @@ def response_texts(batch: SampleBatch, tokenizer: PreTrainedTokenizerBase, stop_
     return texts
 
 
-def evaluation_backend(model: PreTrainedModel, eval_cfg: EvalConfig) -> str:
+def evaluation_backend(model: PreTrainedModel, eval_cfg: EvalConfig, requested: str | None = None) -> str:
     """The generation backend evaluation runs on for this model: ``vllm``; ``hf`` with EM-INF (its
-    logits processor runs inside HF generate); else ``eval.generation_backend`` resolved for the model."""
+    logits processor runs inside HF generate); else ``requested`` (the sampling settings' backend;
+    default ``eval.generation_backend``) resolved for the model."""
     if eval_cfg.backend == "vllm":
         return "vllm"
     if em_inf_processor(eval_cfg) is not None:
         return "hf"
-    return resolve_backend(model, eval_cfg.generation_backend)
+    return resolve_backend(model, eval_cfg.generation_backend if requested is None else requested)
 
 
 def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int,
                        settings: SamplingSettings, eval_cfg: EvalConfig) -> list[list[str]]:
     """``n`` responses to each prompt text, as ``[prompt][sample]``, from ``eval_cfg.backend``."""
-    if eval_cfg.backend == "vllm":
+    backend = evaluation_backend(model, eval_cfg, settings.backend)
+    if backend == "vllm":
         from em_sweep.generation import vllm_backend  # lazy: vLLM is optional
 
         # The weights on disk: config.validate allows vllm only when nothing is trained in memory.
@@ -145,7 +147,7 @@ def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     em_inf = em_inf_processor(eval_cfg)  # EM-INF adjusts logits inside HF generate
     processors = LogitsProcessorList([em_inf]) if em_inf is not None else None
     responses = [[""] * n for _ in texts]
-    if processors is None and resolve_backend(model, settings.backend) in CONTINUOUS:
+    if backend in CONTINUOUS:  # never under EM-INF (its processor needs HF generate)
         jobs = [(i, k) for i in range(len(texts)) for k in range(n)]  # one call: it orders and batches them
         out = sample_responses(model, tokenizer, [texts[i] for i, _ in jobs], settings,
                                batch_size=eval_cfg.batch_size, seed=eval_cfg.seed)
