@@ -28,6 +28,8 @@ import re
 import time
 from collections.abc import Sequence
 
+from em_sweep.evaluation.grading import cut_at_stop
+
 # The reference's prompt for instruct ("Chat") models (code_eval/test-humaneval-ckpt-list.sh).
 INSTRUCT_PREFIX = ("Please provide a self-contained Python script that solves the following problem "
                    "in a markdown code block:\n```python\n")
@@ -67,17 +69,10 @@ def instruct_request(prompt: str) -> str:
     return refine_text(INSTRUCT_PREFIX + refine_text(prompt) + INSTRUCT_SUFFIX)
 
 
-def cut_at_stops(text: str, instruct: bool) -> str:
-    """``text`` up to the first stop sequence (instruct: CHAT_STOP; base: CHAT_STOP + BASE_STOP),
-    wherever it occurs, as the reference's generation stops there."""
-    stops = CHAT_STOP if instruct else CHAT_STOP + BASE_STOP
-    cut = min((i for i in (text.find(s) for s in stops) if i != -1), default=len(text))
-    return text[:cut]
-
-
 def extract_code(prompt: str, response: str, entry_point: str, instruct: bool) -> str:
     """The solution code in ``response`` ("" when there is none): see the module docstring."""
-    response = cut_at_stops(response, instruct)
+    # Up to the first stop sequence, wherever it occurs, as the reference's generation stops there.
+    response = cut_at_stop(response, CHAT_STOP if instruct else CHAT_STOP + BASE_STOP)
     if "</think>" in response:
         response = response.split("</think>", 1)[1]
     blocks = _FENCED_PYTHON.findall(response) or _FENCED_ANY.findall(response)
