@@ -16,7 +16,6 @@ and chosen steps, the reliability bins) is read from the done runs' ``results.js
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from em_sweep import rundir
 from em_sweep.analysis import aggregate as agg
-from em_sweep.training.stopping import RULES
+from em_sweep.training.stopping import RULES, stopping_error
 
 
 def read_extras(runs: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """{run_id: results.json} of the done runs (objective, stop, scores with reliability bins)."""
     out: dict[str, dict[str, Any]] = {}
     for _, r in runs[runs["status"] == agg.DONE].iterrows():
-        try:
-            out[str(r["run_id"])] = json.loads((Path(str(r["run_dir"])) / "results.json").read_text())
-        except (OSError, ValueError):
-            continue
+        results = rundir.read_results(Path(str(r["run_dir"])))
+        if results is not None:
+            out[str(r["run_id"])] = results
     return out
 
 
@@ -48,11 +47,16 @@ def objective_of(extra: dict[str, Any] | None, row: pd.Series) -> str:
     return objective_name(config) if config else str(row.get("stages", "?"))
 
 
+def objectives_of(frame: pd.DataFrame, extras: dict[str, dict[str, Any]]) -> pd.Series:
+    """Each row's run's objective (named once per run)."""
+    firsts = frame.drop_duplicates("run_id")
+    by_run = {i: objective_of(extras.get(str(i)), r) for i, (_, r) in zip(firsts["run_id"], firsts.iterrows(),
+                                                                          strict=True)}
+    return frame["run_id"].map(by_run)
+
+
 def _main_with_objective(p: Any, extras: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    main = p.main.copy()
-    main["objective"] = [objective_of(extras.get(str(i)), r) for i, (_, r) in zip(main["run_id"], main.iterrows(),
-                                                                                    strict=True)]
-    return main
+    return p.main.assign(objective=objectives_of(p.main, extras))
 
 
 def objectives_table(main: pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +105,7 @@ def stopping_errors(main: pd.DataFrame, extras: dict[str, dict[str, Any]]) -> pd
             if step is None or int(step) not in curve:
                 continue
             rows.append({"run_id": run_id, "objective": g["objective"].iloc[0], "rule": rule, "chosen": int(step),
-                         "best": best_step, "error": max(curve.values()) - curve[int(step)]})
+                         "best": best_step, "error": stopping_error(curve, int(step))})
     return pd.DataFrame(rows)
 
 
@@ -136,7 +140,7 @@ def calibration_table(scores: pd.DataFrame, extras: dict[str, dict[str, Any]]) -
     c = scores[scores["ece_majority"].notna()].copy() if "ece_majority" in scores else pd.DataFrame()
     if c.empty:
         return c
-    c["objective"] = [objective_of(extras.get(str(i)), r) for i, (_, r) in zip(c["run_id"], c.iterrows(), strict=True)]
+    c["objective"] = objectives_of(c, extras)
     last = c.groupby("run_id")["step"].transform("max")
     c = c[(c["step"] == 0) | (c["step"] == last)].assign(when=lambda f: np.where(f["step"] == 0, "before", "after"))
     cols = ["accuracy", *[k for k in agg.CALIBRATION_COLUMNS if k in c]]
