@@ -37,8 +37,9 @@ def _register_command_config(command: str) -> str:
     import yaml
     from hydra.core.config_store import ConfigStore
 
-    from em_sweep.config import COMMAND_SCHEMAS, SCHEMA_NAME
+    from em_sweep.config import COMMAND_SCHEMAS, SCHEMA_NAME, register_commands
 
+    register_commands()
     schema, _ = COMMAND_SCHEMAS[command]
     base = yaml.safe_load((CONF_DIR / f"{PRIMARY_CONFIG}.yaml").read_text())
     defaults = [schema if d == SCHEMA_NAME else d for d in base["defaults"]]

@@ -817,7 +817,8 @@ LOGITS_METHODS = {"raw": RawLogitsConfig, "reference": ReferenceLogitsConfig}
 
 
 def register_commands() -> None:
-    """Register the tool commands' root schemas and the ``logits`` group (one option per method)."""
+    """Register the tool commands' root schemas and the ``logits`` group (one option per method);
+    the command line does, for the command it composes (runs and sweeps need none of them)."""
     if ConfigStore is None:
         return
     cs = ConfigStore.instance()
@@ -826,8 +827,6 @@ def register_commands() -> None:
     for name, node in LOGITS_METHODS.items():
         cs.store(group="logits", name=name, node=node)
 
-
-register_commands()
 
 
 def validate_select(s: SelectConfig) -> None:
