@@ -31,7 +31,13 @@ except ImportError:  # The GPU benchmark machine has torch and transformers only
 
 # Standard library only at import (the grader runs in a worker process, the sandbox in its own):
 from em_sweep.evaluation import sandbox
-from em_sweep.evaluation.benchmarks import PAPER_FOUR
+from em_sweep.evaluation.benchmarks import (
+    BENCHMARKS,
+    PAPER_FOUR,
+    BenchmarkError,
+    load_benchmark,
+    resolve_spec,
+)
 from em_sweep.evaluation.grading import DEFAULT_TIMEOUT_S
 
 
@@ -436,6 +442,11 @@ def stage_plan(cfg: Config) -> list[tuple[str, int, int]]:
     return plan
 
 
+def eval_steps(cfg: Config) -> list[int]:
+    """Steps at which to evaluate: the configured ones plus the end of every stage."""
+    return sorted(set(cfg.eval.at_steps) | {last for _, _, last in stage_plan(cfg)})
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -679,9 +690,6 @@ def _check_stage_settings(x: TrainConfig | RLConfig, prefix: str) -> None:
 
 def _check_benchmarks(entries: Any) -> None:
     """Every eval.benchmarks entry resolves, has a unique plain name, and (custom ones) a readable file."""
-    # Lazy: the loader table pulls in the grader module; plain config composition need not.
-    from em_sweep.evaluation.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark, resolve_spec
-
     key = "eval.benchmarks"
     _check(len(entries) > 0, key, "needs at least one benchmark")
     seen: set[str] = set()

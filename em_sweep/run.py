@@ -20,7 +20,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from em_sweep import rundir
-from em_sweep.config import Config, ConfigError, stage_plan, to_container, validate
+from em_sweep.config import ConfigError, eval_steps, stage_plan, to_container, validate
 from em_sweep.evaluation.benchmarks import BenchmarkError, resolve_spec
 from em_sweep.evaluation.evaluate import evaluate, evaluation_backend
 from em_sweep.limits import check_run
@@ -49,11 +49,6 @@ INPUT_ERRORS = (ConfigError, PromptError, BenchmarkError, ModelLoadError)
 
 class RunFailed(RuntimeError):
     """The run started but did not finish; its status.json says why."""
-
-
-def eval_steps(cfg: Config) -> list[int]:
-    """Steps at which to evaluate: the configured ones plus the end of every stage."""
-    return sorted(set(cfg.eval.at_steps) | {last for _, _, last in stage_plan(cfg)})
 
 
 def check_config(cfg: DictConfig) -> None:

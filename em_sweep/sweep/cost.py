@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from em_sweep.config import Config, ConfigError, stage_plan
+from em_sweep.config import Config, ConfigError, eval_steps, stage_plan
 
 # The checkout's file; benchmarks/gpu_session.sh writes it on a GPU machine.
 DEFAULT_FIGURES = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "measured.json"
@@ -143,10 +143,10 @@ def run_work(config: Config, problems: Callable[[Any, int | None], tuple[int, in
     ``problems(entry, limit)``: (problems, repeats) of an ``eval.benchmarks`` entry, the first
     ``eval.limit`` problems;
     ``samples(eval, repeats, temperature)``: responses per problem (em_sweep.evaluation.evaluate's rule).
-    Evaluation points: ``eval.at_steps`` and the end of every stage (em_sweep.run.eval_steps).
+    Evaluation points: :func:`em_sweep.config.eval_steps`.
     """
     plan = stage_plan(config)
-    points = set(config.eval.at_steps) | {last for _, _, last in plan}
+    points = eval_steps(config)
     per_eval = 0
     for temperature in config.eval.temperatures:
         for entry in config.eval.benchmarks:

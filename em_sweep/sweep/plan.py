@@ -86,10 +86,9 @@ class SweepPlan:
 
 def expand_jobs(config_loader: ConfigLoader, override_strings: Sequence[str]) -> list[list[str]]:
     """Hydra's multirun expansion (cartesian product, BasicSweeper's order) of sweep overrides."""
-    hydra_compat.check()
     parser = OverridesParser.create(config_loader=config_loader)
     overrides = parser.parse_overrides(list(override_strings))
-    batches = hydra_compat.split_arguments(overrides)
+    batches = hydra_compat.split_arguments(overrides)  # checks Hydra's internals first
     return batches[0] if batches else []
 
 
