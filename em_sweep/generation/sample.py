@@ -107,7 +107,8 @@ def response_masks(responses: torch.Tensor, eos_ids: list[int], prompt_mask: tor
 
 def resolve_backend(model: PreTrainedModel, backend: str) -> str:
     """The concrete backend ``backend`` means for this model (see BACKENDS). A continuous backend
-    the model cannot use resolves to auto's choice, with the reason logged once per model."""
+    the model cannot use (the static decoder does not support it, or failed on it) resolves to HF
+    generate in static batches, auto's choice for such a model, with the reason logged once per model."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; choose from {BACKENDS}")
     if backend in CONTINUOUS:
@@ -118,8 +119,8 @@ def resolve_backend(model: PreTrainedModel, backend: str) -> str:
             return backend
         if model not in _CONTINUOUS_WARNED:
             _CONTINUOUS_WARNED.add(model)
-            log.warning("continuous batching unavailable (%s): static batches instead", reason)
-        backend = "auto"
+            log.warning("continuous batching unavailable (%s): HF generate in static batches instead", reason)
+        return "hf"
     if backend != "auto":
         return backend
     if model.device.type != "cuda" or model in _STATIC_FAILED or decode.unsupported_reason(model) is not None:
