@@ -63,6 +63,11 @@ def check_config(cfg: DictConfig) -> None:
 def preflight(cfg: DictConfig) -> list[PoolItem]:
     """Check everything checkable without compute; returns the prompt set. Raises INPUT_ERRORS."""
     check_config(cfg)
+    return check_inputs(cfg)
+
+
+def check_inputs(cfg: DictConfig) -> list[PoolItem]:
+    """:func:`preflight` after the config's own check: benchmarks, model, prompts, limits."""
     for name in cfg.eval.benchmarks:
         resolve_spec(name)
     resolve_model_path(cfg.model.path)
@@ -89,7 +94,7 @@ def run(cfg: DictConfig, cache: ModelCache | None = None) -> dict[str, Any]:
     # The id before preflight's model check, which may fetch a hub model's config into the HF
     # cache: a sweep's planner computed it without fetching anything.
     path = rundir.run_dir_for(cfg, digests)
-    prompts = preflight(cfg)
+    prompts = check_inputs(cfg)
     decided: Any = lambda go: None  # noqa: E731
     if cfg.train.parallel != "none":  # one run across the ranks torchrun/srun started (em_sweep.training.distributed)
         from em_sweep.training import distributed
@@ -124,8 +129,9 @@ def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: Mo
     rundir.write_status(path, "running", attempt=attempt)
     tags = [cfg.model.name, cfg.prompt.name, "stages=" + ",".join(cfg.stages), "objective=" + objective_name(cfg)]
     texts = [{"id": p.id, "problem": p.problem, "answer": p.answer} for p in prompts]
+    recorded_identity = identity_record(identity)
     mirror = WandbMirror(cfg.logger, path, path.name, cfg.name,
-                         {**config, "identity": identity_record(identity), "prompt_texts": texts},
+                         {**config, "identity": recorded_identity, "prompt_texts": texts},
                          tags=tags, attempt=attempt)
     recorder = RunRecorder(path, mirror)
     t_start = time.perf_counter()
@@ -139,7 +145,7 @@ def _run_claimed(cfg: DictConfig, path: Path, prompts: list[PoolItem], cache: Mo
             raise
         raise RunFailed(f"run {path.name} failed: {reason}") from e
     results.update(run_id=path.name, run_dir=str(path), config=config, seconds=time.perf_counter() - t_start,
-                   identity=identity_record(identity), versions=results["resolved"]["versions"])
+                   identity=recorded_identity, versions=results["resolved"]["versions"])
     mirror.summary({**{f"final/{s['benchmark']}": s["accuracy"] for s in results["final_scores"]},
                     **{f"resolved/{k}": v for k, v in results["resolved"].items()}})
     mirror.finish()
